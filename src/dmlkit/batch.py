@@ -1,0 +1,88 @@
+"""The checked inputs of one loss or miner call, and the pair structures derived from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .distances import BaseDistance
+from .functional.masks import PairWeights, batch_pair_weights, label_masks
+from .validation import IndicesTuple, check_batch, check_indices_tuple
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Embeddings, labels and an optional reference set, validated and in the compute dtype.
+
+    Half-precision inputs are computed in float32 (as autocast does for losses), so masking
+    constants and log-sum-exp stay finite; the caller casts the result back.
+
+    Attributes:
+        embeddings: (N, D) anchors.
+        labels: (N,) labels, or None when an indices tuple replaces them.
+        ref_emb: (M, D) separate reference set, or None for the batch against itself.
+        ref_labels: (M,) labels of ``ref_emb``.
+        indices_tuple: Mined (a, p, n) or (a1, p, a2, n), or None.
+    """
+
+    embeddings: Tensor
+    labels: Tensor | None
+    ref_emb: Tensor | None
+    ref_labels: Tensor | None
+    indices_tuple: IndicesTuple | None
+
+    @classmethod
+    def from_call(
+        cls,
+        embeddings: object,
+        labels: object | None,
+        indices_tuple: object | None = None,
+        ref_emb: object | None = None,
+        ref_labels: object | None = None,
+        *,
+        labels_required: bool = False,
+    ) -> Batch:
+        """Checks a call's arguments (raising ``ValueError`` naming any problem)."""
+        emb, lab, ref, ref_lab = check_batch(
+            embeddings,
+            labels,
+            ref_emb,
+            ref_labels,
+            labels_required=labels_required or indices_tuple is None,
+        )
+        n_refs = emb.shape[0] if ref is None else ref.shape[0]
+        indices = (
+            None
+            if indices_tuple is None
+            else check_indices_tuple(indices_tuple, emb.shape[0], n_refs, emb.device)  # type: ignore[arg-type]
+        )
+        if emb.dtype in _LOW_PRECISION:
+            emb = emb.float()
+            ref = None if ref is None else ref.float()
+        return cls(emb, lab, ref, ref_lab, indices)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, M): numbers of anchors and references."""
+        n = self.embeddings.shape[0]
+        return n, n if self.ref_emb is None else self.ref_emb.shape[0]
+
+    def matrix(self, distance: BaseDistance) -> Tensor:
+        """The (N, M) distance or similarity matrix."""
+        return distance(self.embeddings, self.ref_emb)
+
+    def label_masks(self) -> tuple[Tensor, Tensor]:
+        """Bool (N, M) positive and negative masks from the labels (self-pairs excluded)."""
+        if self.labels is None:
+            raise ValueError("labels are required here")
+        return label_masks(self.labels, self.ref_labels)
+
+    def pair_weights(self) -> PairWeights:
+        """The mined pairs if an indices tuple was given, else every labelled pair."""
+        return batch_pair_weights(
+            self.labels, self.ref_labels, self.indices_tuple, self.shape, self.embeddings.device
+        )

@@ -1,0 +1,69 @@
+"""Pure tensor functions: pairwise matrices, label masks, mining rules and loss formulas.
+
+No state and no ``nn.Module`` here; the classes in :mod:`dmlkit.losses` and :mod:`dmlkit.miners`
+are thin wrappers that check inputs and delegate to these functions.
+"""
+
+from .logsumexp import masked_logsumexp
+from .losses import (
+    circle_loss,
+    contrastive_loss,
+    generalized_lifted_structure_loss,
+    lifted_structure_loss,
+    margin,
+    multi_similarity_loss,
+    npairs_loss,
+    ntxent_loss,
+    soft_contrastive_loss,
+    soft_weighted_triplet_loss,
+    supcon_loss,
+    zero_loss,
+)
+from .masks import PairWeights, batch_pair_weights, label_masks, tuple_to_pair_weights
+from .mining import (
+    AdaptiveTolerances,
+    adaptive_tolerances,
+    asymmetric_mining_masks,
+    batch_hard_triplets,
+    pairs_from_masks,
+)
+from .pairwise import (
+    cosine_similarity_matrix,
+    dot_product_matrix,
+    euclidean_distance_matrix,
+    lp_distance_matrix,
+    squared_euclidean_distance_matrix,
+)
+from .triplets import all_triplets_margin_loss, mine_triplets
+
+__all__ = [
+    "AdaptiveTolerances",
+    "PairWeights",
+    "adaptive_tolerances",
+    "all_triplets_margin_loss",
+    "asymmetric_mining_masks",
+    "batch_hard_triplets",
+    "batch_pair_weights",
+    "circle_loss",
+    "contrastive_loss",
+    "cosine_similarity_matrix",
+    "dot_product_matrix",
+    "euclidean_distance_matrix",
+    "generalized_lifted_structure_loss",
+    "label_masks",
+    "lifted_structure_loss",
+    "lp_distance_matrix",
+    "margin",
+    "masked_logsumexp",
+    "mine_triplets",
+    "multi_similarity_loss",
+    "npairs_loss",
+    "ntxent_loss",
+    "pairs_from_masks",
+    "soft_contrastive_loss",
+    "soft_weighted_triplet_loss",
+    "squared_euclidean_distance_matrix",
+    "supcon_loss",
+    "tuple_to_pair_weights",
+    "zero_loss",
+]

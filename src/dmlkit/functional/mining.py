@@ -1,0 +1,151 @@
+"""Mining rules on dense matrices: which pairs or triplets a loss should see.
+
+The rules are written on a *similarity-like* matrix ``sim`` (larger means closer). Callers holding
+distances pass ``-dist``; negation is exact in floating point, so the selected pairs are bit-for-bit
+those of the mirrored distance rule. Mining never carries gradient: call these under
+``torch.no_grad()`` (the miner modules do).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+NegativeRule = Literal["code", "figure"]
+
+
+def hardest_positive_similarity(sim: Tensor, pos: Tensor) -> Tensor:
+    """(N, 1) smallest similarity among each anchor's positives (+max float where none)."""
+    return torch.where(pos, sim, torch.finfo(sim.dtype).max).amin(1, keepdim=True)
+
+
+def hardest_negative_similarity(sim: Tensor, neg: Tensor) -> Tensor:
+    """(N, 1) largest similarity among each anchor's negatives (−max float where none)."""
+    return torch.where(neg, sim, torch.finfo(sim.dtype).min).amax(1, keepdim=True)
+
+
+def asymmetric_mining_masks(
+    sim: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    gamma_pos: float,
+    gamma_neg: float,
+    negative_rule: NegativeRule = "code",
+) -> tuple[Tensor, Tensor]:
+    """ASMS (ddtas.md §2), of which multi-similarity mining is the case γ_pos = γ_neg = ε:
+
+    ``P*_i = {j ∈ P_i : S_ij − γ_pos < maxN_i}`` and ``N*_i = {j ∈ N_i : S_ij + γ_neg > minP_i}``,
+    both strict. The ``"figure"`` negative rule is the framework figure's variant
+    ``S_ij > minP_i + γ_neg``.
+
+    Args:
+        sim: (N, M) similarity-like matrix.
+        pos: Bool (N, M) positive pairs.
+        neg: Bool (N, M) negative pairs.
+        gamma_pos: Positive tolerance.
+        gamma_neg: Negative tolerance.
+        negative_rule: ``"code"`` (the released code) or ``"figure"``.
+
+    Returns:
+        (keep_pos, keep_neg) bool (N, M) masks.
+    """
+    min_pos = hardest_positive_similarity(sim, pos)
+    max_neg = hardest_negative_similarity(sim, neg)
+    keep_pos = pos & (sim - gamma_pos < max_neg)
+    if negative_rule == "code":
+        keep_neg = neg & (sim + gamma_neg > min_pos)
+    elif negative_rule == "figure":
+        keep_neg = neg & (sim - gamma_neg > min_pos)
+    else:
+        raise ValueError(f"negative_rule must be 'code' or 'figure', got {negative_rule!r}")
+    return keep_pos, keep_neg
+
+
+@dataclass(frozen=True)
+class AdaptiveTolerances:
+    """The tolerances AT-ASMS chose for one batch (ddtas.md §3).
+
+    Attributes:
+        gamma_pos: γ̂_pos used for re-mining.
+        gamma_neg: γ̂_neg used for re-mining.
+        ratio: r = n_neg / N_pos, or None when the batch has no positive pair.
+        tau: τ = k·σ(r) when r > 1, else 0.
+        num_mined_negatives: n_neg, counted over ordered (anchor, pair) entries.
+        num_all_positives: N_pos, counted over ordered entries.
+    """
+
+    gamma_pos: float
+    gamma_neg: float
+    ratio: float | None
+    tau: float
+    num_mined_negatives: int
+    num_all_positives: int
+
+
+def adaptive_tolerances(
+    sim: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    gamma_pos: float,
+    gamma_neg: float,
+    count_tolerance: float,
+    k: float = 0.5,
+) -> AdaptiveTolerances:
+    """AT-ASMS tolerance update; stateless, recomputed from scratch for every batch.
+
+    Counts the negatives that symmetric mining at ``count_tolerance`` keeps (n_neg) and all
+    positive pairs (N_pos); with r = n_neg / N_pos, when r > 1, τ = k·σ(r),
+    γ̂_pos = γ_pos·(1 + τ) and γ̂_neg = γ_neg·(1 − τ); otherwise the static tolerances.
+
+    Args:
+        sim: (N, M) similarity-like matrix.
+        pos: Bool (N, M) positive pairs (all of them, before mining).
+        neg: Bool (N, M) negative pairs.
+        gamma_pos: Static positive tolerance.
+        gamma_neg: Static negative tolerance.
+        count_tolerance: ε of the counting pass.
+        k: Scale of the update.
+
+    Returns:
+        The tolerances and the counts behind them.
+    """
+    min_pos = hardest_positive_similarity(sim, pos)
+    n_neg = int((neg & (sim + count_tolerance > min_pos)).sum())
+    n_pos = int(pos.sum())
+    if n_pos == 0:
+        return AdaptiveTolerances(gamma_pos, gamma_neg, None, 0.0, n_neg, 0)
+    ratio = n_neg / n_pos
+    tau = k / (1.0 + math.exp(-ratio)) if ratio > 1 else 0.0
+    return AdaptiveTolerances(
+        gamma_pos * (1.0 + tau), gamma_neg * (1.0 - tau), ratio, tau, n_neg, n_pos
+    )
+
+
+def batch_hard_triplets(sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One triplet per anchor: its least similar positive and most similar negative.
+
+    Anchors lacking a positive or a negative are dropped.
+
+    Args:
+        sim: (N, M) similarity-like matrix.
+        pos: Bool (N, M) positive pairs.
+        neg: Bool (N, M) negative pairs.
+
+    Returns:
+        (a, p, n) index tensors.
+    """
+    p = torch.where(pos, sim, torch.finfo(sim.dtype).max).min(1).indices
+    n = torch.where(neg, sim, torch.finfo(sim.dtype).min).max(1).indices
+    anchors = torch.nonzero(pos.any(1) & neg.any(1)).squeeze(1)
+    return anchors, p[anchors], n[anchors]
+
+
+def pairs_from_masks(keep_pos: Tensor, keep_neg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(a1, p, a2, n) index tensors of the selected positive and negative pairs."""
+    a1, p = keep_pos.nonzero(as_tuple=True)
+    a2, n = keep_neg.nonzero(as_tuple=True)
+    return a1, p, a2, n

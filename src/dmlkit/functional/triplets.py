@@ -1,0 +1,181 @@
+"""Triplet margins over every (anchor, positive, negative) combination without N³ tensors.
+
+A triplet (a, p, n) is a positive pair (a, p) and a negative reference n of the same anchor.
+Instead of listing triplets, the work runs over blocks of positive pairs against all M references
+at once, with the negative weights of each block's anchors as the mask. Memory is bounded by
+``chunk_elements`` whatever the batch size; no index tensor ever has one entry per triplet.
+
+The loss's gradient with respect to the distance matrix is accumulated block by block in the
+forward pass, so backward is a single scaling: no per-block graph is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .reduction import Reducer
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def _blocks(n_pairs: int, n_refs: int, chunk_elements: int) -> Iterator[slice]:
+    step = max(1, chunk_elements // max(1, n_refs))
+    for start in range(0, n_pairs, step):
+        yield slice(start, min(start + step, n_pairs))
+
+
+def _violations(
+    dist: Tensor,
+    swap_dist: Tensor | None,
+    anchors: Tensor,
+    positives: Tensor,
+    margin: float,
+) -> tuple[Tensor, Tensor | None]:
+    """For a block of positive pairs, ``d_ap − d_an + margin`` against every reference n,
+    where ``dist`` is distance-like (larger is farther). With ``swap_dist`` the anchor-negative
+    distance is replaced by the positive-negative one where that is smaller.
+
+    Returns:
+        (violations, anchor_side): the (block, M) violations, and with swap the bool mask of
+        entries where the anchor-negative distance was used.
+    """
+    d_an = dist[anchors]
+    d_ap = dist[anchors, positives][:, None]
+    if swap_dist is None:
+        return d_ap - d_an + margin, None
+    d_pn = swap_dist[positives]
+    anchor_side = d_an <= d_pn
+    return d_ap - torch.where(anchor_side, d_an, d_pn) + margin, anchor_side
+
+
+class _AllTriplets(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        dist: Tensor,
+        swap_dist: Tensor | None,
+        anchors: Tensor,
+        positives: Tensor,
+        neg_weights: Tensor,
+        margin: float,
+        smooth: bool,
+        reducer: Reducer,
+        chunk_elements: int,
+    ) -> tuple[Tensor, Tensor]:
+        grad = torch.zeros_like(dist)
+        swap_grad = torch.zeros_like(swap_dist) if swap_dist is not None else None
+        total = dist.new_zeros(())
+        count = dist.new_zeros(())
+        for block in _blocks(anchors.numel(), dist.shape[1], chunk_elements):
+            a, p = anchors[block], positives[block]
+            v, anchor_side = _violations(dist, swap_dist, a, p, margin)
+            losses = F.softplus(v) if smooth else F.relu(v)
+            weights = neg_weights[a].to(dist.dtype)
+            kept = reducer.keep(losses)
+            if kept is not None:
+                weights = weights * kept
+            total += (losses * weights).sum()
+            count += weights.sum()
+            slope = torch.sigmoid(v) if smooth else (v > 0).to(dist.dtype)
+            coef = slope * weights
+            grad.index_put_((a, p), coef.sum(1), accumulate=True)
+            if anchor_side is None:
+                grad.index_add_(0, a, -coef)
+            else:
+                assert swap_grad is not None
+                grad.index_add_(0, a, -torch.where(anchor_side, coef, 0.0))
+                swap_grad.index_add_(0, p, -torch.where(anchor_side, 0.0, coef))
+        ctx.save_for_backward(grad, swap_grad)
+        ctx.mark_non_differentiable(count)
+        return total, count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_total: Tensor, _grad_count: Tensor) -> tuple[Tensor | None, ...]:
+        grad, swap_grad = ctx.saved_tensors
+        swap_out = None if swap_grad is None else grad_total * swap_grad
+        return (grad_total * grad, swap_out, None, None, None, None, None, None, None)
+
+
+def all_triplets_margin_loss(
+    dist: Tensor,
+    anchors: Tensor,
+    positives: Tensor,
+    neg_weights: Tensor,
+    margin: float,
+    reducer: Reducer,
+    smooth: bool = False,
+    swap_dist: Tensor | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Tensor:
+    """Triplet margin loss over every positive pair combined with every weighted negative.
+
+    Each triplet (a, p, n) weighs ``neg_weights[a, n]`` and has loss ``[d_ap − d_an + margin]₊``
+    (``softplus`` when ``smooth``). Gradients are first-order only.
+
+    Args:
+        dist: (N, M) distance-like matrix (negate similarities before calling).
+        anchors: (P,) anchor index of each positive pair.
+        positives: (P,) reference index of each positive pair.
+        neg_weights: (N, M) bool mask or counts of negatives per anchor.
+        margin: The margin.
+        reducer: Selection and averaging of the triplet losses.
+        smooth: Use ``softplus`` instead of the hinge.
+        swap_dist: (M, M) reference-to-reference distances for the "swap" variant, or None.
+        chunk_elements: Upper bound on the elements of each block's temporaries.
+
+    Returns:
+        Scalar loss.
+    """
+    total, count = _AllTriplets.apply(
+        dist, swap_dist, anchors, positives, neg_weights, margin, smooth, reducer, chunk_elements
+    )
+    return reducer.finish(total, count)
+
+
+def mine_triplets(
+    dist: Tensor,
+    anchors: Tensor,
+    positives: Tensor,
+    neg_mask: Tensor,
+    low: float | None,
+    high: float | None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Lists the triplets whose margin ``t = d_an − d_ap`` lies in ``(low, high]``.
+
+    Args:
+        dist: (N, M) distance-like matrix.
+        anchors: (P,) anchor index of each positive pair, in the order wanted.
+        positives: (P,) reference index of each positive pair.
+        neg_mask: (N, M) bool negatives.
+        low: Exclusive lower bound on t, or None.
+        high: Inclusive upper bound on t, or None.
+        chunk_elements: Upper bound on the elements of each block's temporaries.
+
+    Returns:
+        (a, p, n) index tensors, ordered by positive pair, then by n.
+    """
+    found_a, found_p, found_n = [], [], []
+    for block in _blocks(anchors.numel(), dist.shape[1], chunk_elements):
+        a, p = anchors[block], positives[block]
+        t = dist[a] - dist[a, p][:, None]
+        selected = neg_mask[a]
+        if low is not None:
+            selected = selected & (t > low)
+        if high is not None:
+            selected = selected & (t <= high)
+        rows, n = selected.nonzero(as_tuple=True)
+        found_a.append(a[rows])
+        found_p.append(p[rows])
+        found_n.append(n)
+    if not found_a:
+        empty = torch.empty(0, dtype=torch.long, device=dist.device)
+        return empty, empty.clone(), empty.clone()
+    return torch.cat(found_a), torch.cat(found_p), torch.cat(found_n)

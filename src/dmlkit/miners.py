@@ -1,0 +1,373 @@
+"""Online miners with PML's call contract.
+
+``miner(embeddings, labels, ref_emb=None, ref_labels=None)`` returns triplets (a, p, n) or pairs
+(a1, p, a2, n) as ``torch.long`` index tensors, which dmlkit and PML losses both accept. Mining
+runs without gradient. After each call, ``miner.last_stats`` holds what was mined (and
+``num_pos_pairs``, ``num_neg_pairs``, ``num_triplets`` read as in PML) for logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .batch import Batch
+from .distances import BaseDistance, CosineSimilarity, LpDistance
+from .functional import mining
+from .functional.triplets import DEFAULT_CHUNK_ELEMENTS, mine_triplets
+
+MinedTuple = tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class MiningStats:
+    """What a miner returned on its last call.
+
+    Attributes:
+        num_pos_pairs: Positive pairs returned (pair miners; 0 for triplet miners).
+        num_neg_pairs: Negative pairs returned (pair miners; 0 for triplet miners).
+        num_triplets: Triplets returned (triplet miners; 0 for pair miners).
+    """
+
+    num_pos_pairs: int = 0
+    num_neg_pairs: int = 0
+    num_triplets: int = 0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """Flat mapping for loggers."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ASMSStats(MiningStats):
+    """What (AT-)ASMS mined, and the tolerances it used.
+
+    Attributes:
+        gamma_pos: Positive tolerance used.
+        gamma_neg: Negative tolerance used.
+        ratio: AT-ASMS's r = mined negatives / all positives (None for static ASMS or when the
+            batch has no positive pair).
+        tau: AT-ASMS's τ (0 when r ≤ 1 or for static ASMS).
+        num_skipped_anchors: Anchors left with no mined positive or no mined negative, which
+            the Soft Contrastive loss skips.
+    """
+
+    gamma_pos: float = 0.0
+    gamma_neg: float = 0.0
+    ratio: float | None = None
+    tau: float = 0.0
+    num_skipped_anchors: int = 0
+
+
+class BaseMiner(nn.Module):
+    """Shared call contract: checks inputs, mines without gradient, records what it mined.
+
+    Args:
+        distance: The distance or similarity; each miner has PML's default.
+    """
+
+    def __init__(self, distance: BaseDistance | None = None) -> None:
+        super().__init__()
+        self.distance = self.default_distance() if distance is None else distance
+        self.last_stats: MiningStats = MiningStats()
+
+    @staticmethod
+    def default_distance() -> BaseDistance:
+        return LpDistance()
+
+    @property
+    def num_pos_pairs(self) -> int:
+        return self.last_stats.num_pos_pairs
+
+    @property
+    def num_neg_pairs(self) -> int:
+        return self.last_stats.num_neg_pairs
+
+    @property
+    def num_triplets(self) -> int:
+        return self.last_stats.num_triplets
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> MinedTuple:
+        """Mines one batch.
+
+        Args:
+            embeddings: (N, D) embeddings.
+            labels: (N,) integer labels.
+            ref_emb: (M, D) reference embeddings for positives and negatives.
+            ref_labels: (M,) labels of ``ref_emb``.
+
+        Returns:
+            (a, p, n) or (a1, p, a2, n): anchors index ``embeddings``, positives and negatives
+            index ``ref_emb`` (or ``embeddings`` when no reference set is given).
+        """
+        batch = Batch.from_call(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
+        with torch.no_grad():
+            mat = batch.matrix(self.distance)
+            sim = mat if self.distance.is_inverted else -mat
+            pos, neg = batch.label_masks()
+            mined = self.mine(sim, pos, neg)
+        if len(mined) == 3:
+            self.last_stats = self.stats_for(mined, MiningStats(num_triplets=len(mined[0])))
+        else:
+            self.last_stats = self.stats_for(
+                mined, MiningStats(num_pos_pairs=len(mined[0]), num_neg_pairs=len(mined[2]))
+            )
+        return mined
+
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+        """Mines from a similarity-like matrix (distances arrive negated) and label masks."""
+        raise NotImplementedError
+
+    def stats_for(self, mined: MinedTuple, counts: MiningStats) -> MiningStats:
+        """The stats recorded for this call; miners with more to tell extend ``counts``."""
+        return counts
+
+
+TripletType = Literal["all", "hard", "semihard", "easy"]
+
+
+class TripletMarginMiner(BaseMiner):
+    """Triplets by their margin t = d_an − d_ap: ``"all"`` t ≤ margin, ``"hard"`` t ≤ 0
+    (and ≤ margin), ``"semihard"`` 0 < t ≤ margin, ``"easy"`` t > margin.
+
+    Works in blocks of positive pairs, so memory stays bounded; the output itself has one
+    entry per mined triplet.
+
+    Args:
+        margin: The margin.
+        type_of_triplets: ``"all"``, ``"hard"``, ``"semihard"`` or ``"easy"``.
+        distance: Default ``LpDistance()``.
+        chunk_elements: Upper bound on temporaries.
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        type_of_triplets: TripletType = "all",
+        distance: BaseDistance | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        super().__init__(distance)
+        if type_of_triplets not in ("all", "hard", "semihard", "easy"):
+            raise ValueError(
+                "type_of_triplets must be 'all', 'hard', 'semihard' or 'easy', "
+                f"got {type_of_triplets!r}"
+            )
+        self.margin = margin
+        self.type_of_triplets = type_of_triplets
+        self.chunk_elements = chunk_elements
+
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+        bounds: dict[str, tuple[float | None, float | None]] = {
+            "all": (None, self.margin),
+            "hard": (None, min(self.margin, 0.0)),
+            "semihard": (0.0, self.margin),
+            "easy": (self.margin, None),
+        }
+        low, high = bounds[self.type_of_triplets]
+        anchors, positives = pos.nonzero(as_tuple=True)
+        return mine_triplets(-sim, anchors, positives, neg, low, high, self.chunk_elements)
+
+
+class BatchHardMiner(BaseMiner):
+    """One triplet per anchor: its farthest positive and nearest negative.
+
+    Args:
+        distance: Default ``LpDistance()``.
+    """
+
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+        return mining.batch_hard_triplets(sim, pos, neg)
+
+
+class PairMarginMiner(BaseMiner):
+    """Positive pairs farther than ``pos_margin`` and negative pairs nearer than ``neg_margin``
+    (for similarities: positives below ``pos_margin``, negatives above ``neg_margin``).
+
+    Args:
+        pos_margin: Positive margin.
+        neg_margin: Negative margin.
+        distance: Default ``LpDistance()``.
+    """
+
+    def __init__(
+        self,
+        pos_margin: float = 0.2,
+        neg_margin: float = 0.8,
+        distance: BaseDistance | None = None,
+    ) -> None:
+        super().__init__(distance)
+        self.pos_margin = pos_margin
+        self.neg_margin = neg_margin
+
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+        if self.distance.is_inverted:
+            keep_pos, keep_neg = pos & (sim < self.pos_margin), neg & (sim > self.neg_margin)
+        else:
+            keep_pos, keep_neg = pos & (-sim > self.pos_margin), neg & (-sim < self.neg_margin)
+        return mining.pairs_from_masks(keep_pos, keep_neg)
+
+
+class MultiSimilarityMiner(BaseMiner):
+    """Multi-similarity mining: positives less similar than the hardest negative plus
+    ``epsilon``, negatives more similar than the hardest positive minus ``epsilon`` (strict).
+
+    Args:
+        epsilon: The tolerance.
+        distance: Default ``CosineSimilarity()``.
+    """
+
+    def __init__(self, epsilon: float = 0.1, distance: BaseDistance | None = None) -> None:
+        super().__init__(distance)
+        self.epsilon = epsilon
+
+    @staticmethod
+    def default_distance() -> BaseDistance:
+        return CosineSimilarity()
+
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+        keep_pos, keep_neg = mining.asymmetric_mining_masks(
+            sim, pos, neg, self.epsilon, self.epsilon
+        )
+        return mining.pairs_from_masks(keep_pos, keep_neg)
+
+
+class ASMSMiner(BaseMiner):
+    """DDTAS's asymmetric sample mining (ddtas.md §2): multi-similarity mining with a separate
+    tolerance per side, ``S_ij − γ_pos < maxN_i`` for positives and ``S_ij + γ_neg > minP_i``
+    for negatives; it keeps more positives and fewer negatives than symmetric mining.
+
+    Args:
+        gamma_pos: Positive tolerance (released value 0.1).
+        gamma_neg: Negative tolerance (released value 0.01).
+        negative_rule: ``"code"`` (released) or ``"figure"`` (``S_ij − γ_neg > minP_i``, the
+            paper figure's sign; an ablation option).
+        exclude_self_by_value: Also drop positives with ``S ≥ 1 − 1e-6``, as the released code
+            does (a parity option; dmlkit excludes self-pairs by index regardless).
+        distance: A similarity; default ``CosineSimilarity()``.
+    """
+
+    def __init__(
+        self,
+        gamma_pos: float = 0.1,
+        gamma_neg: float = 0.01,
+        negative_rule: mining.NegativeRule = "code",
+        exclude_self_by_value: bool = False,
+        distance: BaseDistance | None = None,
+    ) -> None:
+        super().__init__(distance)
+        if not self.distance.is_inverted:
+            raise ValueError(
+                f"{type(self).__name__} needs a similarity, got {type(self.distance).__name__}"
+            )
+        if negative_rule not in ("code", "figure"):
+            raise ValueError(f"negative_rule must be 'code' or 'figure', got {negative_rule!r}")
+        self.gamma_pos = gamma_pos
+        self.gamma_neg = gamma_neg
+        self.negative_rule: mining.NegativeRule = negative_rule
+        self.exclude_self_by_value = exclude_self_by_value
+        self._tolerances = mining.AdaptiveTolerances(gamma_pos, gamma_neg, None, 0.0, 0, 0)
+
+    @staticmethod
+    def default_distance() -> BaseDistance:
+        return CosineSimilarity()
+
+    def tolerances(self, sim: Tensor, pos: Tensor, neg: Tensor) -> mining.AdaptiveTolerances:
+        """The tolerances for this batch: static for ASMS."""
+        return mining.AdaptiveTolerances(self.gamma_pos, self.gamma_neg, None, 0.0, 0, 0)
+
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+        if self.exclude_self_by_value:
+            pos = pos & (sim < 1 - 1e-6)
+        self._tolerances = self.tolerances(sim, pos, neg)
+        keep_pos, keep_neg = mining.asymmetric_mining_masks(
+            sim,
+            pos,
+            neg,
+            self._tolerances.gamma_pos,
+            self._tolerances.gamma_neg,
+            self.negative_rule,
+        )
+        self._num_skipped = int((~(keep_pos.any(1) & keep_neg.any(1))).sum())
+        return mining.pairs_from_masks(keep_pos, keep_neg)
+
+    def stats_for(self, mined: MinedTuple, counts: MiningStats) -> MiningStats:
+        t = self._tolerances
+        return ASMSStats(
+            num_pos_pairs=counts.num_pos_pairs,
+            num_neg_pairs=counts.num_neg_pairs,
+            gamma_pos=t.gamma_pos,
+            gamma_neg=t.gamma_neg,
+            ratio=t.ratio,
+            tau=t.tau,
+            num_skipped_anchors=self._num_skipped,
+        )
+
+
+class ATASMSMiner(ASMSMiner):
+    """DDTAS's adaptive-tolerance ASMS (ddtas.md §3), stateless.
+
+    Every batch: count the negatives that symmetric mining at ``epsilon`` keeps (n_neg) and all
+    positive pairs (N_pos); if r = n_neg / N_pos > 1 then τ = k·σ(r),
+    γ̂_pos = γ_pos·(1 + τ), γ̂_neg = γ_neg·(1 − τ); else the static tolerances. Then ASMS
+    with (γ̂_pos, γ̂_neg). The tolerances used are in ``last_stats``.
+
+    Args:
+        epsilon: Base tolerance ε (0.1 for CUB and Cars, 0.03 for SOP).
+        k: Update scale (released value 1/2).
+        gamma_pos: Static positive tolerance; default ε.
+        gamma_neg: Static negative tolerance; default ε/10.
+        count_tolerance: ε of the counting pass; default ε (an earlier variant used ε/10).
+        negative_rule: See ``ASMSMiner``.
+        exclude_self_by_value: See ``ASMSMiner``.
+        distance: A similarity; default ``CosineSimilarity()``.
+    """
+
+    def __init__(
+        self,
+        epsilon: float = 0.1,
+        k: float = 0.5,
+        gamma_pos: float | None = None,
+        gamma_neg: float | None = None,
+        count_tolerance: float | None = None,
+        negative_rule: mining.NegativeRule = "code",
+        exclude_self_by_value: bool = False,
+        distance: BaseDistance | None = None,
+    ) -> None:
+        super().__init__(
+            epsilon if gamma_pos is None else gamma_pos,
+            epsilon / 10 if gamma_neg is None else gamma_neg,
+            negative_rule,
+            exclude_self_by_value,
+            distance,
+        )
+        self.epsilon = epsilon
+        self.k = k
+        self.count_tolerance = epsilon if count_tolerance is None else count_tolerance
+
+    def tolerances(self, sim: Tensor, pos: Tensor, neg: Tensor) -> mining.AdaptiveTolerances:
+        return mining.adaptive_tolerances(
+            sim, pos, neg, self.gamma_pos, self.gamma_neg, self.count_tolerance, self.k
+        )
+
+
+__all__ = [
+    "ASMSMiner",
+    "ASMSStats",
+    "ATASMSMiner",
+    "BaseMiner",
+    "BatchHardMiner",
+    "MiningStats",
+    "MultiSimilarityMiner",
+    "PairMarginMiner",
+    "TripletMarginMiner",
+]

@@ -1,0 +1,176 @@
+"""Input checks shared by every public entry point, so every error message reads the same.
+
+All checks raise ``ValueError`` (or ``TypeError`` for a non-tensor) naming the argument and what is
+wrong with it. They run before any maths, so a bad call never ends in a deep stack trace or a
+silently wrong number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+IndicesTuple = tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _require_tensor(value: object, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_embeddings(embeddings: object, name: str = "embeddings") -> Tensor:
+    """Checks that ``embeddings`` is a finite, floating-point (N, D) tensor.
+
+    Args:
+        embeddings: The value to check.
+        name: The argument name used in error messages.
+
+    Returns:
+        The embeddings, unchanged.
+    """
+    emb = _require_tensor(embeddings, name)
+    if emb.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D with shape (batch_size, embedding_size), "
+            f"got {emb.ndim}-D shape {tuple(emb.shape)}"
+        )
+    if not emb.is_floating_point():
+        raise ValueError(f"{name} must have a floating-point dtype, got {emb.dtype}")
+    if not bool(torch.isfinite(emb).all()):
+        n_nan = int(torch.isnan(emb).sum())
+        n_inf = int(torch.isinf(emb).sum())
+        raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+    return emb
+
+
+def check_labels(labels: object, length: int, device: torch.device, name: str = "labels") -> Tensor:
+    """Checks that ``labels`` is a 1-D integer tensor of the given length.
+
+    Args:
+        labels: The value to check.
+        length: The number of rows of the matching embeddings.
+        device: The device of the matching embeddings; labels are moved there.
+        name: The argument name used in error messages.
+
+    Returns:
+        The labels on ``device``.
+    """
+    lab = _require_tensor(labels, name)
+    if lab.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got {lab.ndim}-D shape {tuple(lab.shape)}")
+    if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {lab.dtype}")
+    if lab.shape[0] != length:
+        raise ValueError(
+            f"{name} has length {lab.shape[0]} but there are {length} embeddings; "
+            "they must match"
+        )
+    return lab.to(device)
+
+
+def check_indices_tuple(
+    indices_tuple: Sequence[Tensor], n_anchors: int, n_refs: int, device: torch.device
+) -> IndicesTuple:
+    """Checks a miner's output: triplets (a, p, n) or pairs (a1, p, a2, n).
+
+    Anchor indices address the embeddings (``n_anchors`` rows); positive and negative indices
+    address the reference set (``n_refs`` rows, the embeddings themselves when no ``ref_emb``).
+
+    Args:
+        indices_tuple: The tuple to check.
+        n_anchors: Number of embeddings.
+        n_refs: Number of reference embeddings.
+        device: The device the indices are moved to.
+
+    Returns:
+        The tuple as ``torch.long`` tensors on ``device``.
+    """
+    if not isinstance(indices_tuple, (tuple, list)):
+        raise ValueError(
+            "indices_tuple must be a tuple (a, p, n) or (a1, p, a2, n), "
+            f"got {type(indices_tuple).__name__}"
+        )
+    arity = len(indices_tuple)
+    if arity not in (3, 4):
+        raise ValueError(
+            f"indices_tuple must have 3 (a, p, n) or 4 (a1, p, a2, n) tensors, got {arity}"
+        )
+    names = ("a", "p", "n") if arity == 3 else ("a1", "p", "a2", "n")
+    out = []
+    for part_name, part in zip(names, indices_tuple, strict=True):
+        part = _require_tensor(part, f"indices_tuple[{part_name}]")
+        if part.ndim != 1:
+            raise ValueError(f"indices_tuple[{part_name}] must be 1-D, got shape {tuple(part.shape)}")
+        if part.numel() and (part.is_floating_point() or part.dtype == torch.bool):
+            raise ValueError(f"indices_tuple[{part_name}] must be integer, got {part.dtype}")
+        part = part.to(device=device, dtype=torch.long)
+        limit = n_anchors if part_name.startswith("a") else n_refs
+        if part.numel() and (int(part.min()) < 0 or int(part.max()) >= limit):
+            raise ValueError(
+                f"indices_tuple[{part_name}] has indices outside [0, {limit}): "
+                f"min {int(part.min())}, max {int(part.max())}"
+            )
+        out.append(part)
+    if arity == 3 and not (len(out[0]) == len(out[1]) == len(out[2])):
+        raise ValueError(
+            "indices_tuple (a, p, n) must have equal lengths, got "
+            f"{len(out[0])}, {len(out[1])}, {len(out[2])}"
+        )
+    if arity == 4 and (len(out[0]) != len(out[1]) or len(out[2]) != len(out[3])):
+        raise ValueError(
+            "indices_tuple (a1, p, a2, n) needs len(a1) == len(p) and len(a2) == len(n), got "
+            f"{len(out[0])}, {len(out[1])}, {len(out[2])}, {len(out[3])}"
+        )
+    return tuple(out)  # type: ignore[return-value]
+
+
+def check_batch(
+    embeddings: object,
+    labels: object | None,
+    ref_emb: object | None,
+    ref_labels: object | None,
+    *,
+    labels_required: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Checks the common (embeddings, labels, ref_emb, ref_labels) arguments of losses and miners.
+
+    Args:
+        embeddings: (N, D) embeddings.
+        labels: (N,) integer labels, or None where an ``indices_tuple`` makes them unnecessary.
+        ref_emb: Optional (M, D) reference embeddings.
+        ref_labels: (M,) labels of ``ref_emb``; required whenever ``ref_emb`` and ``labels``
+            are given.
+        labels_required: Whether the caller cannot work without labels.
+
+    Returns:
+        (embeddings, labels, ref_emb, ref_labels), labels moved to the embeddings' device.
+    """
+    emb = check_embeddings(embeddings)
+    if labels is None:
+        if labels_required:
+            raise ValueError("labels are required (they may be omitted only with an indices_tuple)")
+        lab = None
+    else:
+        lab = check_labels(labels, emb.shape[0], emb.device)
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels was given without ref_emb")
+        return emb, lab, None, None
+    ref = check_embeddings(ref_emb, "ref_emb")
+    if ref.shape[1] != emb.shape[1]:
+        raise ValueError(
+            f"ref_emb has embedding size {ref.shape[1]} but embeddings have {emb.shape[1]}"
+        )
+    if ref.dtype != emb.dtype or ref.device != emb.device:
+        raise ValueError(
+            f"ref_emb ({ref.dtype}, {ref.device}) must match embeddings ({emb.dtype}, {emb.device})"
+        )
+    if ref_labels is None:
+        if lab is not None or labels_required:
+            raise ValueError("ref_emb was given without ref_labels; pass both")
+        return emb, None, ref, None
+    ref_lab = check_labels(ref_labels, ref.shape[0], emb.device, "ref_labels")
+    return emb, lab, ref, ref_lab
