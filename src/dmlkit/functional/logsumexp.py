@@ -37,7 +37,10 @@ def masked_logsumexp(
         terms = terms * weights.to(x.dtype)
     total = terms.sum(dim, keepdim=True)
     if add_one:
-        total = total + torch.exp(-row_max)
-    else:
-        total = torch.where(nonempty, total, 1.0)
-    return torch.where(nonempty | add_one, row_max + torch.log(total), 0.0), nonempty
+        # log1p keeps log(1 + tiny) accurate where every term is far below 1.
+        lse = torch.where(
+            row_max > 0, row_max + torch.log(total + torch.exp(-row_max)), torch.log1p(total)
+        )
+        return lse, nonempty
+    total = torch.where(nonempty, total, 1.0)
+    return torch.where(nonempty, row_max + torch.log(total), 0.0), nonempty

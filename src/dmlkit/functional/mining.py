@@ -116,13 +116,23 @@ def adaptive_tolerances(
     min_pos = hardest_positive_similarity(sim, pos)
     n_neg = int((neg & (sim + count_tolerance > min_pos)).sum())
     n_pos = int(pos.sum())
-    if n_pos == 0:
-        return AdaptiveTolerances(gamma_pos, gamma_neg, None, 0.0, n_neg, 0)
-    ratio = n_neg / n_pos
-    tau = k / (1.0 + math.exp(-ratio)) if ratio > 1 else 0.0
-    return AdaptiveTolerances(
-        gamma_pos * (1.0 + tau), gamma_neg * (1.0 - tau), ratio, tau, n_neg, n_pos
-    )
+    ratio = n_neg / n_pos if n_pos else None
+    g_pos, g_neg, tau = tolerances_from_ratio(ratio, gamma_pos, gamma_neg, k)
+    return AdaptiveTolerances(g_pos, g_neg, ratio, tau, n_neg, n_pos)
+
+
+def tolerances_from_ratio(
+    ratio: float | None, gamma_pos: float, gamma_neg: float, k: float = 0.5
+) -> tuple[float, float, float]:
+    """AT-ASMS's update rule: (γ̂_pos, γ̂_neg, τ) for the ratio r (ddtas.md §3 table).
+
+    Strictly r > 1 adapts, with τ = k·σ(r); r ≤ 1, or no ratio at all (no positive pair),
+    keeps the static tolerances.
+    """
+    if ratio is None or not ratio > 1:
+        return gamma_pos, gamma_neg, 0.0
+    tau = k / (1.0 + math.exp(-ratio))
+    return gamma_pos * (1.0 + tau), gamma_neg * (1.0 - tau), tau
 
 
 def batch_hard_triplets(sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,185 @@
+"""Bad input gets a ValueError naming the problem; empty selections give graph-carrying zeros;
+half precision gives finite losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dmlkit.losses as dl
+import dmlkit.miners as dm
+
+ALL_LOSSES = [
+    dl.ContrastiveLoss,
+    dl.TripletMarginLoss,
+    dl.NPairsLoss,
+    dl.CircleLoss,
+    dl.MultiSimilarityLoss,
+    dl.LiftedStructureLoss,
+    dl.GeneralizedLiftedStructureLoss,
+    dl.NTXentLoss,
+    dl.SupConLoss,
+    dl.SoftContrastiveLoss,
+    dl.SoftWeightedTripletLoss,
+]
+ALL_MINERS = [
+    dm.TripletMarginMiner,
+    dm.BatchHardMiner,
+    dm.MultiSimilarityMiner,
+    dm.PairMarginMiner,
+    dm.ASMSMiner,
+    dm.ATASMSMiner,
+]
+CALLABLES = ALL_LOSSES + ALL_MINERS
+
+
+def _batch(n: int = 8, d: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, d), torch.arange(n) // 2
+
+
+@pytest.mark.parametrize("factory", CALLABLES, ids=lambda c: c.__name__)
+class TestBadInput:
+    def test_embeddings_not_2d(self, factory) -> None:
+        _, labels = _batch()
+        with pytest.raises(ValueError, match="embeddings must be 2-D"):
+            factory()(torch.randn(8), labels)
+        with pytest.raises(ValueError, match="embeddings must be 2-D"):
+            factory()(torch.randn(8, 2, 2), labels)
+
+    def test_labels_not_1d(self, factory) -> None:
+        emb, labels = _batch()
+        with pytest.raises(ValueError, match="labels must be 1-D"):
+            factory()(emb, labels[:, None])
+
+    def test_labels_wrong_length(self, factory) -> None:
+        emb, labels = _batch()
+        with pytest.raises(ValueError, match="labels has length 7 but there are 8 embeddings"):
+            factory()(emb, labels[:7])
+
+    def test_non_integer_labels(self, factory) -> None:
+        emb, labels = _batch()
+        with pytest.raises(ValueError, match="integer dtype"):
+            factory()(emb, labels.float())
+        with pytest.raises(ValueError, match="integer dtype"):
+            factory()(emb, labels > 1)
+
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+    def test_non_finite_embeddings(self, factory, bad: float) -> None:
+        emb, labels = _batch()
+        emb[3, 1] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            factory()(emb, labels)
+
+    def test_ref_emb_without_ref_labels(self, factory) -> None:
+        emb, labels = _batch()
+        if factory is dl.NPairsLoss:
+            with pytest.raises(ValueError, match="does not support ref_emb"):
+                factory()(emb, labels, ref_emb=emb.clone())
+            return
+        call = factory()
+        kwargs = {"ref_emb": torch.randn(5, 4)}
+        with pytest.raises(ValueError, match="ref_emb was given without ref_labels"):
+            call(emb, labels, **kwargs)
+
+    def test_ref_dimension_mismatch(self, factory) -> None:
+        if factory is dl.NPairsLoss:
+            pytest.skip("NPairsLoss rejects ref_emb outright")
+        emb, labels = _batch()
+        with pytest.raises(ValueError, match="ref_emb has embedding size 3"):
+            factory()(emb, labels, ref_emb=torch.randn(5, 3), ref_labels=torch.arange(5))
+
+    def test_not_a_tensor(self, factory) -> None:
+        _, labels = _batch()
+        with pytest.raises(TypeError, match="embeddings must be a torch.Tensor"):
+            factory()([[0.0, 1.0]] * 8, labels)
+
+
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+class TestIndicesTuple:
+    def test_wrong_arity(self, loss_cls) -> None:
+        emb, labels = _batch()
+        idx = torch.tensor([0, 1])
+        with pytest.raises(ValueError, match="got 2"):
+            loss_cls()(emb, labels, (idx, idx))
+        with pytest.raises(ValueError, match="got 5"):
+            loss_cls()(emb, labels, (idx,) * 5)
+
+    def test_wrong_length(self, loss_cls) -> None:
+        emb, labels = _batch()
+        with pytest.raises(ValueError, match="equal lengths"):
+            loss_cls()(emb, labels, (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2])))
+        with pytest.raises(ValueError, match=r"len\(a1\) == len\(p\)"):
+            loss_cls()(emb, labels, (torch.tensor([0]), torch.tensor([1, 0]), torch.tensor([2]), torch.tensor([3])))
+
+    def test_out_of_range(self, loss_cls) -> None:
+        emb, labels = _batch()
+        with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
+            loss_cls()(emb, labels, (torch.tensor([0]), torch.tensor([8]), torch.tensor([2])))
+        with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
+            loss_cls()(emb, labels, (torch.tensor([-1]), torch.tensor([1]), torch.tensor([2])))
+
+    def test_float_indices(self, loss_cls) -> None:
+        emb, labels = _batch()
+        idx = torch.tensor([0.0])
+        with pytest.raises(ValueError, match="must be integer"):
+            loss_cls()(emb, labels, (idx, idx, idx))
+
+
+def test_ref_indices_address_the_reference_set() -> None:
+    emb, labels = _batch()
+    ref, ref_labels = torch.randn(20, 4), torch.arange(20) % 4
+    loss = dl.ContrastiveLoss()
+    loss(emb, labels, (torch.tensor([7]), torch.tensor([19]), torch.tensor([7]), torch.tensor([0])), ref, ref_labels)
+    with pytest.raises(ValueError, match=r"indices_tuple\[a1\] has indices outside \[0, 8\)"):
+        loss(emb, labels, (torch.tensor([8]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0])), ref, ref_labels)
+
+
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("case", ["no_pairs_mined", "no_triplets_mined", "single_item"])
+def test_empty_selection_is_a_zero_with_a_graph(loss_cls, case: str) -> None:
+    emb = torch.randn(6, 4, requires_grad=True)
+    labels = torch.arange(6) // 2
+    empty = torch.empty(0, dtype=torch.long)
+    indices = None
+    if case == "no_pairs_mined":
+        indices = (empty, empty, empty, empty)
+    elif case == "no_triplets_mined":
+        indices = (empty, empty, empty)
+    else:
+        emb = torch.randn(1, 4, requires_grad=True)
+        labels = torch.tensor([3])
+    loss = loss_cls()(emb, labels, indices)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    assert loss.item() == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert emb.grad is not None and torch.all(emb.grad == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+def test_half_precision_gives_finite_losses_close_to_float32(loss_cls, dtype) -> None:
+    torch.manual_seed(1)
+    labels = torch.arange(64) // 4
+    base = torch.randn(16, 32)[labels] * 0.8 + torch.randn(64, 32)
+    half = base.to(dtype).requires_grad_(True)
+    loss = loss_cls()(half, labels)
+    assert loss.dtype == dtype and torch.isfinite(loss)
+    loss.backward()
+    assert half.grad is not None and torch.isfinite(half.grad).all()
+    reference = loss_cls()(half.detach().float(), labels)
+    torch.testing.assert_close(loss.float(), reference, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("miner_cls", ALL_MINERS, ids=lambda c: c.__name__)
+def test_miners_run_in_half_precision(miner_cls) -> None:
+    labels = torch.arange(32) // 4
+    for dtype in (torch.float16, torch.bfloat16):
+        out = miner_cls()(torch.randn(32, 16).to(dtype), labels)
+        assert all(t.dtype == torch.long for t in out)
+
+
+def test_mined_tuples_do_not_depend_on_gradients() -> None:
+    emb = torch.randn(16, 8, requires_grad=True)
+    out = dm.MultiSimilarityMiner()(emb, torch.arange(16) // 4)
+    assert all(not t.requires_grad for t in out)
