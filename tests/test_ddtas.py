@@ -75,7 +75,7 @@ def test_t1_asms_versus_symmetric_ms(dtype: torch.dtype) -> None:
 
 def test_t1_gradients_with_respect_to_similarities() -> None:
     sim = _sim_from_upper(4, T1_UPPER)
-    keep_pos, keep_neg = F.asymmetric_mining_masks(sim, *F.label_masks(T1_LABELS), 0.1, 0.01)
+    keep_pos, keep_neg = F.asymmetric_mining_masks(sim, *F.label_weights(T1_LABELS), 0.1, 0.01)
     sim.requires_grad_(True)
     loss = F.soft_contrastive_loss(sim, F.PairWeights(keep_pos, keep_neg))
     (grad,) = torch.autograd.grad(loss, sim)
@@ -239,7 +239,7 @@ def test_t10_no_gradient_through_thresholds() -> None:
         sim = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(emb, dim=1).T
         stats = miner.last_stats
         keep_pos, keep_neg = F.asymmetric_mining_masks(
-            sim, *F.label_masks(labels), stats.gamma_pos, stats.gamma_neg
+            sim, *F.label_weights(labels), stats.gamma_pos, stats.gamma_neg
         )
     frozen = emb.detach().clone().requires_grad_(True)
     expected = _soft_contrastive_oracle(frozen, labels, keep_pos, keep_neg)

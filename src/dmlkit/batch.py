@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 
 from .distances import BaseDistance
-from .functional.masks import PairWeights, batch_pair_weights, label_masks
+from .functional.masks import (
+    PairIndices,
+    PairWeights,
+    batch_pair_weights,
+    label_masks,
+    label_weights,
+)
 from .validation import IndicesTuple, check_batch, check_indices_tuple
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -81,8 +87,26 @@ class Batch:
             raise ValueError("labels are required here")
         return label_masks(self.labels, self.ref_labels)
 
+    def label_weights(self) -> tuple[Tensor, Tensor]:
+        """``label_masks`` as 0/1 float weights in the compute dtype."""
+        if self.labels is None:
+            raise ValueError("labels are required here")
+        return label_weights(self.labels, self.ref_labels, self.embeddings.dtype)
+
+    def pairs(self) -> PairWeights | PairIndices:
+        """The mined pairs as index lists if an indices tuple was given, else every labelled
+        pair as dense weights: what per-pair losses use."""
+        if self.indices_tuple is not None:
+            return PairIndices.from_tuple(self.indices_tuple)
+        return self.pair_weights()
+
     def pair_weights(self) -> PairWeights:
         """The mined pairs if an indices tuple was given, else every labelled pair."""
         return batch_pair_weights(
-            self.labels, self.ref_labels, self.indices_tuple, self.shape, self.embeddings.device
+            self.labels,
+            self.ref_labels,
+            self.indices_tuple,
+            self.shape,
+            self.embeddings.device,
+            self.embeddings.dtype,
         )

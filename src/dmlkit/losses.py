@@ -123,7 +123,7 @@ class ContrastiveLoss(BaseMetricLossFunction):
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.contrastive_loss(
             batch.matrix(self.distance),
-            batch.pair_weights(),
+            batch.pairs(),
             self.pos_margin,
             self.neg_margin,
             self.distance.is_inverted,
@@ -186,7 +186,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
         dist, swap_dist = self._distance_like(batch)
         indices = batch.indices_tuple
         if indices is None and self.triplets_per_anchor != "all":
-            indices = _sample_triplets(*batch.label_masks(), int(self.triplets_per_anchor))
+            indices = _sample_triplets(*batch.label_weights(), int(self.triplets_per_anchor))
         if indices is not None and len(indices) == 3:
             a, p, n = indices
             d_an = dist[a, n]
@@ -196,11 +196,11 @@ class TripletMarginLoss(BaseMetricLossFunction):
             losses = nn.functional.softplus(violation) if self.smooth_loss else violation.relu()
             return reducer(losses) if a.numel() else fl.zero_loss(dist)
         if indices is None:
-            pos, neg_weights = batch.label_masks()
+            pos, neg_weights = batch.label_weights()
             anchors, positives = pos.nonzero(as_tuple=True)
         else:
             anchors, positives = indices[0], indices[1]
-            neg_weights = tuple_to_pair_weights(indices, batch.shape, dist.device).neg
+            neg_weights = tuple_to_pair_weights(indices, batch.shape, dist.device, dist.dtype).neg
         return all_triplets_margin_loss(
             dist,
             anchors,
@@ -217,7 +217,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
 def _sample_triplets(pos: Tensor, neg: Tensor, per_anchor: int) -> tuple[Tensor, Tensor, Tensor]:
     """``per_anchor`` random triplets for every anchor having a positive and a negative: each
     draws a positive and a negative uniformly, with replacement."""
-    anchors = torch.nonzero(pos.any(1) & neg.any(1)).squeeze(1)
+    anchors = torch.nonzero(pos.amax(1) * neg.amax(1)).squeeze(1)
     if anchors.numel() == 0:
         empty = torch.empty(0, dtype=torch.long, device=pos.device)
         return empty, empty.clone(), empty.clone()
@@ -248,7 +248,7 @@ class NPairsLoss(BaseMetricLossFunction):
     def compute_loss(self, batch: Batch) -> Tensor:
         assert batch.labels is not None
         if batch.indices_tuple is None:
-            anchors, positives = batch.label_masks()[0].nonzero(as_tuple=True)
+            anchors, positives = batch.label_weights()[0].nonzero(as_tuple=True)
         else:
             anchors, positives = batch.indices_tuple[0], batch.indices_tuple[1]
         anchors, positives = first_pair_per_label(anchors, positives, batch.labels)
@@ -494,7 +494,7 @@ class SoftContrastiveLoss(BaseMetricLossFunction):
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.soft_contrastive_loss(
             batch.matrix(self.distance),
-            batch.pair_weights(),
+            batch.pairs(),
             self.pos_scale,
             self.neg_scale,
             self.threshold,
@@ -541,8 +541,8 @@ class SoftWeightedTripletLoss(BaseMetricLossFunction):
         pairs = batch.pair_weights()
         return fl.soft_weighted_triplet_loss(
             batch.matrix(self.distance),
-            pairs.pos_mask(),
-            pairs.neg_mask(),
+            pairs.pos > 0,
+            pairs.neg > 0,
             self.margin,
             self.distance.is_inverted,
             self.reducer,

@@ -113,7 +113,7 @@ class BaseMiner(nn.Module):
         with torch.no_grad():
             mat = batch.matrix(self.distance)
             sim = mat if self.distance.is_inverted else -mat
-            pos, neg = batch.label_masks()
+            pos, neg = batch.label_weights()
             mined = self.mine(sim, pos, neg)
         if len(mined) == 3:
             self.last_stats = self.stats_for(mined, MiningStats(num_triplets=len(mined[0])))
@@ -124,7 +124,8 @@ class BaseMiner(nn.Module):
         return mined
 
     def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
-        """Mines from a similarity-like matrix (distances arrive negated) and label masks."""
+        """Mines from a similarity-like matrix (distances arrive negated) and 0/1 float label
+        weights of the positive and negative pairs."""
         raise NotImplementedError
 
     def stats_for(self, mined: MinedTuple, counts: MiningStats) -> MiningStats:
@@ -211,9 +212,9 @@ class PairMarginMiner(BaseMiner):
 
     def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
         if self.distance.is_inverted:
-            keep_pos, keep_neg = pos & (sim < self.pos_margin), neg & (sim > self.neg_margin)
+            keep_pos, keep_neg = pos * (sim < self.pos_margin), neg * (sim > self.neg_margin)
         else:
-            keep_pos, keep_neg = pos & (-sim > self.pos_margin), neg & (-sim < self.neg_margin)
+            keep_pos, keep_neg = pos * (-sim > self.pos_margin), neg * (-sim < self.neg_margin)
         return mining.pairs_from_masks(keep_pos, keep_neg)
 
 
@@ -287,7 +288,7 @@ class ASMSMiner(BaseMiner):
 
     def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
         if self.exclude_self_by_value:
-            pos = pos & (sim < 1 - 1e-6)
+            pos = pos * (sim < 1 - 1e-6)
         self._tolerances = self.tolerances(sim, pos, neg)
         keep_pos, keep_neg = mining.asymmetric_mining_masks(
             sim,
@@ -297,7 +298,7 @@ class ASMSMiner(BaseMiner):
             self._tolerances.gamma_neg,
             self.negative_rule,
         )
-        self._num_skipped = int((~(keep_pos.any(1) & keep_neg.any(1))).sum())
+        self._num_skipped = int((keep_pos.amax(1) * keep_neg.amax(1) == 0).sum())
         return mining.pairs_from_masks(keep_pos, keep_neg)
 
     def stats_for(self, mined: MinedTuple, counts: MiningStats) -> MiningStats:

@@ -19,7 +19,14 @@ from .losses import (
     supcon_loss,
     zero_loss,
 )
-from .masks import PairWeights, batch_pair_weights, label_masks, tuple_to_pair_weights
+from .masks import (
+    PairIndices,
+    PairWeights,
+    batch_pair_weights,
+    label_masks,
+    label_weights,
+    tuple_to_pair_weights,
+)
 from .mining import (
     AdaptiveTolerances,
     adaptive_tolerances,
@@ -38,6 +45,7 @@ from .triplets import all_triplets_margin_loss, mine_triplets
 
 __all__ = [
     "AdaptiveTolerances",
+    "PairIndices",
     "PairWeights",
     "adaptive_tolerances",
     "all_triplets_margin_loss",
@@ -51,6 +59,7 @@ __all__ = [
     "euclidean_distance_matrix",
     "generalized_lifted_structure_loss",
     "label_masks",
+    "label_weights",
     "lifted_structure_loss",
     "lp_distance_matrix",
     "margin",

@@ -11,13 +11,15 @@ in forward or backward, and an empty selection gives a zero that keeps the graph
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .logsumexp import masked_logsumexp
-from .masks import PairWeights
-from .reduction import AvgNonZeroReducer, MeanReducer, Reducer
+from .masks import PairIndices, PairWeights
+from .reduction import AvgNonZeroReducer, MeanReducer, Reducer, SumReducer
 
 
 def margin(x: Tensor | float, y: Tensor | float, is_similarity: bool) -> Tensor:
@@ -35,7 +37,7 @@ def zero_loss(mat: Tensor) -> Tensor:
 
 def contrastive_loss(
     mat: Tensor,
-    pairs: PairWeights,
+    pairs: PairWeights | PairIndices,
     pos_margin: float = 0.0,
     neg_margin: float = 1.0,
     is_similarity: bool = False,
@@ -46,7 +48,7 @@ def contrastive_loss(
 
     Args:
         mat: (N, M) distances or similarities.
-        pairs: Positive and negative pair weights.
+        pairs: Dense pair weights, or mined index lists (gathered: cost scales with the pairs).
         pos_margin: Positive pairs farther than this are penalised.
         neg_margin: Negative pairs closer than this are penalised.
         is_similarity: Whether ``mat`` holds similarities.
@@ -56,9 +58,35 @@ def contrastive_loss(
         Scalar loss.
     """
     reducer = reducer or AvgNonZeroReducer()
-    pos = F.relu(margin(mat, pos_margin, is_similarity))
-    neg = F.relu(margin(neg_margin, mat, is_similarity))
-    return reducer(pos, pairs.pos) + reducer(neg, pairs.neg)
+    sign = -1.0 if is_similarity else 1.0
+    pos_fn, neg_fn = _hinge(sign, -sign * pos_margin), _hinge(-sign, sign * neg_margin)
+    if isinstance(pairs, PairIndices):
+        return reducer.reduce_elementwise(
+            mat[pairs.a1, pairs.p], pos_fn, None
+        ) + reducer.reduce_elementwise(mat[pairs.a2, pairs.n], neg_fn, None)
+    return reducer.reduce_elementwise(mat, pos_fn, pairs.pos) + reducer.reduce_elementwise(
+        mat, neg_fn, pairs.neg
+    )
+
+
+def _hinge(slope: float, offset: float) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """``x ↦ ([slope·x + offset]₊, slope·1[value > 0])``."""
+
+    def value_and_slope(x: Tensor) -> tuple[Tensor, Tensor]:
+        value = torch.add(x, offset / slope).mul_(slope).relu_()
+        return value, torch.sign(value).mul_(slope)
+
+    return value_and_slope
+
+
+def _softplus(scale: float, offset: float) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """``x ↦ (softplus(scale·x + offset), scale·σ(scale·x + offset))``."""
+
+    def value_and_slope(x: Tensor) -> tuple[Tensor, Tensor]:
+        z = torch.mul(x, scale).add_(offset)
+        return F.softplus(z), z.sigmoid_().mul_(scale)
+
+    return value_and_slope
 
 
 def multi_similarity_loss(
@@ -88,11 +116,12 @@ def multi_similarity_loss(
         Scalar loss.
     """
     reducer = reducer or MeanReducer()
+    sign = -1.0 if is_similarity else 1.0  # margin(x, y) = sign·(x − y)
     pos_lse, _ = masked_logsumexp(
-        alpha * margin(mat, base, is_similarity), pairs.pos_mask(), add_one=True
+        mat, pairs.pos_indicator(), add_one=True, scale=alpha * sign, offset=-alpha * sign * base
     )
     neg_lse, _ = masked_logsumexp(
-        beta * margin(base, mat, is_similarity), pairs.neg_mask(), add_one=True
+        mat, pairs.neg_indicator(), add_one=True, scale=-beta * sign, offset=beta * sign * base
     )
     return reducer((pos_lse / alpha + neg_lse / beta).squeeze(1))
 
@@ -122,9 +151,9 @@ def circle_loss(
     detached = sim.detach()
     pos_logits = -gamma * F.relu(1.0 + m - detached) * (sim - (1.0 - m))
     neg_logits = gamma * F.relu(detached + m) * (sim - m)
-    pos_lse, has_pos = masked_logsumexp(pos_logits, pairs.pos_mask())
-    neg_lse, has_neg = masked_logsumexp(neg_logits, pairs.neg_mask())
-    losses = torch.where(has_pos & has_neg, F.softplus(pos_lse + neg_lse), 0.0)
+    pos_lse, has_pos = masked_logsumexp(pos_logits, pairs.pos_indicator())
+    neg_lse, has_neg = masked_logsumexp(neg_logits, pairs.neg_indicator())
+    losses = F.softplus(pos_lse + neg_lse) * (has_pos * has_neg)
     return reducer(losses.squeeze(1))
 
 
@@ -149,11 +178,12 @@ def ntxent_loss(
         Scalar loss.
     """
     reducer = reducer or MeanReducer()
-    if not (bool(pairs.pos_mask().any()) and bool(pairs.neg_mask().any())):
+    if not (bool(pairs.pos.any()) and bool(pairs.neg.any())):
         return zero_loss(mat)
-    logits = (mat if is_similarity else -mat) / temperature
-    neg_lse, has_neg = masked_logsumexp(logits, pairs.neg)
-    losses = torch.where(has_neg, F.softplus(neg_lse - logits), 0.0)
+    sign = 1.0 if is_similarity else -1.0
+    logits = mat * (sign / temperature)
+    neg_lse, has_neg = masked_logsumexp(mat, pairs.neg, scale=sign / temperature)
+    losses = F.softplus(neg_lse - logits) * has_neg
     return reducer(losses, pairs.pos)
 
 
@@ -178,15 +208,16 @@ def supcon_loss(
         Scalar loss.
     """
     reducer = reducer or AvgNonZeroReducer()
-    pos, neg = pairs.pos_mask(), pairs.neg_mask()
+    pos, neg = pairs.pos_indicator(), pairs.neg_indicator()
     if not (bool(pos.any()) and bool(neg.any())):
         return zero_loss(mat)
     logits = (mat if is_similarity else -mat) / temperature
-    denominator, _ = masked_logsumexp(logits, pos | neg)
-    log_prob = logits - denominator
-    n_pos = pos.sum(1)
-    mean_log_prob_pos = torch.where(pos, log_prob, 0.0).sum(1) / n_pos.clamp_min(1)
-    return reducer(-mean_log_prob_pos)
+    denominator, _ = masked_logsumexp(logits, (pos + neg).clamp_max_(1.0))
+    # mean_p (logit_ip − lse_i) = (Σ_p logit_ip)/|P_i| − lse_i, without an N × M log-prob matrix.
+    n_pos = pos.sum(1, keepdim=True)
+    mean_pos_logit = (logits * pos).sum(1, keepdim=True) / n_pos.clamp_min(1.0)
+    losses = (denominator - mean_pos_logit) * (n_pos > 0)
+    return reducer(losses.squeeze(1))
 
 
 def lifted_structure_loss(
@@ -216,23 +247,27 @@ def lifted_structure_loss(
         Scalar loss.
     """
     reducer = reducer or MeanReducer()
-    if not (bool(pairs.pos_mask().any()) and bool(pairs.neg_mask().any())):
+    if not (bool(pairs.pos.any()) and bool(pairs.neg.any())):
         return zero_loss(mat)
     n_rows, n_cols = mat.shape
-    row_lse, has_neg = masked_logsumexp(margin(neg_margin, mat, is_similarity), pairs.neg)
+    sign = -1.0 if is_similarity else 1.0
+    row_lse, has_neg = masked_logsumexp(
+        mat, pairs.neg, scale=-sign, offset=sign * neg_margin
+    )
     lowest = torch.finfo(row_lse.dtype).min
-    anchor_lse = torch.where(has_neg, row_lse, lowest)  # (N, 1)
-    col_lse = torch.full((n_cols,), lowest, dtype=row_lse.dtype, device=mat.device)
+    anchor_lse = torch.where(has_neg > 0, row_lse, lowest)  # (N, 1)
     k = min(n_rows, n_cols)
-    col_lse = torch.cat([anchor_lse[:k, 0], col_lse[k:]])[None, :]  # (1, M)
+    # The positive's own negatives: p is looked up among the anchors (PML's convention).
+    col_lse = torch.full((1, n_cols), lowest, dtype=row_lse.dtype, device=mat.device)
+    col_lse = torch.cat([anchor_lse[:k, 0], col_lse[0, k:]])[None, :]
+    col_has_neg = torch.zeros((1, n_cols), dtype=row_lse.dtype, device=mat.device)
+    col_has_neg[0, :k] = has_neg[:k, 0]
     combined = torch.logaddexp(anchor_lse, col_lse)
     # A pair (a, a) exists only between a batch and a separate reference set; its union of
     # negatives is N_a once, not twice.
     same_index = torch.arange(k, device=mat.device)
     combined = combined.index_put((same_index, same_index), anchor_lse[:k, 0])
-    col_has_neg = torch.zeros(n_cols, dtype=torch.bool, device=mat.device)
-    col_has_neg[:k] = has_neg[:k, 0]
-    combined = torch.where(has_neg | col_has_neg[None, :], combined, 0.0)
+    combined = combined * torch.clamp_max(has_neg + col_has_neg, 1.0)
     losses = F.relu(combined + margin(mat, pos_margin, is_similarity)).pow(2) / 2
     return reducer(losses, pairs.pos)
 
@@ -260,8 +295,13 @@ def generalized_lifted_structure_loss(
         Scalar loss.
     """
     reducer = reducer or MeanReducer()
-    pos_lse, _ = masked_logsumexp(margin(mat, pos_margin, is_similarity), pairs.pos_mask())
-    neg_lse, _ = masked_logsumexp(margin(neg_margin, mat, is_similarity), pairs.neg_mask())
+    sign = -1.0 if is_similarity else 1.0
+    pos_lse, _ = masked_logsumexp(
+        mat, pairs.pos_indicator(), scale=sign, offset=-sign * pos_margin
+    )
+    neg_lse, _ = masked_logsumexp(
+        mat, pairs.neg_indicator(), scale=-sign, offset=sign * neg_margin
+    )
     return reducer(F.relu(pos_lse + neg_lse).squeeze(1))
 
 
@@ -284,7 +324,7 @@ def npairs_loss(mat: Tensor, is_similarity: bool = True, reducer: Reducer | None
 
 def soft_contrastive_loss(
     sim: Tensor,
-    pairs: PairWeights,
+    pairs: PairWeights | PairIndices,
     pos_scale: float = 2.0,
     neg_scale: float = 40.0,
     threshold: float = 0.7,
@@ -297,7 +337,8 @@ def soft_contrastive_loss(
 
     Args:
         sim: (B, M) similarities.
-        pairs: Mined pair weights (repeated pairs count as often as they occur).
+        pairs: Mined pairs, as index lists (gathered: cost scales with the pairs) or dense
+            weights; repeated pairs count as often as they occur.
         pos_scale: β, the positive scale.
         neg_scale: α, the negative scale.
         threshold: λ.
@@ -305,16 +346,34 @@ def soft_contrastive_loss(
     Returns:
         Scalar loss (zero with a graph when every anchor is skipped).
     """
-    pos_w = pairs.pos.to(sim.dtype)
-    neg_w = pairs.neg.to(sim.dtype)
-    n_pos = pos_w.sum(1)
-    n_neg = neg_w.sum(1)
-    pos_terms = torch.where(pos_w > 0, F.softplus(-pos_scale * (sim - threshold)) * pos_w, 0.0)
-    neg_terms = torch.where(neg_w > 0, F.softplus(neg_scale * (sim - threshold)) * neg_w, 0.0)
-    pos_part = (2.0 / pos_scale) * pos_terms.sum(1) / n_pos.clamp_min(1.0)
-    neg_part = (2.0 / neg_scale) * neg_terms.sum(1) / n_neg.clamp_min(1.0)
-    valid = (n_pos > 0) & (n_neg > 0)
-    return torch.where(valid, pos_part + neg_part, 0.0).sum() / sim.shape[0]
+    n_anchors = sim.shape[0]
+    pos_fn = _softplus(-pos_scale, pos_scale * threshold)
+    neg_fn = _softplus(neg_scale, -neg_scale * threshold)
+    total = SumReducer()
+    with torch.no_grad():
+        if isinstance(pairs, PairIndices):
+            n_pos = torch.bincount(pairs.a1, minlength=n_anchors).to(sim.dtype)
+            n_neg = torch.bincount(pairs.a2, minlength=n_anchors).to(sim.dtype)
+        else:
+            pos_w = pairs.pos.to(sim.dtype, copy=True)
+            neg_w = pairs.neg.to(sim.dtype, copy=True)
+            n_pos, n_neg = pos_w.sum(1), neg_w.sum(1)
+        valid = ((n_pos > 0) & (n_neg > 0)).to(sim.dtype) / n_anchors
+        pos_scale_per_anchor = valid * (2.0 / pos_scale) / n_pos.clamp_min(1.0)
+        neg_scale_per_anchor = valid * (2.0 / neg_scale) / n_neg.clamp_min(1.0)
+        if isinstance(pairs, PairIndices):
+            pos_w = pos_scale_per_anchor[pairs.a1]
+            neg_w = neg_scale_per_anchor[pairs.a2]
+        else:
+            pos_w.mul_(pos_scale_per_anchor[:, None])
+            neg_w.mul_(neg_scale_per_anchor[:, None])
+    if isinstance(pairs, PairIndices):
+        pos_values, neg_values = sim[pairs.a1, pairs.p], sim[pairs.a2, pairs.n]
+    else:
+        pos_values, neg_values = sim, sim
+    return total.reduce_elementwise(pos_values, pos_fn, pos_w) + total.reduce_elementwise(
+        neg_values, neg_fn, neg_w
+    )
 
 
 def soft_weighted_triplet_loss(

@@ -36,34 +36,90 @@ def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tenso
     return same, neg
 
 
+def label_weights(
+    labels: Tensor, ref_labels: Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """``label_masks`` as 0/1 floating-point weights (the form the loss kernels use: float
+    arithmetic is several times faster than boolean masking on CPU).
+
+    Args:
+        labels: (N,) labels of the anchors.
+        ref_labels: (M,) labels of a separate reference set, or None (self-pairs excluded).
+        dtype: Floating dtype of the result.
+
+    Returns:
+        (pos, neg) float (N, M) weights.
+    """
+    ref = labels if ref_labels is None else ref_labels
+    pos = torch.empty(labels.shape[0], ref.shape[0], dtype=dtype, device=labels.device)
+    torch.eq(labels[:, None], ref[None, :], out=pos)
+    neg = torch.sub(1.0, pos)
+    if ref_labels is None:
+        pos.fill_diagonal_(0.0)
+    return pos, neg
+
+
 @dataclass(frozen=True)
 class PairWeights:
-    """Which (anchor, reference) pairs a loss uses, as dense (N, M) weights.
+    """Which (anchor, reference) pairs a loss uses, as dense (N, M) float weights.
 
     Attributes:
-        pos: Positive pairs: a bool mask, or float counts when a mined tuple repeats pairs.
+        pos: Positive pairs: 0/1, or counts when a mined tuple repeats pairs.
         neg: Negative pairs, in the same form.
     """
 
     pos: Tensor
     neg: Tensor
 
-    def pos_mask(self) -> Tensor:
-        return self.pos if self.pos.dtype == torch.bool else self.pos > 0
+    def pos_indicator(self) -> Tensor:
+        """0/1 weights of the positive pairs, repeats counted once."""
+        return self.pos.clamp_max(1.0)
 
-    def neg_mask(self) -> Tensor:
-        return self.neg if self.neg.dtype == torch.bool else self.neg > 0
+    def neg_indicator(self) -> Tensor:
+        """0/1 weights of the negative pairs, repeats counted once."""
+        return self.neg.clamp_max(1.0)
 
 
-def _counts(rows: Tensor, cols: Tensor, shape: tuple[int, int], device: torch.device) -> Tensor:
-    counts = torch.zeros(shape, device=device)
+@dataclass(frozen=True)
+class PairIndices:
+    """Mined pairs as index lists (repeats allowed, each counted), for per-pair losses whose
+    cost should scale with the number of mined pairs rather than with N × M.
+
+    Attributes:
+        a1: Anchor of each positive pair.
+        p: Reference index of each positive pair.
+        a2: Anchor of each negative pair.
+        n: Reference index of each negative pair.
+    """
+
+    a1: Tensor
+    p: Tensor
+    a2: Tensor
+    n: Tensor
+
+    @classmethod
+    def from_tuple(cls, indices_tuple: IndicesTuple) -> PairIndices:
+        """Pairs of a mined tuple; triplets (a, p, n) give (a, p) and (a, n), as in PML."""
+        if len(indices_tuple) == 3:
+            a, p, n = indices_tuple
+            return cls(a, p, a, n)
+        return cls(*indices_tuple)
+
+
+def _counts(
+    rows: Tensor, cols: Tensor, shape: tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    counts = torch.zeros(shape, device=device, dtype=dtype)
     if rows.numel():
         counts.index_put_((rows, cols), torch.ones_like(rows, dtype=counts.dtype), accumulate=True)
     return counts
 
 
 def tuple_to_pair_weights(
-    indices_tuple: IndicesTuple, shape: tuple[int, int], device: torch.device
+    indices_tuple: IndicesTuple,
+    shape: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> PairWeights:
     """Converts a mined tuple into dense pair counts.
 
@@ -73,16 +129,17 @@ def tuple_to_pair_weights(
         indices_tuple: (a, p, n) or (a1, p, a2, n).
         shape: (N, M): number of anchors and of references.
         device: Device of the result.
+        dtype: Floating dtype of the result.
 
     Returns:
-        Float counts of each positive and negative pair.
+        Counts of each positive and negative pair.
     """
     if len(indices_tuple) == 3:
         a, p, n = indices_tuple
         a1, a2 = a, a
     else:
         a1, p, a2, n = indices_tuple
-    return PairWeights(_counts(a1, p, shape, device), _counts(a2, n, shape, device))
+    return PairWeights(_counts(a1, p, shape, device, dtype), _counts(a2, n, shape, device, dtype))
 
 
 def batch_pair_weights(
@@ -91,14 +148,14 @@ def batch_pair_weights(
     indices_tuple: IndicesTuple | None,
     shape: tuple[int, int],
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> PairWeights:
     """The pairs a pair-based loss uses: the mined ones if given, else every labelled pair."""
     if indices_tuple is not None:
-        return tuple_to_pair_weights(indices_tuple, shape, device)
+        return tuple_to_pair_weights(indices_tuple, shape, device, dtype)
     if labels is None:
         raise ValueError("labels are required when no indices_tuple is given")
-    pos, neg = label_masks(labels, ref_labels)
-    return PairWeights(pos, neg)
+    return PairWeights(*label_weights(labels, ref_labels, dtype))
 
 
 def first_pair_per_label(anchors: Tensor, positives: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

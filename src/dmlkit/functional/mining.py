@@ -18,14 +18,24 @@ from torch import Tensor
 NegativeRule = Literal["code", "figure"]
 
 
-def hardest_positive_similarity(sim: Tensor, pos: Tensor) -> Tensor:
-    """(N, 1) smallest similarity among each anchor's positives (+max float where none)."""
-    return torch.where(pos, sim, torch.finfo(sim.dtype).max).amin(1, keepdim=True)
+def _extreme_selected(
+    sim: Tensor, selected: Tensor, largest: bool, buffer: Tensor | None = None
+) -> Tensor:
+    """(N, 1) row max (``largest``) or min of ``sim`` over the selected entries; ∓max float
+    where a row selects nothing. Float arithmetic only (boolean masking is slow on CPU)."""
+    big = torch.finfo(sim.dtype).max
+    buffer = torch.sub(1.0, selected, out=buffer)
+    buffer.mul_(-big if largest else big).add_(sim)
+    return buffer.amax(1, keepdim=True) if largest else buffer.amin(1, keepdim=True)
 
 
-def hardest_negative_similarity(sim: Tensor, neg: Tensor) -> Tensor:
-    """(N, 1) largest similarity among each anchor's negatives (−max float where none)."""
-    return torch.where(neg, sim, torch.finfo(sim.dtype).min).amax(1, keepdim=True)
+def _select(
+    pairs: Tensor, values: Tensor, threshold: Tensor, above: bool, buffer: Tensor | None = None
+) -> Tensor:
+    """0/1 float ``pairs · [values > threshold]`` (or ``<``), written into ``buffer``."""
+    out = torch.empty_like(values) if buffer is None else buffer
+    (torch.gt if above else torch.lt)(values, threshold, out=out)
+    return out.mul_(pairs)
 
 
 def asymmetric_mining_masks(
@@ -44,24 +54,24 @@ def asymmetric_mining_masks(
 
     Args:
         sim: (N, M) similarity-like matrix.
-        pos: Bool (N, M) positive pairs.
-        neg: Bool (N, M) negative pairs.
+        pos: 0/1 (N, M) positive pairs (float, as ``label_weights`` gives, or bool).
+        neg: 0/1 (N, M) negative pairs.
         gamma_pos: Positive tolerance.
         gamma_neg: Negative tolerance.
         negative_rule: ``"code"`` (the released code) or ``"figure"``.
 
     Returns:
-        (keep_pos, keep_neg) bool (N, M) masks.
+        (keep_pos, keep_neg): 0/1 float (N, M) indicators.
     """
-    min_pos = hardest_positive_similarity(sim, pos)
-    max_neg = hardest_negative_similarity(sim, neg)
-    keep_pos = pos & (sim - gamma_pos < max_neg)
-    if negative_rule == "code":
-        keep_neg = neg & (sim + gamma_neg > min_pos)
-    elif negative_rule == "figure":
-        keep_neg = neg & (sim - gamma_neg > min_pos)
-    else:
+    if negative_rule not in ("code", "figure"):
         raise ValueError(f"negative_rule must be 'code' or 'figure', got {negative_rule!r}")
+    pos, neg = pos.to(sim.dtype), neg.to(sim.dtype)
+    buffer = torch.empty_like(sim)
+    min_pos = _extreme_selected(sim, pos, largest=False, buffer=buffer)
+    max_neg = _extreme_selected(sim, neg, largest=True, buffer=buffer)
+    keep_pos = _select(pos, torch.sub(sim, gamma_pos, out=buffer), max_neg, above=False)
+    shift = gamma_neg if negative_rule == "code" else -gamma_neg
+    keep_neg = _select(neg, torch.add(sim, shift, out=buffer), min_pos, above=True, buffer=buffer)
     return keep_pos, keep_neg
 
 
@@ -103,8 +113,8 @@ def adaptive_tolerances(
 
     Args:
         sim: (N, M) similarity-like matrix.
-        pos: Bool (N, M) positive pairs (all of them, before mining).
-        neg: Bool (N, M) negative pairs.
+        pos: 0/1 (N, M) positive pairs (all of them, before mining).
+        neg: 0/1 (N, M) negative pairs.
         gamma_pos: Static positive tolerance.
         gamma_neg: Static negative tolerance.
         count_tolerance: ε of the counting pass.
@@ -113,8 +123,11 @@ def adaptive_tolerances(
     Returns:
         The tolerances and the counts behind them.
     """
-    min_pos = hardest_positive_similarity(sim, pos)
-    n_neg = int((neg & (sim + count_tolerance > min_pos)).sum())
+    pos, neg = pos.to(sim.dtype), neg.to(sim.dtype)
+    buffer = torch.empty_like(sim)
+    min_pos = _extreme_selected(sim, pos, largest=False, buffer=buffer)
+    shifted = torch.add(sim, count_tolerance, out=buffer)
+    n_neg = int(_select(neg, shifted, min_pos, above=True, buffer=buffer).sum())
     n_pos = int(pos.sum())
     ratio = n_neg / n_pos if n_pos else None
     g_pos, g_neg, tau = tolerances_from_ratio(ratio, gamma_pos, gamma_neg, k)
@@ -142,20 +155,22 @@ def batch_hard_triplets(sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, 
 
     Args:
         sim: (N, M) similarity-like matrix.
-        pos: Bool (N, M) positive pairs.
-        neg: Bool (N, M) negative pairs.
+        pos: 0/1 (N, M) positive pairs.
+        neg: 0/1 (N, M) negative pairs.
 
     Returns:
         (a, p, n) index tensors.
     """
-    p = torch.where(pos, sim, torch.finfo(sim.dtype).max).min(1).indices
-    n = torch.where(neg, sim, torch.finfo(sim.dtype).min).max(1).indices
-    anchors = torch.nonzero(pos.any(1) & neg.any(1)).squeeze(1)
+    pos, neg = pos.to(sim.dtype), neg.to(sim.dtype)
+    big = torch.finfo(sim.dtype).max
+    p = torch.sub(1.0, pos).mul_(big).add_(sim).min(1).indices
+    n = torch.sub(1.0, neg).mul_(-big).add_(sim).max(1).indices
+    anchors = torch.nonzero(pos.amax(1) * neg.amax(1)).squeeze(1)
     return anchors, p[anchors], n[anchors]
 
 
 def pairs_from_masks(keep_pos: Tensor, keep_neg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(a1, p, a2, n) index tensors of the selected positive and negative pairs."""
+    """(a1, p, a2, n) index tensors of the selected (non-zero) positive and negative pairs."""
     a1, p = keep_pos.nonzero(as_tuple=True)
     a2, n = keep_neg.nonzero(as_tuple=True)
     return a1, p, a2, n

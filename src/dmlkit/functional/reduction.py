@@ -9,10 +9,15 @@ An empty selection gives a zero that keeps the autograd graph, never a Python nu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+ValueAndSlope = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,7 @@ class Reducer:
     average: bool = True
 
     def keep(self, losses: Tensor) -> Tensor | None:
-        """Elements that count towards the result, or None for all of them."""
+        """0/1 weights (in the losses' dtype) of the elements that count, or None for all."""
         return None
 
     def __call__(self, losses: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -39,24 +44,40 @@ class Reducer:
         Returns:
             A scalar tensor attached to the graph of ``losses``.
         """
-        total, count = self.sum_and_count(losses, weights)
+        with torch.no_grad():
+            w = self._weights(losses, weights)
+        if w is None:
+            total, count = losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)
+        else:
+            # Multiplying by the weights is one fast pass; losses are finite everywhere by
+            # construction, so unselected entries contribute exact zeros.
+            total, count = (losses * w).sum(), w.sum()
         return self.finish(total, count)
 
-    def sum_and_count(self, losses: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The selected weighted sum and the selected weight (a constant, no graph)."""
-        kept = self.keep(losses.detach())
+    def _weights(self, losses: Tensor, weights: Tensor | None) -> Tensor | None:
+        kept = self.keep(losses)
         if weights is None:
-            w = kept
-        elif kept is None:
-            w = weights
-        else:
-            w = weights & kept if weights.dtype == torch.bool else weights * kept
-        if w is None:
-            return losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)
-        if w.dtype == torch.bool:
-            return torch.where(w, losses, 0.0).sum(), w.sum().to(losses.dtype)
-        w = w.to(losses.dtype)
-        return torch.where(w != 0, losses * w, 0.0).sum(), w.sum()
+            return kept
+        w = weights.to(losses.dtype)
+        return w if kept is None else kept.mul_(w)
+
+    def reduce_elementwise(self, x: Tensor, fn: ValueAndSlope, weights: Tensor | None) -> Tensor:
+        """Reduces ``fn(x)`` elementwise in one fused pass (first-order gradients only).
+
+        Equivalent to ``self(value, weights)`` with ``value = fn(x)[0]``, but the values and
+        slopes are computed once without autograd and backward is a single product: no
+        intermediate tensor is kept per elementwise step.
+
+        Args:
+            x: Input of any shape (typically the (N, M) distance matrix).
+            fn: Returns ``(f(x), f'(x))``, both finite everywhere.
+            weights: Bool mask or float counts of the same shape, or None.
+
+        Returns:
+            Scalar tensor attached to ``x``'s graph.
+        """
+        result: Tensor = _ElementwiseReduce.apply(x, fn, weights, self)
+        return result
 
     def finish(self, total: Tensor, count: Tensor) -> Tensor:
         """Divides by the count when averaging; an empty selection gives ``total`` (a zero)."""
@@ -94,11 +115,13 @@ class ThresholdReducer(Reducer):
             raise ValueError("ThresholdReducer needs low, high or both")
 
     def keep(self, losses: Tensor) -> Tensor | None:
-        kept = torch.ones_like(losses, dtype=torch.bool)
+        kept = torch.empty_like(losses)
         if self.low is not None:
-            kept &= losses > self.low
-        if self.high is not None:
-            kept &= losses < self.high
+            torch.gt(losses, self.low, out=kept)
+            if self.high is not None:
+                kept.mul_(losses < self.high)
+        elif self.high is not None:
+            torch.lt(losses, self.high, out=kept)
         return kept
 
 
@@ -107,3 +130,27 @@ class AvgNonZeroReducer(ThresholdReducer):
     """Mean over the strictly positive elements: the denominator shrinks as training succeeds."""
 
     low: float | None = 0.0
+
+
+class _ElementwiseReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, fn: ValueAndSlope, weights: Tensor | None, reducer: Reducer
+    ) -> Tensor:
+        values, slopes = fn(x)
+        w = reducer._weights(values, weights)
+        if w is None:
+            w = torch.ones_like(values)
+        elif w is weights:
+            w = w.clone()
+        total = torch.dot(values.flatten(), w.flatten())
+        count = w.sum()
+        scale = 1.0 / count.clamp_min(1.0) if reducer.average else torch.ones_like(count)
+        ctx.save_for_backward(slopes.mul_(w).mul_(scale))
+        return total * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None, None, None

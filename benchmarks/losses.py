@@ -1,0 +1,328 @@
+"""Forward+backward time of each dmlkit loss (with its usual miner) against PML 2.9.
+
+Both libraries get identical inputs: P×4 batches of clustered embeddings at batch sizes 128, 512,
+1024 and 4096 and embedding sizes 128 and 512. Each repetition times, in turn, the bare
+similarity-matrix forward+backward (``x @ x.T`` and its gradient, the physical reference), the
+dmlkit call and the PML call, so all three share the machine's noise; the table reports medians.
+
+Usage::
+
+    python benchmarks/losses.py                  # full grid, CPU (and CUDA if present)
+    python benchmarks/losses.py --batch 1024 --dim 128 --only contrastive
+
+Results go to ``benchmarks/results/losses_<device>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import dmlkit
+import dmlkit.losses as dl
+import dmlkit.miners as dm
+
+try:
+    import pytorch_metric_learning
+    import pytorch_metric_learning.losses as pl
+    import pytorch_metric_learning.miners as pm
+except ImportError:  # the comparison needs the dev extra
+    pytorch_metric_learning = None
+
+LossCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RESULTS = Path(__file__).parent / "results"
+PML_MEMORY_LIMIT = 4 * 2**30
+
+
+def _with_miner(loss: Callable, miner: Callable | None) -> LossCall:
+    if miner is None:
+        return lambda emb, labels: loss(emb, labels)
+    return lambda emb, labels: loss(emb, labels, miner(emb, labels))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    miner: str
+    dmlkit: Callable[[], LossCall]
+    pml: Callable[[], LossCall] | None
+    pair_based: bool
+    pml_pos_by_neg: bool = False  # PML builds a (positive pairs × negative pairs) matrix
+
+
+def _pml_bytes(case: Case, n: int) -> int:
+    """PML's NTXent and lifted structure losses compare every positive pair with every negative
+    pair (bool, then float copies): about 13 bytes per (positive, negative) pair."""
+    if not case.pml_pos_by_neg:
+        return 0
+    positives, negatives = n * 3, n * (n - 4)
+    return 13 * positives * negatives
+
+
+def _cases() -> list[Case]:
+    has_pml = pytorch_metric_learning is not None
+    return [
+        Case(
+            "ContrastiveLoss",
+            "-",
+            lambda: _with_miner(dl.ContrastiveLoss(), None),
+            (lambda: _with_miner(pl.ContrastiveLoss(), None)) if has_pml else None,
+            True,
+        ),
+        Case(
+            "ContrastiveLoss",
+            "PairMarginMiner",
+            lambda: _with_miner(dl.ContrastiveLoss(), dm.PairMarginMiner()),
+            (lambda: _with_miner(pl.ContrastiveLoss(), pm.PairMarginMiner())) if has_pml else None,
+            True,
+        ),
+        Case(
+            "TripletMarginLoss",
+            "- (all triplets)",
+            lambda: _with_miner(dl.TripletMarginLoss(), None),
+            (lambda: _with_miner(pl.TripletMarginLoss(), None)) if has_pml else None,
+            False,
+        ),
+        Case(
+            "TripletMarginLoss",
+            "TripletMarginMiner(semihard)",
+            lambda: _with_miner(
+                dl.TripletMarginLoss(), dm.TripletMarginMiner(type_of_triplets="semihard")
+            ),
+            (
+                lambda: _with_miner(
+                    pl.TripletMarginLoss(), pm.TripletMarginMiner(type_of_triplets="semihard")
+                )
+            )
+            if has_pml
+            else None,
+            False,
+        ),
+        Case(
+            "TripletMarginLoss",
+            "BatchHardMiner",
+            lambda: _with_miner(dl.TripletMarginLoss(), dm.BatchHardMiner()),
+            (lambda: _with_miner(pl.TripletMarginLoss(), pm.BatchHardMiner())) if has_pml else None,
+            False,
+        ),
+        Case(
+            "MultiSimilarityLoss",
+            "MultiSimilarityMiner",
+            lambda: _with_miner(dl.MultiSimilarityLoss(), dm.MultiSimilarityMiner()),
+            (lambda: _with_miner(pl.MultiSimilarityLoss(), pm.MultiSimilarityMiner()))
+            if has_pml
+            else None,
+            True,
+        ),
+        Case(
+            "CircleLoss",
+            "-",
+            lambda: _with_miner(dl.CircleLoss(), None),
+            (lambda: _with_miner(pl.CircleLoss(), None)) if has_pml else None,
+            True,
+        ),
+        Case(
+            "NPairsLoss",
+            "-",
+            lambda: _with_miner(dl.NPairsLoss(), None),
+            (lambda: _with_miner(pl.NPairsLoss(), None)) if has_pml else None,
+            False,
+        ),
+        Case(
+            "NTXentLoss",
+            "-",
+            lambda: _with_miner(dl.NTXentLoss(), None),
+            (lambda: _with_miner(pl.NTXentLoss(), None)) if has_pml else None,
+            False,
+            pml_pos_by_neg=True,
+        ),
+        Case(
+            "SupConLoss",
+            "-",
+            lambda: _with_miner(dl.SupConLoss(), None),
+            (lambda: _with_miner(pl.SupConLoss(), None)) if has_pml else None,
+            False,
+        ),
+        Case(
+            "LiftedStructureLoss",
+            "-",
+            lambda: _with_miner(dl.LiftedStructureLoss(), None),
+            (lambda: _with_miner(pl.LiftedStructureLoss(), None)) if has_pml else None,
+            False,
+            pml_pos_by_neg=True,
+        ),
+        Case(
+            "GeneralizedLiftedStructureLoss",
+            "-",
+            lambda: _with_miner(dl.GeneralizedLiftedStructureLoss(), None),
+            (lambda: _with_miner(pl.GeneralizedLiftedStructureLoss(), None)) if has_pml else None,
+            False,
+        ),
+        Case(
+            "SoftContrastiveLoss",
+            "ATASMSMiner",
+            lambda: _with_miner(dl.SoftContrastiveLoss(), dm.ATASMSMiner()),
+            None,
+            True,
+        ),
+        Case(
+            "SoftWeightedTripletLoss",
+            "-",
+            lambda: _with_miner(dl.SoftWeightedTripletLoss(), None),
+            None,
+            False,
+        ),
+    ]
+
+
+def _batch(n: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(n * 1000 + dim)
+    labels = torch.arange(n) // 4
+    emb = 0.5 * torch.randn(n // 4, dim, generator=g)[labels] + torch.randn(n, dim, generator=g)
+    return emb.to(device), labels.to(device)
+
+
+def _time_once(fn: LossCall, emb: torch.Tensor, labels: torch.Tensor) -> float:
+    x = emb.clone().requires_grad_(True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(x, labels).backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _bare(x: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+    return (x @ x.T).sum()
+
+
+@dataclass
+class Row:
+    loss: str
+    miner: str
+    batch: int
+    dim: int
+    bare_ms: float
+    dmlkit_ms: float
+    pml_ms: float | None
+    pml_reps: int
+    reps: int
+    note: str = ""
+
+    @property
+    def speedup(self) -> float | None:
+        return None if self.pml_ms is None else self.pml_ms / self.dmlkit_ms
+
+
+def run_case(
+    case: Case, n: int, dim: int, device: torch.device, budget_s: float, max_reps: int
+) -> Row:
+    emb, labels = _batch(n, dim, device)
+    ours = case.dmlkit()
+    theirs = case.pml() if case.pml is not None else None
+    note = ""
+    if theirs is not None and _pml_bytes(case, n) > PML_MEMORY_LIMIT:
+        note = f"PML not run: needs ~{_pml_bytes(case, n) / 2**30:.0f} GiB (positive × negative pairs)"
+        theirs = None
+    for _ in range(2):  # warm-up: allocator, caches, lazy initialisation
+        _time_once(_bare, emb, labels)
+        _time_once(ours, emb, labels)
+    first_pml = _time_once(theirs, emb, labels) if theirs is not None else 0.0
+    # PML's slowest cases (all triplets at 4096) take minutes: fewer repetitions there.
+    pml_reps = max(1, min(max_reps, int(budget_s / max(first_pml, 1e-6))))
+    bare, mine, ref = [], [], [first_pml] if theirs is not None else []
+    for rep in range(max_reps):
+        bare.append(_time_once(_bare, emb, labels))
+        mine.append(_time_once(ours, emb, labels))
+        if theirs is not None and rep + 1 < pml_reps:
+            ref.append(_time_once(theirs, emb, labels))
+    return Row(
+        case.name,
+        case.miner,
+        n,
+        dim,
+        1e3 * statistics.median(bare),
+        1e3 * statistics.median(mine),
+        1e3 * statistics.median(ref) if ref else None,
+        len(ref),
+        max_reps,
+        note,
+    )
+
+
+def _markdown(rows: list[Row], device: str, meta: dict) -> str:
+    lines = [
+        f"# Loss forward+backward, {device}",
+        "",
+        f"dmlkit {meta['dmlkit']}, PML {meta['pml']}, torch {meta['torch']}, "
+        f"{meta['threads']} threads, {meta['cpu']}. Medians over {meta['reps']} interleaved "
+        "repetitions (fewer for PML where one call exceeds the time budget; the count is "
+        "shown). `bare` is one `x @ x.T` forward+backward on the same batch.",
+        "",
+        "| loss | miner | batch | dim | bare ms | dmlkit ms | PML ms (reps) | PML / dmlkit "
+        "| dmlkit / bare |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        pml = (r.note or "—") if r.pml_ms is None else f"{r.pml_ms:.1f} ({r.pml_reps})"
+        speed = "—" if r.speedup is None else f"{r.speedup:.1f}×"
+        lines.append(
+            f"| {r.loss} | {r.miner} | {r.batch} | {r.dim} | {r.bare_ms:.2f} | "
+            f"{r.dmlkit_ms:.2f} | {pml} | {speed} | {r.dmlkit_ms / r.bare_ms:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="*", default=[128, 512, 1024, 4096])
+    parser.add_argument("--dim", type=int, nargs="*", default=[128, 512])
+    parser.add_argument("--only", nargs="*", default=None, help="substrings of loss names")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--pml-budget", type=float, default=30.0, help="seconds per PML case")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: each available)")
+    parser.add_argument("--tag", default="", help="suffix for the result files")
+    args = parser.parse_args()
+
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cases = [
+        c for c in _cases() if not args.only or any(s.lower() in c.name.lower() for s in args.only)
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for device_name in devices:
+        device = torch.device(device_name)
+        meta = {
+            "dmlkit": dmlkit.__version__,
+            "pml": getattr(pytorch_metric_learning, "__version__", "absent"),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "reps": args.reps,
+        }
+        rows = []
+        for dim in args.dim:
+            for n in args.batch:
+                for case in cases:
+                    row = run_case(case, n, dim, device, args.pml_budget, args.reps)
+                    rows.append(row)
+                    print(_markdown([row], device_name, meta).splitlines()[-1], flush=True)
+        stem = RESULTS / f"losses_{device_name}{args.tag}"
+        stem.with_suffix(".md").write_text(_markdown(rows, meta["device"], meta))
+        stem.with_suffix(".json").write_text(
+            json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1)
+        )
+        print(f"wrote {stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
