@@ -158,3 +158,15 @@ def test_soft_weighted_triplet_matches_oracle(margin: float) -> None:
     ours.backward()
     theirs.backward()
     assert_close(ours_leaf.grad, theirs_leaf.grad)
+
+
+def test_first_two_per_label_matches_first_positive_pair_per_label() -> None:
+    from dmlkit.functional.masks import first_pair_per_label, first_two_per_label
+
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 7, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+        a, p = F.label_masks(labels)[0].nonzero(as_tuple=True)
+        expected = first_pair_per_label(a, p, labels)
+        got = first_two_per_label(labels)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -100,8 +100,9 @@ class Batch:
             return PairIndices.from_tuple(self.indices_tuple)
         return self.pair_weights()
 
-    def pair_weights(self) -> PairWeights:
-        """The mined pairs if an indices tuple was given, else every labelled pair."""
+    def pair_weights(self, binary: bool = False) -> PairWeights:
+        """The mined pairs if an indices tuple was given (counted, or once each when
+        ``binary``), else every labelled pair."""
         return batch_pair_weights(
             self.labels,
             self.ref_labels,
@@ -109,4 +110,5 @@ class Batch:
             self.shape,
             self.embeddings.device,
             self.embeddings.dtype,
+            binary,
         )

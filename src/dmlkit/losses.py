@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .batch import Batch
 from .distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
 from .functional import losses as fl
-from .functional.masks import first_pair_per_label, tuple_to_pair_weights
+from .functional.masks import first_pair_per_label, first_two_per_label, tuple_to_pair_weights
 from .functional.reduction import AvgNonZeroReducer, Reducer
 from .functional.triplets import DEFAULT_CHUNK_ELEMENTS, all_triplets_margin_loss
 
@@ -248,10 +248,11 @@ class NPairsLoss(BaseMetricLossFunction):
     def compute_loss(self, batch: Batch) -> Tensor:
         assert batch.labels is not None
         if batch.indices_tuple is None:
-            anchors, positives = batch.label_weights()[0].nonzero(as_tuple=True)
+            anchors, positives = first_two_per_label(batch.labels)
         else:
-            anchors, positives = batch.indices_tuple[0], batch.indices_tuple[1]
-        anchors, positives = first_pair_per_label(anchors, positives, batch.labels)
+            anchors, positives = first_pair_per_label(
+                batch.indices_tuple[0], batch.indices_tuple[1], batch.labels
+            )
         if anchors.numel() == 0:
             return fl.zero_loss(batch.embeddings)
         mat = self.distance(batch.embeddings[anchors], batch.embeddings[positives])
@@ -289,7 +290,7 @@ class CircleLoss(BaseMetricLossFunction):
 
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.circle_loss(
-            batch.matrix(self.distance), batch.pair_weights(), self.m, self.gamma, self.reducer
+            batch.matrix(self.distance), batch.pair_weights(binary=True), self.m, self.gamma, self.reducer
         )
 
 
@@ -324,7 +325,7 @@ class MultiSimilarityLoss(BaseMetricLossFunction):
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.multi_similarity_loss(
             batch.matrix(self.distance),
-            batch.pair_weights(),
+            batch.pair_weights(binary=True),
             self.alpha,
             self.beta,
             self.base,
@@ -378,7 +379,7 @@ class GeneralizedLiftedStructureLoss(LiftedStructureLoss):
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.generalized_lifted_structure_loss(
             batch.matrix(self.distance),
-            batch.pair_weights(),
+            batch.pair_weights(binary=True),
             self.neg_margin,
             self.pos_margin,
             self.distance.is_inverted,
@@ -438,7 +439,7 @@ class SupConLoss(NTXentLoss):
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.supcon_loss(
             batch.matrix(self.distance),
-            batch.pair_weights(),
+            batch.pair_weights(binary=True),
             self.temperature,
             self.distance.is_inverted,
             self.reducer,

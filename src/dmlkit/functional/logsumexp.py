@@ -24,10 +24,10 @@ class _MaskedLogSumExp(torch.autograd.Function):
         finfo = torch.finfo(x.dtype)
         weights = weights.to(x.dtype)
         values = torch.mul(x, scale).add_(offset)
-        indicator = weights.clamp_max(1.0)
-        nonempty = indicator.amax(dim, keepdim=True)
         # Unselected entries are pushed far below every selected one, only to find the max.
-        buffer = torch.add(values, indicator.sub_(1.0), alpha=-finfo.min / 2)
+        buffer = weights.clamp_max(1.0)
+        nonempty = buffer.amax(dim, keepdim=True)
+        buffer.sub_(1.0).mul_(-finfo.min / 2).add_(values)
         row_max = buffer.amax(dim, keepdim=True).mul_(nonempty)
         if add_one:
             row_max.clamp_min_(0.0)

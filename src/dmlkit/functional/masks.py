@@ -66,18 +66,20 @@ class PairWeights:
     Attributes:
         pos: Positive pairs: 0/1, or counts when a mined tuple repeats pairs.
         neg: Negative pairs, in the same form.
+        binary: Whether both hold only 0 and 1 (no repeats).
     """
 
     pos: Tensor
     neg: Tensor
+    binary: bool = False
 
     def pos_indicator(self) -> Tensor:
         """0/1 weights of the positive pairs, repeats counted once."""
-        return self.pos.clamp_max(1.0)
+        return self.pos if self.binary else self.pos.clamp_max(1.0)
 
     def neg_indicator(self) -> Tensor:
         """0/1 weights of the negative pairs, repeats counted once."""
-        return self.neg.clamp_max(1.0)
+        return self.neg if self.binary else self.neg.clamp_max(1.0)
 
 
 @dataclass(frozen=True)
@@ -107,11 +109,17 @@ class PairIndices:
 
 
 def _counts(
-    rows: Tensor, cols: Tensor, shape: tuple[int, int], device: torch.device, dtype: torch.dtype
+    rows: Tensor,
+    cols: Tensor,
+    shape: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    binary: bool,
 ) -> Tensor:
     counts = torch.zeros(shape, device=device, dtype=dtype)
     if rows.numel():
-        counts.index_put_((rows, cols), torch.ones_like(rows, dtype=counts.dtype), accumulate=True)
+        ones = torch.ones_like(rows, dtype=counts.dtype)
+        counts.index_put_((rows, cols), ones, accumulate=not binary)
     return counts
 
 
@@ -120,8 +128,9 @@ def tuple_to_pair_weights(
     shape: tuple[int, int],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    binary: bool = False,
 ) -> PairWeights:
-    """Converts a mined tuple into dense pair counts.
+    """Converts a mined tuple into dense pair counts (or 0/1 indicators).
 
     Triplets (a, p, n) become the pairs (a, p) and (a, n), one of each per triplet, as PML does.
 
@@ -130,16 +139,17 @@ def tuple_to_pair_weights(
         shape: (N, M): number of anchors and of references.
         device: Device of the result.
         dtype: Floating dtype of the result.
+        binary: Count repeated pairs once.
 
     Returns:
-        Counts of each positive and negative pair.
+        Counts (or indicators) of each positive and negative pair.
     """
-    if len(indices_tuple) == 3:
-        a, p, n = indices_tuple
-        a1, a2 = a, a
-    else:
-        a1, p, a2, n = indices_tuple
-    return PairWeights(_counts(a1, p, shape, device, dtype), _counts(a2, n, shape, device, dtype))
+    pairs = PairIndices.from_tuple(indices_tuple)
+    return PairWeights(
+        _counts(pairs.a1, pairs.p, shape, device, dtype, binary),
+        _counts(pairs.a2, pairs.n, shape, device, dtype, binary),
+        binary,
+    )
 
 
 def batch_pair_weights(
@@ -149,13 +159,17 @@ def batch_pair_weights(
     shape: tuple[int, int],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    binary: bool = False,
 ) -> PairWeights:
-    """The pairs a pair-based loss uses: the mined ones if given, else every labelled pair."""
+    """The pairs a pair-based loss uses: the mined ones if given, else every labelled pair.
+
+    ``binary`` counts repeated mined pairs once (for losses over pair sets per anchor).
+    """
     if indices_tuple is not None:
-        return tuple_to_pair_weights(indices_tuple, shape, device, dtype)
+        return tuple_to_pair_weights(indices_tuple, shape, device, dtype, binary)
     if labels is None:
         raise ValueError("labels are required when no indices_tuple is given")
-    return PairWeights(*label_weights(labels, ref_labels, dtype))
+    return PairWeights(*label_weights(labels, ref_labels, dtype), binary=True)
 
 
 def first_pair_per_label(anchors: Tensor, positives: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,3 +190,24 @@ def first_pair_per_label(anchors: Tensor, positives: Tensor, labels: Tensor) -> 
     first = torch.full((int(group.max()) + 1,), anchors.numel(), device=anchors.device)
     first = first.scatter_reduce(0, group, order, reduce="amin")
     return anchors[first], positives[first]
+
+
+def first_two_per_label(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """For each label with at least two items, its first item and its second (index order),
+    ordered by label: the pair PML's N-pairs loss takes from a batch, without an N × N mask.
+
+    Args:
+        labels: (N,) labels.
+
+    Returns:
+        (anchors, positives) index tensors.
+    """
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    first = torch.nonzero(starts).squeeze(1)
+    has_second = first + 1 < labels.numel()
+    has_second[has_second.clone()] = ~starts[first[has_second] + 1]
+    first = first[has_second]
+    return order[first], order[first + 1]
