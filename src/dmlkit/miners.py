@@ -112,7 +112,7 @@ class BaseMiner(nn.Module):
         batch = Batch.from_call(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
         with torch.no_grad():
             mat = batch.matrix(self.distance)
-            sim = mat if self.distance.is_inverted else -mat
+            sim = mat if self.distance.is_inverted else mat.neg_()
             pos, neg = batch.label_weights()
             mined = self.mine(sim, pos, neg)
         if len(mined) == 3:
@@ -125,7 +125,8 @@ class BaseMiner(nn.Module):
 
     def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
         """Mines from a similarity-like matrix (distances arrive negated) and 0/1 float label
-        weights of the positive and negative pairs."""
+        weights of the positive and negative pairs; all three are the miner's own buffers and
+        may be overwritten."""
         raise NotImplementedError
 
     def stats_for(self, mined: MinedTuple, counts: MiningStats) -> MiningStats:
@@ -211,11 +212,13 @@ class PairMarginMiner(BaseMiner):
         self.neg_margin = neg_margin
 
     def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
-        if self.distance.is_inverted:
-            keep_pos, keep_neg = pos * (sim < self.pos_margin), neg * (sim > self.neg_margin)
-        else:
-            keep_pos, keep_neg = pos * (-sim > self.pos_margin), neg * (-sim < self.neg_margin)
-        return mining.pairs_from_masks(keep_pos, keep_neg)
+        # On the similarity-like matrix (distances negated), "farther than the positive
+        # margin" is below it and "nearer than the negative margin" is above it.
+        sign = 1.0 if self.distance.is_inverted else -1.0
+        condition = torch.empty_like(sim)
+        pos.mul_(torch.lt(sim, sign * self.pos_margin, out=condition))
+        neg.mul_(torch.gt(sim, sign * self.neg_margin, out=condition))
+        return mining.pairs_from_masks(pos, neg)
 
 
 class MultiSimilarityMiner(BaseMiner):
@@ -288,7 +291,7 @@ class ASMSMiner(BaseMiner):
 
     def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
         if self.exclude_self_by_value:
-            pos = pos * (sim < 1 - 1e-6)
+            pos.mul_(sim < 1 - 1e-6)
         self._tolerances = self.tolerances(sim, pos, neg)
         keep_pos, keep_neg = mining.asymmetric_mining_masks(
             sim,

@@ -15,34 +15,45 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .reduction import row_blocks
+
 
 class _MaskedLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weights: Tensor, dim: int, add_one: bool, scale: float, offset: float
+        ctx: Any, x: Tensor, weights: Tensor, add_one: bool, scale: float, offset: float
     ) -> tuple[Tensor, Tensor]:
         finfo = torch.finfo(x.dtype)
-        weights = weights.to(x.dtype)
-        values = torch.mul(x, scale).add_(offset)
-        # Unselected entries are pushed far below every selected one, only to find the max.
-        buffer = weights.clamp_max(1.0)
-        nonempty = buffer.amax(dim, keepdim=True)
-        buffer.sub_(1.0).mul_(-finfo.min / 2).add_(values)
-        row_max = buffer.amax(dim, keepdim=True).mul_(nonempty)
-        if add_one:
-            row_max.clamp_min_(0.0)
-        terms = values.sub_(row_max).clamp_(math.log(finfo.tiny), 0.0).exp_()
-        terms.mul_(weights)
-        total = terms.sum(dim, keepdim=True)
-        if add_one:
-            extra = torch.exp(-row_max)
-            # log1p keeps log(1 + tiny) accurate where every term is far below 1.
-            lse = torch.where(row_max > 0, row_max + torch.log(total + extra), torch.log1p(total))
-            denominator = total + extra
-        else:
-            denominator = total + (1.0 - nonempty)
-            lse = (row_max + torch.log(denominator)).mul_(nonempty)
-        ctx.save_for_backward(terms.div_(denominator).mul_(scale))
+        lowest_exponent = math.log(finfo.tiny)
+        softmax = torch.empty_like(x)
+        lse = x.new_empty(x.shape[0], 1)
+        nonempty = x.new_empty(x.shape[0], 1)
+        # Row blocks keep every temporary small; only the softmax kept for backward is full size.
+        for block in row_blocks(*x.shape):
+            w = weights[block].to(x.dtype)
+            values = torch.mul(x[block], scale).add_(offset)
+            # Unselected entries are pushed far below every selected one, only to find the max.
+            buffer = w.clamp_max(1.0)
+            has_any = buffer.amax(1, keepdim=True)
+            buffer.sub_(1.0).mul_(-finfo.min / 2).add_(values)
+            row_max = buffer.amax(1, keepdim=True).mul_(has_any)
+            if add_one:
+                row_max.clamp_min_(0.0)
+            terms = values.sub_(row_max).clamp_(lowest_exponent, 0.0).exp_().mul_(w)
+            total = terms.sum(1, keepdim=True)
+            if add_one:
+                extra = torch.exp(-row_max)
+                # log1p keeps log(1 + tiny) accurate where every term is far below 1.
+                lse[block] = torch.where(
+                    row_max > 0, row_max + torch.log(total + extra), torch.log1p(total)
+                )
+                denominator = total + extra
+            else:
+                denominator = total + (1.0 - has_any)
+                lse[block] = (row_max + torch.log(denominator)).mul_(has_any)
+            torch.div(terms, denominator, out=softmax[block])
+            nonempty[block] = has_any
+        ctx.save_for_backward(softmax.mul_(scale))
         ctx.mark_non_differentiable(nonempty)
         return lse, nonempty
 
@@ -50,18 +61,17 @@ class _MaskedLogSumExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_lse: Tensor, _grad_nonempty: Tensor) -> tuple[Tensor | None, ...]:
         (softmax,) = ctx.saved_tensors
-        return softmax * grad_lse, None, None, None, None, None
+        return softmax * grad_lse, None, None, None, None
 
 
 def masked_logsumexp(
     x: Tensor,
     weights: Tensor,
-    dim: int = 1,
     add_one: bool = False,
     scale: float = 1.0,
     offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Row-wise ``log(Σ_j w_ij · exp(z_ij))``, optionally ``log(1 + Σ_j w_ij · exp(z_ij))``,
+    """Row-wise (over dim 1) ``log(Σ_j w_ij · exp(z_ij))``, optionally ``log(1 + Σ_j w_ij · exp(z_ij))``,
     of ``z = scale·x + offset`` (the affine map is applied inside, saving two passes).
 
     Rows with no selected entry give 0 in both forms (PML's convention), with a zero gradient.
@@ -72,14 +82,12 @@ def masked_logsumexp(
     Args:
         x: (N, M) values, any floating dtype.
         weights: (N, M) non-negative weights (0/1 or counts; float or bool).
-        dim: The dimension reduced.
         add_one: Include an implicit extra entry ``exp(0) = 1`` (MS-style ``log(1 + Σ)``).
         scale: Multiplies ``x``.
         offset: Added after scaling.
 
     Returns:
-        (lse, nonempty): lse with ``dim`` kept as size 1, and the 0/1 float indicator of
-        non-empty rows.
+        (lse, nonempty): (N, 1) lse, and the (N, 1) 0/1 float indicator of non-empty rows.
     """
-    lse, nonempty = _MaskedLogSumExp.apply(x, weights, dim, add_one, scale, offset)
+    lse, nonempty = _MaskedLogSumExp.apply(x, weights, add_one, scale, offset)
     return lse, nonempty

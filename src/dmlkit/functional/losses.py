@@ -19,7 +19,14 @@ from torch import Tensor
 
 from .logsumexp import masked_logsumexp
 from .masks import PairIndices, PairWeights
-from .reduction import AvgNonZeroReducer, MeanReducer, Reducer, SumReducer
+from .reduction import (
+    AvgNonZeroReducer,
+    ElementwiseTerm,
+    MeanReducer,
+    Reducer,
+    SumReducer,
+    reduce_elementwise_terms,
+)
 
 
 def margin(x: Tensor | float, y: Tensor | float, is_similarity: bool) -> Tensor:
@@ -64,8 +71,9 @@ def contrastive_loss(
         return reducer.reduce_elementwise(
             mat[pairs.a1, pairs.p], pos_fn, None
         ) + reducer.reduce_elementwise(mat[pairs.a2, pairs.n], neg_fn, None)
-    return reducer.reduce_elementwise(mat, pos_fn, pairs.pos) + reducer.reduce_elementwise(
-        mat, neg_fn, pairs.neg
+    return reduce_elementwise_terms(
+        mat,
+        [ElementwiseTerm(pos_fn, pairs.pos, reducer), ElementwiseTerm(neg_fn, pairs.neg, reducer)],
     )
 
 
@@ -368,11 +376,11 @@ def soft_contrastive_loss(
             pos_w.mul_(pos_scale_per_anchor[:, None])
             neg_w.mul_(neg_scale_per_anchor[:, None])
     if isinstance(pairs, PairIndices):
-        pos_values, neg_values = sim[pairs.a1, pairs.p], sim[pairs.a2, pairs.n]
-    else:
-        pos_values, neg_values = sim, sim
-    return total.reduce_elementwise(pos_values, pos_fn, pos_w) + total.reduce_elementwise(
-        neg_values, neg_fn, neg_w
+        return total.reduce_elementwise(
+            sim[pairs.a1, pairs.p], pos_fn, pos_w
+        ) + total.reduce_elementwise(sim[pairs.a2, pairs.n], neg_fn, neg_w)
+    return reduce_elementwise_terms(
+        sim, [ElementwiseTerm(pos_fn, pos_w, total), ElementwiseTerm(neg_fn, neg_w, total)]
     )
 
 

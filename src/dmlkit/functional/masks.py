@@ -52,11 +52,26 @@ def label_weights(
     """
     ref = labels if ref_labels is None else ref_labels
     pos = torch.empty(labels.shape[0], ref.shape[0], dtype=dtype, device=labels.device)
-    torch.eq(labels[:, None], ref[None, :], out=pos)
-    neg = torch.sub(1.0, pos)
+    query, key = _comparable(labels, ref)
+    torch.eq(query[:, None], key[None, :], out=pos)
+    neg = torch.ne(query[:, None], key[None, :], out=torch.empty_like(pos))
     if ref_labels is None:
         pos.fill_diagonal_(0.0)
     return pos, neg
+
+
+def _comparable(labels: Tensor, ref_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The labels in the fastest dtype that compares them exactly: float32 below 2^24, float64
+    below 2^53, else the integers themselves (integer broadcasting comparisons are ~15× slower
+    than float ones on CPU)."""
+    largest = max(
+        int(labels.abs().max()) if labels.numel() else 0,
+        int(ref_labels.abs().max()) if ref_labels.numel() else 0,
+    )
+    for dtype, exact in ((torch.float32, 2**24), (torch.float64, 2**53)):
+        if largest < exact:
+            return labels.to(dtype), ref_labels.to(dtype)
+    return labels, ref_labels
 
 
 @dataclass(frozen=True)

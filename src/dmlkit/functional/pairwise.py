@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .reduction import row_blocks
+
 
 def _reference(x: Tensor, y: Tensor | None) -> Tensor:
     return x if y is None else y
@@ -56,10 +58,13 @@ def squared_euclidean_distance_matrix(x: Tensor, y: Tensor | None = None) -> Ten
     ref = _reference(x, y)
     x_sq = x.pow(2).sum(1, keepdim=True)
     ref_sq = x_sq if y is None else ref.pow(2).sum(1, keepdim=True)
-    sq = torch.addmm(x_sq + ref_sq.T, x, ref.T, alpha=-2.0)
+    if torch.is_grad_enabled() and (x.requires_grad or ref.requires_grad):
+        sq = torch.addmm(x_sq + ref_sq.T, x, ref.T, alpha=-2.0)
+    else:  # in place: no full-size temporaries
+        sq = torch.mm(x, ref.T).mul_(-2.0).add_(x_sq).add_(ref_sq.T)
     if y is None:
         sq = sq.fill_diagonal_(0.0)
-    return sq.clamp_min(0.0)
+    return sq.clamp_min_(0.0) if not sq.requires_grad else sq.clamp_min(0.0)
 
 
 class _EuclideanDistance(torch.autograd.Function):
@@ -72,21 +77,23 @@ class _EuclideanDistance(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, y: Tensor | None) -> Tensor:  # type: ignore[override]
         ref = x if y is None else y
-        tiny = torch.finfo(x.dtype).tiny
         dist = squared_euclidean_distance_matrix(x, y)
-        inverse = torch.empty_like(dist)
-        torch.gt(dist, tiny, out=inverse)
-        dist.clamp_min_(tiny).sqrt_()
-        inverse.div_(dist)
-        ctx.save_for_backward(x, ref, inverse)
+        dist.clamp_min_(torch.finfo(x.dtype).tiny).sqrt_()
+        ctx.save_for_backward(x, ref, dist)
         ctx.same = y is None
         return dist
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        x, ref, inverse = ctx.saved_tensors
-        g = grad * inverse  # ∂d_ij/∂x_i = (x_i − y_j) / d_ij
+        x, ref, dist = ctx.saved_tensors
+        # ∂d_ij/∂x_i = (x_i − y_j) / d_ij; pairs clamped at zero distance get no gradient.
+        floor = torch.finfo(dist.dtype).tiny ** 0.5
+        g = torch.empty_like(dist)
+        for block in row_blocks(*dist.shape):
+            d = dist[block]
+            torch.gt(d, floor, out=g[block])
+            g[block].div_(d).mul_(grad[block])
         if ctx.same:
             grad_x = (g.sum(1) + g.sum(0))[:, None] * x - g @ x - g.T @ x
             return grad_x, None

@@ -9,6 +9,7 @@ An empty selection gives a zero that keeps the autograd graph, never a Python nu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,22 +63,20 @@ class Reducer:
         return w if kept is None else kept.mul_(w)
 
     def reduce_elementwise(self, x: Tensor, fn: ValueAndSlope, weights: Tensor | None) -> Tensor:
-        """Reduces ``fn(x)`` elementwise in one fused pass (first-order gradients only).
+        """Reduces ``fn(x)`` elementwise in a fused kernel (first-order gradients only).
 
-        Equivalent to ``self(value, weights)`` with ``value = fn(x)[0]``, but the values and
-        slopes are computed once without autograd and backward is a single product: no
-        intermediate tensor is kept per elementwise step.
+        Equivalent to ``self(fn(x)[0], weights)``, but computed in row blocks without autograd:
+        forward keeps no intermediate, backward recomputes the slopes block by block.
 
         Args:
             x: Input of any shape (typically the (N, M) distance matrix).
-            fn: Returns ``(f(x), f'(x))``, both finite everywhere.
+            fn: Returns ``(f(x), f'(x))``, both finite everywhere, as new tensors.
             weights: Bool mask or float counts of the same shape, or None.
 
         Returns:
             Scalar tensor attached to ``x``'s graph.
         """
-        result: Tensor = _ElementwiseReduce.apply(x, fn, weights, self)
-        return result
+        return reduce_elementwise_terms(x, [ElementwiseTerm(fn, weights, self)])
 
     def finish(self, total: Tensor, count: Tensor) -> Tensor:
         """Divides by the count when averaging; an empty selection gives ``total`` (a zero)."""
@@ -132,25 +131,96 @@ class AvgNonZeroReducer(ThresholdReducer):
     low: float | None = 0.0
 
 
+BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 temporaries: cache-resident and reused by malloc
+
+
+def row_blocks(n_rows: int, n_cols: int) -> list[slice]:
+    """Row slices of about ``BLOCK_ELEMENTS`` entries each, for blockwise kernels."""
+    step = max(1, BLOCK_ELEMENTS // max(1, n_cols))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+@dataclass(frozen=True)
+class ElementwiseTerm:
+    """One reduced elementwise term of a loss: ``reducer(fn(x)[0], weights)``.
+
+    Attributes:
+        fn: Returns ``(f(x), f'(x))`` as new tensors, finite everywhere.
+        weights: Bool mask or float counts shaped like x, or None.
+        reducer: Selection and averaging of the term.
+    """
+
+    fn: ValueAndSlope
+    weights: Tensor | None
+    reducer: Reducer
+
+    def weights_for(self, rows: slice, values: Tensor, weights: Tensor | None) -> Tensor | None:
+        """The block's effective weights: the given ones times the reducer's selection."""
+        kept = self.reducer.keep(values)
+        if weights is None:
+            return kept
+        w = weights[rows].to(values.dtype)
+        return w if kept is None else kept.mul_(w)
+
+
+def reduce_elementwise_terms(x: Tensor, terms: list[ElementwiseTerm]) -> Tensor:
+    """Sum of several reduced elementwise terms of the same input, in one fused kernel.
+
+    Forward runs over row blocks and keeps nothing but scalars; backward recomputes each block's
+    slopes and writes the gradient once. Only the gradient is ever a full-size tensor.
+
+    Args:
+        x: Input of any shape (typically the (N, M) distance matrix).
+        terms: The terms; each is reduced by its own reducer.
+
+    Returns:
+        Scalar tensor attached to ``x``'s graph (first-order gradients only).
+    """
+    result: Tensor = _ElementwiseReduce.apply(x, terms)
+    return result
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, 1) if t.ndim < 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 class _ElementwiseReduce(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, fn: ValueAndSlope, weights: Tensor | None, reducer: Reducer
-    ) -> Tensor:
-        values, slopes = fn(x)
-        w = reducer._weights(values, weights)
-        if w is None:
-            w = torch.ones_like(values)
-        elif w is weights:
-            w = w.clone()
-        total = torch.dot(values.flatten(), w.flatten())
-        count = w.sum()
-        scale = 1.0 / count.clamp_min(1.0) if reducer.average else torch.ones_like(count)
-        ctx.save_for_backward(slopes.mul_(w).mul_(scale))
-        return total * scale
+    def forward(ctx: Any, x: Tensor, terms: list[ElementwiseTerm]) -> Tensor:  # type: ignore[override]
+        rows_x = _as_rows(x)
+        weights = [None if t.weights is None else _as_rows(t.weights) for t in terms]
+        totals = [rows_x.new_zeros(()) for _ in terms]
+        counts = [rows_x.new_zeros(()) for _ in terms]
+        for block in row_blocks(*rows_x.shape):
+            for i, term in enumerate(terms):
+                values, _ = term.fn(rows_x[block])
+                w = term.weights_for(block, values, weights[i])
+                if w is None:
+                    totals[i] += values.sum()
+                    counts[i] += values.numel()
+                else:
+                    totals[i] += torch.dot(values.flatten(), w.flatten())
+                    counts[i] += w.sum()
+        scales = [
+            1.0 / c.clamp_min(1.0) if t.reducer.average else torch.ones_like(c)
+            for t, c in zip(terms, counts, strict=True)
+        ]
+        ctx.save_for_backward(x)
+        ctx.terms, ctx.weights, ctx.scales = terms, weights, scales
+        return sum((total * scale for total, scale in zip(totals, scales, strict=True)),
+                   rows_x.new_zeros(()))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return grad_out * grad, None, None, None
+        (x,) = ctx.saved_tensors
+        rows_x = _as_rows(x)
+        grad = torch.zeros_like(rows_x)
+        for block in row_blocks(*rows_x.shape):
+            for term, weights, scale in zip(ctx.terms, ctx.weights, ctx.scales, strict=True):
+                values, slopes = term.fn(rows_x[block])
+                w = term.weights_for(block, values, weights)
+                if w is not None:
+                    slopes.mul_(w)
+                grad[block].add_(slopes, alpha=float(scale))
+        return grad.mul_(grad_out).reshape(x.shape), None

@@ -1,0 +1,31 @@
+# One entry point for set-up and every routine job. The virtual environment is created on first
+# use (VENV, default .venv) with torch pinned through constraints.txt, so a CPU machine never
+# downloads CUDA wheels.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+export MPLBACKEND := Agg
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test lint bench
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy
+
+test: lint
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
+
+bench: setup
+	$(BIN)/python benchmarks/losses.py
