@@ -231,7 +231,9 @@ def run_case(
     theirs = case.pml() if case.pml is not None else None
     note = ""
     if theirs is not None and _pml_bytes(case, n) > PML_MEMORY_LIMIT:
-        note = f"PML not run: needs ~{_pml_bytes(case, n) / 2**30:.0f} GiB (positive × negative pairs)"
+        note = (
+            f"PML not run: needs ~{_pml_bytes(case, n) / 2**30:.0f} GiB (positive × negative pairs)"
+        )
         theirs = None
     for _ in range(2):  # warm-up: allocator, caches, lazy initialisation
         _time_once(_bare, emb, labels)
@@ -293,7 +295,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
 
-    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = (
+        [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    )
     cases = [
         c for c in _cases() if not args.only or any(s.lower() in c.name.lower() for s in args.only)
     ]

@@ -1,61 +1,98 @@
-"""Train a tiny embedding with a dmlkit loss and watch retrieval improve on unseen classes.
+"""Train a small embedding with DDTAS's loss and mining, and watch retrieval improve on characters
+it never saw.
 
-Digits 0–4 of scikit-learn's 8×8 digits train a small MLP with DDTAS's Soft Contrastive loss on
-AT-ASMS-mined pairs; digits 5–9, never seen in training, are the retrieval test. Precision@1 and
-Recall@4 (each test image queries all the others) are printed before and after. Runs in seconds
-on a CPU.
+A small ConvNet learns 64-d embeddings of Omniglot's 964 background characters (28×28, 32
+classes × 4 drawers per batch) with ``SoftContrastiveLoss`` on ``ATASMSMiner`` pairs. The test set
+is 200 characters of the evaluation alphabets, disjoint from training: each of its 4,000 images
+queries the others. Precision@1 and MAP@R are printed before and after; about a minute on 2 CPU
+cores.
+
+The data is read from ``../shared/data/omniglot`` beside the project, or ``$DMLKIT_DATA/omniglot``.
+
+Why not the digits bundled with scikit-learn: with only 5 training classes every loss we tried
+made retrieval on the 5 unseen digits *worse* (P@1 0.964 → 0.90–0.95): the embedding specialises
+to the few classes it sees. Metric learning needs many training classes.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
-from sklearn.datasets import load_digits
+import torch.nn.functional as F
 from torch import nn
 
 from dmlkit.functional import cosine_similarity_matrix
 from dmlkit.losses import SoftContrastiveLoss
 from dmlkit.miners import ATASMSMiner
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = Path(os.environ.get("DMLKIT_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+DRAWERS = 20
+
+
+def load_omniglot(split: str, n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (ink = 1) downsampled to 28×28, and class labels, of one Omniglot split."""
+    path = DATA_ROOT / "omniglot" / f"images_{split}.npz"
+    if not path.exists():
+        sys.exit(
+            f"{path} not found: the demo needs Omniglot (see ../shared/data/README.md, or "
+            "set DMLKIT_DATA to a folder holding omniglot/images_background.npz)"
+        )
+    images = np.load(path)["images"][:n_classes]
+    x = torch.from_numpy(~images).float().reshape(-1, 1, 105, 105)
+    x = F.interpolate(x, size=(28, 28), mode="area")
+    return x, torch.arange(images.shape[0]).repeat_interleave(DRAWERS)
+
+
+def conv_net(embedding_size: int = 64) -> nn.Module:
+    def block(c_in: int, c_out: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
+        )
+
+    return nn.Sequential(
+        block(1, 32),
+        block(32, 64),
+        block(64, 64),
+        nn.Flatten(),
+        nn.Linear(64 * 3 * 3, embedding_size),
+    )
+
 
 def retrieval(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Precision@1 and Recall@4 with each item querying all others (itself excluded)."""
+    """Precision@1 and MAP@R, each image querying all others (itself excluded by index)."""
+    model.eval()
     with torch.no_grad():
-        sim = cosine_similarity_matrix(model(x)).fill_diagonal_(-2.0)
-    top = sim.topk(4, dim=1).indices
-    hits = y[top] == y[:, None]
-    return hits[:, 0].float().mean().item(), hits.any(1).float().mean().item()
-
-
-def pk_batch(y: torch.Tensor, classes: int, per_class: int, g: torch.Generator) -> torch.Tensor:
-    """Indices of a batch with ``classes`` labels × ``per_class`` items."""
-    labels = y.unique()
-    chosen = labels[torch.randperm(len(labels), generator=g)[:classes]]
-    picks = []
-    for label in chosen:
-        members = torch.nonzero(y == label).squeeze(1)
-        picks.append(members[torch.randperm(len(members), generator=g)[:per_class]])
-    return torch.cat(picks)
+        sim = cosine_similarity_matrix(model(x)).fill_diagonal_(float("-inf"))
+    model.train()
+    r = DRAWERS - 1  # every test class has 20 images: R = 19 other relevant items
+    hits = (y[sim.topk(r, dim=1).indices] == y[:, None]).float()
+    precision_at_i = hits.cumsum(1) / torch.arange(1, r + 1)
+    return hits[:, 0].mean().item(), ((precision_at_i * hits).sum(1) / r).mean().item()
 
 
 def main() -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    train, test = y < 5, y >= 5
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    x_train, y_train = load_omniglot("background")
+    x_test, y_test = load_omniglot("evaluation", n_classes=200)
+    n_classes = int(y_train.max()) + 1
+    model = conv_net()
     loss_fn, miner = SoftContrastiveLoss(), ATASMSMiner()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    p1, r4 = retrieval(model, x[test], y[test])
-    print(f"held-out digits 5-9 before training: P@1 {p1:.3f}  R@4 {r4:.3f}")
+    p1, map_r = retrieval(model, x_test, y_test)
+    print(f"200 unseen characters, before training: P@1 {p1:.3f}  MAP@R {map_r:.3f}")
     start = time.perf_counter()
-    x_train, y_train = x[train], y[train]
     for step in range(1, 301):
-        batch = pk_batch(y_train, 5, 16, g)
+        classes = torch.randperm(n_classes, generator=g)[:32]
+        drawers = torch.stack([torch.randperm(DRAWERS, generator=g)[:4] for _ in classes])
+        batch = (classes[:, None] * DRAWERS + drawers).flatten()
         emb = model(x_train[batch])
         pairs = miner(emb, y_train[batch])
         loss = loss_fn(emb, y_train[batch], pairs)
@@ -66,11 +103,12 @@ def main() -> None:
             s = miner.last_stats
             print(
                 f"step {step}: loss {loss.item():.4f}  mined {s.num_pos_pairs} pos / "
-                f"{s.num_neg_pairs} neg  gamma_pos {s.gamma_pos:.4f} gamma_neg {s.gamma_neg:.4f}"
+                f"{s.num_neg_pairs} neg pairs  gamma_pos {s.gamma_pos:.4f}  "
+                f"gamma_neg {s.gamma_neg:.4f}  skipped anchors {s.num_skipped_anchors}"
             )
-    p1, r4 = retrieval(model, x[test], y[test])
-    print(f"held-out digits 5-9 after training:  P@1 {p1:.3f}  R@4 {r4:.3f}")
-    print(f"({time.perf_counter() - start:.1f} s of training on {int(train.sum())} images)")
+    p1, map_r = retrieval(model, x_test, y_test)
+    print(f"200 unseen characters, after training:  P@1 {p1:.3f}  MAP@R {map_r:.3f}")
+    print(f"({time.perf_counter() - start:.0f} s of training)")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,9 @@ def test_t10_no_gradient_through_thresholds() -> None:
     (grad,) = torch.autograd.grad(loss, emb)
 
     with torch.no_grad():
-        sim = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(emb, dim=1).T
+        sim = (
+            torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(emb, dim=1).T
+        )
         stats = miner.last_stats
         keep_pos, keep_neg = F.asymmetric_mining_masks(
             sim, *F.label_weights(labels), stats.gamma_pos, stats.gamma_neg

@@ -90,7 +90,7 @@ class TestBadInput:
 
     def test_not_a_tensor(self, factory) -> None:
         _, labels = _batch()
-        with pytest.raises(TypeError, match="embeddings must be a torch.Tensor"):
+        with pytest.raises(TypeError, match=r"embeddings must be a torch\.Tensor"):
             factory()([[0.0, 1.0]] * 8, labels)
 
 
@@ -109,7 +109,11 @@ class TestIndicesTuple:
         with pytest.raises(ValueError, match="equal lengths"):
             loss_cls()(emb, labels, (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2])))
         with pytest.raises(ValueError, match=r"len\(a1\) == len\(p\)"):
-            loss_cls()(emb, labels, (torch.tensor([0]), torch.tensor([1, 0]), torch.tensor([2]), torch.tensor([3])))
+            loss_cls()(
+                emb,
+                labels,
+                (torch.tensor([0]), torch.tensor([1, 0]), torch.tensor([2]), torch.tensor([3])),
+            )
 
     def test_out_of_range(self, loss_cls) -> None:
         emb, labels = _batch()
@@ -129,9 +133,21 @@ def test_ref_indices_address_the_reference_set() -> None:
     emb, labels = _batch()
     ref, ref_labels = torch.randn(20, 4), torch.arange(20) % 4
     loss = dl.ContrastiveLoss()
-    loss(emb, labels, (torch.tensor([7]), torch.tensor([19]), torch.tensor([7]), torch.tensor([0])), ref, ref_labels)
+    loss(
+        emb,
+        labels,
+        (torch.tensor([7]), torch.tensor([19]), torch.tensor([7]), torch.tensor([0])),
+        ref,
+        ref_labels,
+    )
     with pytest.raises(ValueError, match=r"indices_tuple\[a1\] has indices outside \[0, 8\)"):
-        loss(emb, labels, (torch.tensor([8]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0])), ref, ref_labels)
+        loss(
+            emb,
+            labels,
+            (torch.tensor([8]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0])),
+            ref,
+            ref_labels,
+        )
 
 
 @pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)

@@ -58,7 +58,8 @@ LOSSES: dict[str, Callable[[bool], tuple[torch.nn.Module, torch.nn.Module]]] = {
     "npairs": lambda _: (dl.NPairsLoss(), pml_losses.NPairsLoss()),
     "circle": lambda _: (dl.CircleLoss(), pml_losses.CircleLoss()),
     "circle_small_gamma": lambda _: (
-        dl.CircleLoss(m=0.25, gamma=16), pml_losses.CircleLoss(m=0.25, gamma=16)
+        dl.CircleLoss(m=0.25, gamma=16),
+        pml_losses.CircleLoss(m=0.25, gamma=16),
     ),
     "multi_similarity": lambda _: (dl.MultiSimilarityLoss(), pml_losses.MultiSimilarityLoss()),
     "multi_similarity_tuned": lambda _: (

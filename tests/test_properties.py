@@ -58,9 +58,24 @@ def test_loss_matches_pml_on_random_batches(name: str, batch) -> None:
     _compare(ours, theirs, emb, labels, None, ref, ref_labels)
 
 
-@pytest.mark.parametrize("name", ["contrastive", "triplet", "multi_similarity", "circle", "lifted", "ntxent", "supcon", "generalized_lifted"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "contrastive",
+        "triplet",
+        "multi_similarity",
+        "circle",
+        "lifted",
+        "ntxent",
+        "supcon",
+        "generalized_lifted",
+    ],
+)
 @SETTINGS
-@given(batch=batches(), miner_name=st.sampled_from(["ms", "triplet_semihard", "pair_margin", "batch_hard"]))
+@given(
+    batch=batches(),
+    miner_name=st.sampled_from(["ms", "triplet_semihard", "pair_margin", "batch_hard"]),
+)
 def test_loss_with_mined_tuples_matches_pml(name: str, batch, miner_name: str) -> None:
     emb, labels, ref, ref_labels = batch
     _, pml_miner, kwargs = MINER_PAIRS[miner_name]

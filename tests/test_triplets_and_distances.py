@@ -82,9 +82,11 @@ def test_chunked_all_triplets_equal_unchunked(smooth: bool, swap: bool) -> None:
 def test_all_triplets_agree_with_explicit_triplet_list() -> None:
     labels = torch.arange(30) % 5
     emb = torch.randn(30, 6, dtype=torch.float64)
-    a, p, n = torch.where((labels[:, None, None] == labels[None, :, None])
-                          & ~torch.eye(30, dtype=torch.bool)[:, :, None]
-                          & (labels[:, None, None] != labels[None, None, :]))
+    a, p, n = torch.where(
+        (labels[:, None, None] == labels[None, :, None])
+        & ~torch.eye(30, dtype=torch.bool)[:, :, None]
+        & (labels[:, None, None] != labels[None, None, :])
+    )
     loss = dl.TripletMarginLoss(margin=0.3)
     assert_close(loss(emb, labels), loss(emb, labels, (a, p, n)), 1e-12)
 

@@ -39,7 +39,9 @@ class BaseMetricLossFunction(nn.Module):
     labels_required: ClassVar[bool] = False
     supports_ref: ClassVar[bool] = True
 
-    def __init__(self, distance: BaseDistance | None = None, reducer: Reducer | None = None) -> None:
+    def __init__(
+        self, distance: BaseDistance | None = None, reducer: Reducer | None = None
+    ) -> None:
         super().__init__()
         self.distance = self.default_distance() if distance is None else distance
         self.reducer = reducer
@@ -238,7 +240,9 @@ class NPairsLoss(BaseMetricLossFunction):
     labels_required = True
     supports_ref = False
 
-    def __init__(self, distance: BaseDistance | None = None, reducer: Reducer | None = None) -> None:
+    def __init__(
+        self, distance: BaseDistance | None = None, reducer: Reducer | None = None
+    ) -> None:
         super().__init__(distance, reducer)
 
     @staticmethod
@@ -290,7 +294,11 @@ class CircleLoss(BaseMetricLossFunction):
 
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.circle_loss(
-            batch.matrix(self.distance), batch.pair_weights(binary=True), self.m, self.gamma, self.reducer
+            batch.matrix(self.distance),
+            batch.pair_weights(binary=True),
+            self.m,
+            self.gamma,
+            self.reducer,
         )
 
 

@@ -65,8 +65,7 @@ def check_labels(labels: object, length: int, device: torch.device, name: str = 
         raise ValueError(f"{name} must have an integer dtype, got {lab.dtype}")
     if lab.shape[0] != length:
         raise ValueError(
-            f"{name} has length {lab.shape[0]} but there are {length} embeddings; "
-            "they must match"
+            f"{name} has length {lab.shape[0]} but there are {length} embeddings; they must match"
         )
     return lab.to(device)
 
@@ -103,7 +102,9 @@ def check_indices_tuple(
     for part_name, part in zip(names, indices_tuple, strict=True):
         part = _require_tensor(part, f"indices_tuple[{part_name}]")
         if part.ndim != 1:
-            raise ValueError(f"indices_tuple[{part_name}] must be 1-D, got shape {tuple(part.shape)}")
+            raise ValueError(
+                f"indices_tuple[{part_name}] must be 1-D, got shape {tuple(part.shape)}"
+            )
         if part.numel() and (part.is_floating_point() or part.dtype == torch.bool):
             raise ValueError(f"indices_tuple[{part_name}] must be integer, got {part.dtype}")
         part = part.to(device=device, dtype=torch.long)

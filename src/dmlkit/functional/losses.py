@@ -259,9 +259,7 @@ def lifted_structure_loss(
         return zero_loss(mat)
     n_rows, n_cols = mat.shape
     sign = -1.0 if is_similarity else 1.0
-    row_lse, has_neg = masked_logsumexp(
-        mat, pairs.neg, scale=-sign, offset=sign * neg_margin
-    )
+    row_lse, has_neg = masked_logsumexp(mat, pairs.neg, scale=-sign, offset=sign * neg_margin)
     lowest = torch.finfo(row_lse.dtype).min
     anchor_lse = torch.where(has_neg > 0, row_lse, lowest)  # (N, 1)
     k = min(n_rows, n_cols)
@@ -304,12 +302,8 @@ def generalized_lifted_structure_loss(
     """
     reducer = reducer or MeanReducer()
     sign = -1.0 if is_similarity else 1.0
-    pos_lse, _ = masked_logsumexp(
-        mat, pairs.pos_indicator(), scale=sign, offset=-sign * pos_margin
-    )
-    neg_lse, _ = masked_logsumexp(
-        mat, pairs.neg_indicator(), scale=-sign, offset=sign * neg_margin
-    )
+    pos_lse, _ = masked_logsumexp(mat, pairs.pos_indicator(), scale=sign, offset=-sign * pos_margin)
+    neg_lse, _ = masked_logsumexp(mat, pairs.neg_indicator(), scale=-sign, offset=sign * neg_margin)
     return reducer(F.relu(pos_lse + neg_lse).squeeze(1))
 
 

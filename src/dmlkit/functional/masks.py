@@ -187,7 +187,9 @@ def batch_pair_weights(
     return PairWeights(*label_weights(labels, ref_labels, dtype), binary=True)
 
 
-def first_pair_per_label(anchors: Tensor, positives: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def first_pair_per_label(
+    anchors: Tensor, positives: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
     """Keeps, for each anchor label, the first (anchor, positive) pair in the given order.
 
     Args:

@@ -207,8 +207,10 @@ class _ElementwiseReduce(torch.autograd.Function):
         ]
         ctx.save_for_backward(x)
         ctx.terms, ctx.weights, ctx.scales = terms, weights, scales
-        return sum((total * scale for total, scale in zip(totals, scales, strict=True)),
-                   rows_x.new_zeros(()))
+        return sum(
+            (total * scale for total, scale in zip(totals, scales, strict=True)),
+            rows_x.new_zeros(()),
+        )
 
     @staticmethod
     @once_differentiable
