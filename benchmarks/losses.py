@@ -54,7 +54,6 @@ class Case:
     miner: str
     dmlkit: Callable[[], LossCall]
     pml: Callable[[], LossCall] | None
-    pair_based: bool
     pml_pos_by_neg: bool = False  # PML builds a (positive pairs × negative pairs) matrix
 
 
@@ -67,120 +66,50 @@ def _pml_bytes(case: Case, n: int) -> int:
     return 13 * positives * negatives
 
 
+# (loss, loss kwargs, miner or None, miner kwargs, PML builds positive × negative pairs);
+# dmlkit and PML share class names, so each row builds both.
+CASES: list[tuple[str, dict, str | None, dict, bool]] = [
+    ("ContrastiveLoss", {}, None, {}, False),
+    ("ContrastiveLoss", {}, "PairMarginMiner", {}, False),
+    ("TripletMarginLoss", {}, None, {}, False),
+    ("TripletMarginLoss", {}, "TripletMarginMiner", {"type_of_triplets": "semihard"}, False),
+    ("TripletMarginLoss", {}, "BatchHardMiner", {}, False),
+    ("MultiSimilarityLoss", {}, "MultiSimilarityMiner", {}, False),
+    ("CircleLoss", {}, None, {}, False),
+    ("NPairsLoss", {}, None, {}, False),
+    ("NTXentLoss", {}, None, {}, True),
+    ("SupConLoss", {}, None, {}, False),
+    ("LiftedStructureLoss", {}, None, {}, True),
+    ("GeneralizedLiftedStructureLoss", {}, None, {}, False),
+    ("SoftContrastiveLoss", {}, "ATASMSMiner", {}, False),
+    ("SoftWeightedTripletLoss", {}, None, {}, False),
+]
+
+
+def _factory(loss_mod, miner_mod, loss, loss_kw, miner, miner_kw) -> Callable[[], LossCall] | None:
+    if not hasattr(loss_mod, loss) or (miner is not None and not hasattr(miner_mod, miner)):
+        return None  # PML has no such loss or miner
+    return lambda: _with_miner(
+        getattr(loss_mod, loss)(**loss_kw),
+        None if miner is None else getattr(miner_mod, miner)(**miner_kw),
+    )
+
+
 def _cases() -> list[Case]:
-    has_pml = pytorch_metric_learning is not None
-    return [
-        Case(
-            "ContrastiveLoss",
-            "-",
-            lambda: _with_miner(dl.ContrastiveLoss(), None),
-            (lambda: _with_miner(pl.ContrastiveLoss(), None)) if has_pml else None,
-            True,
-        ),
-        Case(
-            "ContrastiveLoss",
-            "PairMarginMiner",
-            lambda: _with_miner(dl.ContrastiveLoss(), dm.PairMarginMiner()),
-            (lambda: _with_miner(pl.ContrastiveLoss(), pm.PairMarginMiner())) if has_pml else None,
-            True,
-        ),
-        Case(
-            "TripletMarginLoss",
-            "- (all triplets)",
-            lambda: _with_miner(dl.TripletMarginLoss(), None),
-            (lambda: _with_miner(pl.TripletMarginLoss(), None)) if has_pml else None,
-            False,
-        ),
-        Case(
-            "TripletMarginLoss",
-            "TripletMarginMiner(semihard)",
-            lambda: _with_miner(
-                dl.TripletMarginLoss(), dm.TripletMarginMiner(type_of_triplets="semihard")
-            ),
-            (
-                lambda: _with_miner(
-                    pl.TripletMarginLoss(), pm.TripletMarginMiner(type_of_triplets="semihard")
-                )
-            )
-            if has_pml
-            else None,
-            False,
-        ),
-        Case(
-            "TripletMarginLoss",
-            "BatchHardMiner",
-            lambda: _with_miner(dl.TripletMarginLoss(), dm.BatchHardMiner()),
-            (lambda: _with_miner(pl.TripletMarginLoss(), pm.BatchHardMiner())) if has_pml else None,
-            False,
-        ),
-        Case(
-            "MultiSimilarityLoss",
-            "MultiSimilarityMiner",
-            lambda: _with_miner(dl.MultiSimilarityLoss(), dm.MultiSimilarityMiner()),
-            (lambda: _with_miner(pl.MultiSimilarityLoss(), pm.MultiSimilarityMiner()))
-            if has_pml
-            else None,
-            True,
-        ),
-        Case(
-            "CircleLoss",
-            "-",
-            lambda: _with_miner(dl.CircleLoss(), None),
-            (lambda: _with_miner(pl.CircleLoss(), None)) if has_pml else None,
-            True,
-        ),
-        Case(
-            "NPairsLoss",
-            "-",
-            lambda: _with_miner(dl.NPairsLoss(), None),
-            (lambda: _with_miner(pl.NPairsLoss(), None)) if has_pml else None,
-            False,
-        ),
-        Case(
-            "NTXentLoss",
-            "-",
-            lambda: _with_miner(dl.NTXentLoss(), None),
-            (lambda: _with_miner(pl.NTXentLoss(), None)) if has_pml else None,
-            False,
-            pml_pos_by_neg=True,
-        ),
-        Case(
-            "SupConLoss",
-            "-",
-            lambda: _with_miner(dl.SupConLoss(), None),
-            (lambda: _with_miner(pl.SupConLoss(), None)) if has_pml else None,
-            False,
-        ),
-        Case(
-            "LiftedStructureLoss",
-            "-",
-            lambda: _with_miner(dl.LiftedStructureLoss(), None),
-            (lambda: _with_miner(pl.LiftedStructureLoss(), None)) if has_pml else None,
-            False,
-            pml_pos_by_neg=True,
-        ),
-        Case(
-            "GeneralizedLiftedStructureLoss",
-            "-",
-            lambda: _with_miner(dl.GeneralizedLiftedStructureLoss(), None),
-            (lambda: _with_miner(pl.GeneralizedLiftedStructureLoss(), None)) if has_pml else None,
-            False,
-        ),
-        Case(
-            "SoftContrastiveLoss",
-            "ATASMSMiner",
-            lambda: _with_miner(dl.SoftContrastiveLoss(), dm.ATASMSMiner()),
-            None,
-            True,
-        ),
-        Case(
-            "SoftWeightedTripletLoss",
-            "-",
-            lambda: _with_miner(dl.SoftWeightedTripletLoss(), None),
-            None,
-            False,
-        ),
-    ]
+    cases = []
+    for loss, loss_kw, miner, miner_kw, pos_by_neg in CASES:
+        label = miner or ("- (all triplets)" if loss == "TripletMarginLoss" else "-")
+        if miner_kw:
+            label += "(" + ", ".join(str(v) for v in miner_kw.values()) + ")"
+        theirs = (
+            _factory(pl, pm, loss, loss_kw, miner, miner_kw)
+            if pytorch_metric_learning is not None
+            else None
+        )
+        ours = _factory(dl, dm, loss, loss_kw, miner, miner_kw)
+        assert ours is not None
+        cases.append(Case(loss, label, ours, theirs, pos_by_neg))
+    return cases
 
 
 def _batch(n: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +213,55 @@ def _markdown(rows: list[Row], device: str, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MEMORY_SCRIPT = """
+import json, resource, sys, time, torch
+if sys.argv[1] == "dmlkit":
+    import dmlkit.losses as L
+else:
+    import pytorch_metric_learning.losses as L
+torch.manual_seed(0)
+emb = torch.randn(4096, 128, requires_grad=True)
+labels = torch.arange(4096) // 4
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+loss = L.TripletMarginLoss(margin=0.2)(emb, labels)
+loss.backward()
+seconds = time.perf_counter() - start
+grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"loss": loss.item(), "seconds": seconds, "peak_rss_growth_mib": grew}))
+"""
+
+
+def measure_all_triplets_memory() -> None:
+    """Peak resident-memory growth of all-triplets forward+backward at batch 4096, dim 128
+    (≈50M triplets), each library in a fresh process."""
+    import subprocess
+    import sys
+
+    lines = [
+        "# All-triplets TripletMarginLoss at batch 4096 (1024 classes × 4), dim 128, CPU",
+        "",
+        "One forward+backward in a fresh process each; peak resident memory growth (ru_maxrss).",
+        "",
+        "| library | loss value | seconds | peak RSS growth MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    libraries = ["dmlkit"] + (["pml"] if pytorch_metric_learning is not None else [])
+    for library in libraries:
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, library],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        lines.append(
+            f"| {library} | {r['loss']:.6f} | {r['seconds']:.2f} | {r['peak_rss_growth_mib']:.0f} |"
+        )
+        print(lines[-1], flush=True)
+    (RESULTS / "triplets_memory_cpu.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="*", default=[128, 512, 1024, 4096])
@@ -293,7 +271,14 @@ def main() -> None:
     parser.add_argument("--pml-budget", type=float, default=30.0, help="seconds per PML case")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: each available)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
+    parser.add_argument(
+        "--memory", action="store_true", help="only the all-triplets memory measurement"
+    )
     args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.memory:
+        measure_all_triplets_memory()
+        return
 
     devices = (
         [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

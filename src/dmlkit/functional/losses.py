@@ -42,6 +42,11 @@ def zero_loss(mat: Tensor) -> Tensor:
     return mat.sum() * 0.0
 
 
+def _lacks_a_side(pairs: PairWeights) -> bool:
+    """No positive pair or no negative pair at all: PML's rule for losses that need both."""
+    return not (bool(pairs.pos.any()) and bool(pairs.neg.any()))
+
+
 def contrastive_loss(
     mat: Tensor,
     pairs: PairWeights | PairIndices,
@@ -186,7 +191,7 @@ def ntxent_loss(
         Scalar loss.
     """
     reducer = reducer or MeanReducer()
-    if not (bool(pairs.pos.any()) and bool(pairs.neg.any())):
+    if _lacks_a_side(pairs):
         return zero_loss(mat)
     sign = 1.0 if is_similarity else -1.0
     logits = mat * (sign / temperature)
@@ -216,9 +221,9 @@ def supcon_loss(
         Scalar loss.
     """
     reducer = reducer or AvgNonZeroReducer()
-    pos, neg = pairs.pos_indicator(), pairs.neg_indicator()
-    if not (bool(pos.any()) and bool(neg.any())):
+    if _lacks_a_side(pairs):
         return zero_loss(mat)
+    pos, neg = pairs.pos_indicator(), pairs.neg_indicator()
     logits = (mat if is_similarity else -mat) / temperature
     denominator, _ = masked_logsumexp(logits, (pos + neg).clamp_max_(1.0))
     # mean_p (logit_ip − lse_i) = (Σ_p logit_ip)/|P_i| − lse_i, without an N × M log-prob matrix.
@@ -255,7 +260,7 @@ def lifted_structure_loss(
         Scalar loss.
     """
     reducer = reducer or MeanReducer()
-    if not (bool(pairs.pos.any()) and bool(pairs.neg.any())):
+    if _lacks_a_side(pairs):
         return zero_loss(mat)
     n_rows, n_cols = mat.shape
     sign = -1.0 if is_similarity else 1.0
