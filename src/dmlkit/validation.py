@@ -107,14 +107,18 @@ def check_indices_tuple(
             )
         if part.numel() and (part.is_floating_point() or part.dtype == torch.bool):
             raise ValueError(f"indices_tuple[{part_name}] must be integer, got {part.dtype}")
-        part = part.to(device=device, dtype=torch.long)
-        limit = n_anchors if part_name.startswith("a") else n_refs
-        if part.numel() and (int(part.min()) < 0 or int(part.max()) >= limit):
-            raise ValueError(
-                f"indices_tuple[{part_name}] has indices outside [0, {limit}): "
-                f"min {int(part.min())}, max {int(part.max())}"
-            )
-        out.append(part)
+        out.append(part.to(device=device, dtype=torch.long))
+    # One host synchronisation for all range checks.
+    nonempty = [(name, part) for name, part in zip(names, out, strict=True) if part.numel()]
+    if nonempty:
+        bounds = torch.stack([torch.stack(torch.aminmax(part)) for _, part in nonempty]).tolist()
+        for (part_name, _), (low, high) in zip(nonempty, bounds, strict=True):
+            limit = n_anchors if part_name.startswith("a") else n_refs
+            if low < 0 or high >= limit:
+                raise ValueError(
+                    f"indices_tuple[{part_name}] has indices outside [0, {limit}): "
+                    f"min {low}, max {high}"
+                )
     if arity == 3 and not (len(out[0]) == len(out[1]) == len(out[2])):
         raise ValueError(
             "indices_tuple (a, p, n) must have equal lengths, got "

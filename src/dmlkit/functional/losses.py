@@ -73,12 +73,11 @@ def contrastive_loss(
     sign = -1.0 if is_similarity else 1.0
     pos_fn, neg_fn = _hinge(sign, -sign * pos_margin), _hinge(-sign, sign * neg_margin)
     if isinstance(pairs, PairIndices):
-        return reducer.reduce_elementwise(
-            mat[pairs.a1, pairs.p], pos_fn, None
-        ) + reducer.reduce_elementwise(mat[pairs.a2, pairs.n], neg_fn, None)
+        values, pos_w, neg_w = pairs.gather(mat)
+    else:
+        values, pos_w, neg_w = mat, pairs.pos, pairs.neg
     return reduce_elementwise_terms(
-        mat,
-        [ElementwiseTerm(pos_fn, pairs.pos, reducer), ElementwiseTerm(neg_fn, pairs.neg, reducer)],
+        values, [ElementwiseTerm(pos_fn, pos_w, reducer), ElementwiseTerm(neg_fn, neg_w, reducer)]
     )
 
 
@@ -362,24 +361,20 @@ def soft_contrastive_loss(
             n_pos = torch.bincount(pairs.a1, minlength=n_anchors).to(sim.dtype)
             n_neg = torch.bincount(pairs.a2, minlength=n_anchors).to(sim.dtype)
         else:
-            pos_w = pairs.pos.to(sim.dtype, copy=True)
-            neg_w = pairs.neg.to(sim.dtype, copy=True)
-            n_pos, n_neg = pos_w.sum(1), neg_w.sum(1)
+            n_pos, n_neg = pairs.pos.to(sim.dtype).sum(1), pairs.neg.to(sim.dtype).sum(1)
         valid = ((n_pos > 0) & (n_neg > 0)).to(sim.dtype) / n_anchors
-        pos_scale_per_anchor = valid * (2.0 / pos_scale) / n_pos.clamp_min(1.0)
-        neg_scale_per_anchor = valid * (2.0 / neg_scale) / n_neg.clamp_min(1.0)
-        if isinstance(pairs, PairIndices):
-            pos_w = pos_scale_per_anchor[pairs.a1]
-            neg_w = neg_scale_per_anchor[pairs.a2]
-        else:
-            pos_w.mul_(pos_scale_per_anchor[:, None])
-            neg_w.mul_(neg_scale_per_anchor[:, None])
+        pos_per_anchor = valid * (2.0 / pos_scale) / n_pos.clamp_min(1.0)
+        neg_per_anchor = valid * (2.0 / neg_scale) / n_neg.clamp_min(1.0)
     if isinstance(pairs, PairIndices):
-        return total.reduce_elementwise(
-            sim[pairs.a1, pairs.p], pos_fn, pos_w
-        ) + total.reduce_elementwise(sim[pairs.a2, pairs.n], neg_fn, neg_w)
+        values, is_pos, is_neg = pairs.gather(sim)
+        anchors = torch.cat([pairs.a1, pairs.a2])
+        pos_w, neg_w = is_pos * pos_per_anchor[anchors], is_neg * neg_per_anchor[anchors]
+    else:
+        values = sim
+        pos_w = pairs.pos.to(sim.dtype) * pos_per_anchor[:, None]
+        neg_w = pairs.neg.to(sim.dtype) * neg_per_anchor[:, None]
     return reduce_elementwise_terms(
-        sim, [ElementwiseTerm(pos_fn, pos_w, total), ElementwiseTerm(neg_fn, neg_w, total)]
+        values, [ElementwiseTerm(pos_fn, pos_w, total), ElementwiseTerm(neg_fn, neg_w, total)]
     )
 
 

@@ -64,10 +64,8 @@ def _comparable(labels: Tensor, ref_labels: Tensor) -> tuple[Tensor, Tensor]:
     """The labels in the fastest dtype that compares them exactly: float32 below 2^24, float64
     below 2^53, else the integers themselves (integer broadcasting comparisons are ~15× slower
     than float ones on CPU)."""
-    largest = max(
-        int(labels.abs().max()) if labels.numel() else 0,
-        int(ref_labels.abs().max()) if ref_labels.numel() else 0,
-    )
+    both = labels if ref_labels is labels else torch.cat([labels, ref_labels])
+    largest = int(both.abs().max()) if both.numel() else 0
     for dtype, exact in ((torch.float32, 2**24), (torch.float64, 2**53)):
         if largest < exact:
             return labels.to(dtype), ref_labels.to(dtype)
@@ -113,6 +111,18 @@ class PairIndices:
     p: Tensor
     a2: Tensor
     n: Tensor
+
+    def gather(self, mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Both sides' entries of ``mat`` in one gather, with 0/1 indicators of each side.
+
+        Returns:
+            (values, is_pos, is_neg): the positive pairs' entries followed by the negative
+            pairs', and float indicators of which are which.
+        """
+        values = mat[torch.cat([self.a1, self.a2]), torch.cat([self.p, self.n])]
+        is_pos = torch.zeros_like(values.detach())
+        is_pos[: self.a1.numel()] = 1.0
+        return values, is_pos, 1.0 - is_pos
 
     @classmethod
     def from_tuple(cls, indices_tuple: IndicesTuple) -> PairIndices:
