@@ -135,7 +135,9 @@ def _run(loss, emb, labels, indices=None, ref=None, ref_labels=None):
     return value.detach(), emb.grad, None if ref_leaf is None else ref_leaf.grad
 
 
-def _compare(ours, theirs, emb, labels, indices=None, ref=None, ref_labels=None, rtol=1e-5):
+def assert_matches_pml(
+    ours, theirs, emb, labels, indices=None, ref=None, ref_labels=None, rtol=1e-5
+):
     """dmlkit in the inputs' dtype against PML in float64: for float32 inputs this judges
     dmlkit by PML's exact value rather than by PML's own float32 rounding."""
     v1, g1, r1 = _run(ours, emb, labels, indices, ref, ref_labels)
@@ -197,7 +199,7 @@ def test_loss_matches_pml_without_tuples(name: str, layout: str, dtype: torch.dt
         pytest.skip("PML's swap is wrong with ref_emb; see test_triplet_swap_with_reference_set")
     ours, theirs = LOSSES[name](dtype == torch.float64)
     emb, ref = _make(labels, ref_labels, dtype)
-    _compare(ours, theirs, emb, labels, None, ref, ref_labels)
+    assert_matches_pml(ours, theirs, emb, labels, None, ref, ref_labels)
 
 
 @pytest.mark.parametrize("miner_kind", ["ms_pairs", "semihard_triplets", "batch_hard"])
@@ -214,7 +216,7 @@ def test_loss_matches_pml_with_pml_mined_tuples(name: str, layout: str, miner_ki
     if _pml_would_zero(indices):
         pytest.skip("PML returns 0 for at most one pair of each kind")
     ours, theirs = LOSSES[name](True)
-    _compare(ours, theirs, emb, labels, indices, ref, ref_labels)
+    assert_matches_pml(ours, theirs, emb, labels, indices, ref, ref_labels)
 
 
 def test_triplet_swap_with_reference_set() -> None:
@@ -244,7 +246,7 @@ def test_loss_accepts_tuple_without_labels() -> None:
     labels, _ = LAYOUTS["pk_batch"]
     emb, _ = _make(labels, None, torch.float64)
     indices = _mined_by_pml("ms_pairs", emb, labels)
-    _compare(dl.ContrastiveLoss(), pml_losses.ContrastiveLoss(), emb, None, indices)
+    assert_matches_pml(dl.ContrastiveLoss(), pml_losses.ContrastiveLoss(), emb, None, indices)
 
 
 DMLKIT_MINERS = {
@@ -266,7 +268,7 @@ def test_pml_loss_accepts_dmlkit_tuples(name: str, miner: str) -> None:
     indices = DMLKIT_MINERS[miner]()(emb, labels)
     assert all(t.dtype == torch.long for t in indices)
     ours, theirs = LOSSES[name](True)
-    _compare(ours, theirs, emb, labels, indices)
+    assert_matches_pml(ours, theirs, emb, labels, indices)
 
 
 MINER_PAIRS = {

@@ -15,7 +15,7 @@ from test_pml_parity import (
     PML_REF_BROKEN,
     REF_UNSUPPORTED,
     _as_set,
-    _compare,
+    assert_matches_pml,
     _pml_would_zero,
 )
 
@@ -55,7 +55,7 @@ def test_loss_matches_pml_on_random_batches(name: str, batch) -> None:
     ours, theirs = LOSSES[name](True)
     if _pml_would_zero(None, theirs, labels, ref_labels):
         return
-    _compare(ours, theirs, emb, labels, None, ref, ref_labels)
+    assert_matches_pml(ours, theirs, emb, labels, None, ref, ref_labels)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_loss_with_mined_tuples_matches_pml(name: str, batch, miner_name: str) -
     ours, theirs = LOSSES[name](True)
     if _pml_would_zero(indices, theirs):
         return
-    _compare(ours, theirs, emb, labels, indices, ref, ref_labels)
+    assert_matches_pml(ours, theirs, emb, labels, indices, ref, ref_labels)
 
 
 @pytest.mark.parametrize("name", list(MINER_PAIRS))

@@ -12,7 +12,6 @@ from .functional.masks import (
     PairIndices,
     PairWeights,
     batch_pair_weights,
-    label_masks,
     label_weights,
 )
 from .validation import IndicesTuple, check_batch, check_indices_tuple
@@ -81,14 +80,9 @@ class Batch:
         """The (N, M) distance or similarity matrix."""
         return distance(self.embeddings, self.ref_emb)
 
-    def label_masks(self) -> tuple[Tensor, Tensor]:
-        """Bool (N, M) positive and negative masks from the labels (self-pairs excluded)."""
-        if self.labels is None:
-            raise ValueError("labels are required here")
-        return label_masks(self.labels, self.ref_labels)
-
     def label_weights(self) -> tuple[Tensor, Tensor]:
-        """``label_masks`` as 0/1 float weights in the compute dtype."""
+        """0/1 float (N, M) positive and negative pair weights from the labels, in the compute
+        dtype (self-pairs excluded by index)."""
         if self.labels is None:
             raise ValueError("labels are required here")
         return label_weights(self.labels, self.ref_labels, self.embeddings.dtype)
