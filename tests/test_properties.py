@@ -15,8 +15,8 @@ from test_pml_parity import (
     PML_REF_BROKEN,
     REF_UNSUPPORTED,
     _as_set,
-    assert_matches_pml,
     _pml_would_zero,
+    assert_matches_pml,
 )
 
 pytest.importorskip("pytorch_metric_learning")
