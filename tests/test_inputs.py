@@ -199,3 +199,51 @@ def test_mined_tuples_do_not_depend_on_gradients() -> None:
     emb = torch.randn(16, 8, requires_grad=True)
     out = dm.MultiSimilarityMiner()(emb, torch.arange(16) // 4)
     assert all(not t.requires_grad for t in out)
+
+
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+def test_empty_reference_set_and_empty_batch_give_zero(loss_cls) -> None:
+    emb = torch.randn(3, 4, requires_grad=True)
+    labels = torch.tensor([0, 1, 0])
+    cases = [(emb, labels, torch.randn(0, 4), torch.zeros(0, dtype=torch.long))]
+    if loss_cls is dl.NPairsLoss:
+        cases = []
+    cases.append(
+        (torch.randn(0, 4, requires_grad=True), torch.zeros(0, dtype=torch.long), None, None)
+    )
+    for x, y, ref, ref_y in cases:
+        for loss in (
+            loss_cls(),
+            *(
+                [dl.TripletMarginLoss(triplets_per_anchor=2)]
+                if loss_cls is dl.TripletMarginLoss
+                else []
+            ),
+        ):
+            value = loss(x, y, None, ref, ref_y)
+            assert value.item() == 0.0
+            value.backward()
+
+
+@pytest.mark.parametrize("miner_cls", ALL_MINERS, ids=lambda c: c.__name__)
+def test_miners_on_empty_reference_set_and_empty_batch(miner_cls) -> None:
+    emb, labels = torch.randn(3, 4), torch.tensor([0, 1, 0])
+    for args in (
+        (emb, labels, torch.randn(0, 4), torch.zeros(0, dtype=torch.long)),
+        (torch.randn(0, 4), torch.zeros(0, dtype=torch.long)),
+    ):
+        out = miner_cls()(*args)
+        assert all(t.numel() == 0 and t.dtype == torch.long for t in out)
+
+
+def test_masked_logsumexp_fractional_weights() -> None:
+    from dmlkit.functional import masked_logsumexp
+
+    x = torch.tensor([[0.0, 10.0], [1.0, -2.0]], dtype=torch.float64)
+    w = torch.tensor([[1.0, 0.5], [0.0, 2.5]], dtype=torch.float64)
+    lse, nonempty = masked_logsumexp(x, w)
+    expected = torch.log((w * x.exp()).sum(1, keepdim=True))
+    torch.testing.assert_close(lse, expected)
+    assert nonempty.tolist() == [[1.0], [1.0]]
+    lse1, _ = masked_logsumexp(x, w, add_one=True)
+    torch.testing.assert_close(lse1, torch.log1p((w * x.exp()).sum(1, keepdim=True)))

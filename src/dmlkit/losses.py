@@ -219,7 +219,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
 def _sample_triplets(pos: Tensor, neg: Tensor, per_anchor: int) -> tuple[Tensor, Tensor, Tensor]:
     """``per_anchor`` random triplets for every anchor having a positive and a negative: each
     draws a positive and a negative uniformly, with replacement."""
-    anchors = torch.nonzero(pos.amax(1) * neg.amax(1)).squeeze(1)
+    anchors = torch.nonzero(pos.sum(1) * neg.sum(1)).squeeze(1)
     if anchors.numel() == 0:
         empty = torch.empty(0, dtype=torch.long, device=pos.device)
         return empty, empty.clone(), empty.clone()

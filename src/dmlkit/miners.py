@@ -301,7 +301,7 @@ class ASMSMiner(BaseMiner):
             self._tolerances.gamma_neg,
             self.negative_rule,
         )
-        self._num_skipped = int((keep_pos.amax(1) * keep_neg.amax(1) == 0).sum())
+        self._num_skipped = int((keep_pos.sum(1) * keep_neg.sum(1) == 0).sum())
         return mining.pairs_from_masks(keep_pos, keep_neg)
 
     def stats_for(self, mined: MinedTuple, counts: MiningStats) -> MiningStats:

@@ -37,14 +37,14 @@ class _MaskedLogSumExp(torch.autograd.Function):
         ctx: Any, x: Tensor, weights: Tensor, add_one: bool, scale: float, offset: float
     ) -> tuple[Tensor, Tensor]:
         finfo = torch.finfo(x.dtype)
-        lse = x.new_empty(x.shape[0], 1)
-        nonempty = x.new_empty(x.shape[0], 1)
+        lse = x.new_zeros(x.shape[0], 1)
+        nonempty = x.new_zeros(x.shape[0], 1)
         row_maxes = x.new_empty(x.shape[0], 1)
         denominators = x.new_empty(x.shape[0], 1)
-        for block in row_blocks(*x.shape):
+        for block in row_blocks(*x.shape) if x.shape[1] else []:  # no columns: every row empty
             w = weights[block].to(x.dtype)
             # Unselected entries are pushed far below every selected one, only to find the max.
-            buffer = w.clamp_max(1.0)
+            buffer = torch.gt(w, 0.0, out=torch.empty_like(w))
             has_any = buffer.amax(1, keepdim=True)
             buffer.sub_(1.0).mul_(-finfo.min / 2).add_(torch.mul(x[block], scale).add_(offset))
             row_max = buffer.amax(1, keepdim=True).mul_(has_any)

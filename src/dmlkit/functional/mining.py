@@ -24,6 +24,8 @@ def _extreme_selected(
     """(N, 1) row max (``largest``) or min of ``sim`` over the selected entries; ∓max float
     where a row selects nothing. Float arithmetic only (boolean masking is slow on CPU)."""
     big = torch.finfo(sim.dtype).max
+    if sim.shape[1] == 0:  # no references: nothing is selected in any row
+        return sim.new_full((sim.shape[0], 1), -big if largest else big)
     buffer = torch.sub(1.0, selected, out=buffer)
     buffer.mul_(-big if largest else big).add_(sim)
     return buffer.amax(1, keepdim=True) if largest else buffer.amin(1, keepdim=True)
@@ -162,6 +164,9 @@ def batch_hard_triplets(sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, 
         (a, p, n) index tensors.
     """
     pos, neg = pos.to(sim.dtype), neg.to(sim.dtype)
+    if sim.shape[1] == 0:
+        empty = torch.empty(0, dtype=torch.long, device=sim.device)
+        return empty, empty.clone(), empty.clone()
     big = torch.finfo(sim.dtype).max
     p = torch.sub(1.0, pos).mul_(big).add_(sim).min(1).indices
     n = torch.sub(1.0, neg).mul_(-big).add_(sim).max(1).indices
