@@ -46,7 +46,7 @@ class Reducer:
             A scalar tensor attached to the graph of ``losses``.
         """
         with torch.no_grad():
-            w = self._weights(losses, weights)
+            w = self.effective_weights(losses, weights)
         if w is None:
             total, count = losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)
         else:
@@ -55,7 +55,8 @@ class Reducer:
             total, count = (losses * w).sum(), w.sum()
         return self.finish(total, count)
 
-    def _weights(self, losses: Tensor, weights: Tensor | None) -> Tensor | None:
+    def effective_weights(self, losses: Tensor, weights: Tensor | None) -> Tensor | None:
+        """The given weights times this reducer's selection, in the losses' dtype."""
         kept = self.keep(losses)
         if weights is None:
             return kept
@@ -156,11 +157,7 @@ class ElementwiseTerm:
 
     def weights_for(self, rows: slice, values: Tensor, weights: Tensor | None) -> Tensor | None:
         """The block's effective weights: the given ones times the reducer's selection."""
-        kept = self.reducer.keep(values)
-        if weights is None:
-            return kept
-        w = weights[rows].to(values.dtype)
-        return w if kept is None else kept.mul_(w)
+        return self.reducer.effective_weights(values, None if weights is None else weights[rows])
 
 
 def reduce_elementwise_terms(x: Tensor, terms: list[ElementwiseTerm]) -> Tensor:
