@@ -429,11 +429,13 @@ class FaissKNN:
         }[self.index]
         return f"faiss {self.index} ({detail}, {self.metric})"
 
-    def _build(self, ref: np.ndarray, k: int) -> Any:
+    def _build(self, ref: np.ndarray, k: int) -> tuple[Any, Any]:
+        """The filled index, and its coarse quantizer (which must outlive it) or None."""
         faiss = _import_faiss()
         dim = ref.shape[1]
         inner = self.metric != "euclidean"
         measure = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
+        quantizer = None
         if self.index == "flat":
             index = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
         elif self.index == "ivf":
@@ -442,12 +444,11 @@ class FaissKNN:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, measure)
             index.train(ref)
             index.nprobe = min(self.nprobe, nlist)
-            index._dmlkit_quantizer = quantizer  # keep it alive as long as the index
         else:
             index = faiss.IndexHNSWFlat(dim, self.hnsw_m, measure)
             index.hnsw.efSearch = max(self.ef_search, k + 1)
         index.add(ref)
-        return index
+        return index, quantizer
 
     def search(
         self,
@@ -469,7 +470,7 @@ class FaissKNN:
         q_emb, _ = _prepared(query.detach(), self.metric)
         r_emb = q_emb if reference is None else _prepared(reference.detach(), self.metric)[0]
         q_np = np.ascontiguousarray(q_emb.cpu().numpy())
-        index = self._build(np.ascontiguousarray(r_emb.cpu().numpy()), k)
+        index, _quantizer = self._build(np.ascontiguousarray(r_emb.cpu().numpy()), k)
         wanted = k + int(exclude_self)
         for i in range(0, q_np.shape[0], self.block_size):
             raw_scores, raw_indices = index.search(q_np[i : i + self.block_size], wanted)
