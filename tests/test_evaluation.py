@@ -376,8 +376,10 @@ def test_approximate_faiss_indexes_say_so_and_stay_close(index):
         (lambda x, y: evaluate(x, y[:-1]), "query_labels has length"),
         (lambda x, y: evaluate(x.clone().index_fill_(0, torch.tensor([3]), math.nan), y), "NaN"),
         (lambda x, y: evaluate(x.clone().index_fill_(0, torch.tensor([3]), math.inf), y), "Inf"),
-        (lambda x, y: evaluate(x, y, torch.randn(5, 7), torch.zeros(5, dtype=torch.long)),
-         "dimension"),
+        (
+            lambda x, y: evaluate(x, y, torch.randn(5, 7), torch.zeros(5, dtype=torch.long)),
+            "dimension",
+        ),
         (lambda x, y: evaluate(x, y, metrics=("precision_at_2",)), "known metrics: precision_at_1"),
         (lambda x, y: evaluate(x, y, recall_at=(50,)), "only 19 candidates"),
         (lambda x, y: evaluate(x, y, k=20), "only 19 candidates"),
@@ -385,10 +387,12 @@ def test_approximate_faiss_indexes_say_so_and_stay_close(index):
         (lambda x, y: AccuracyCalculator(include=("recall",)), "known metrics"),
         (lambda x, y: evaluate(x, y.float()), "integer dtype"),
         (lambda x, y: evaluate(x, y, x), "without reference_labels"),
-        (lambda x, y: evaluate(x[:5], y[:5], x.flip(0), y, ref_includes_query=True),
-         "first len\\(query\\) rows"),
+        (
+            lambda x, y: evaluate(x[:5], y[:5], x.flip(0), y, ref_includes_query=True),
+            "first len\\(query\\) rows",
+        ),
         (lambda x, y: evaluate(x, y, average="median"), "average"),
-    ],  # fmt: skip
+    ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
     x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
