@@ -134,28 +134,34 @@ class _TopK:
         view = tile.T if transposed else tile
         scores = view[:n_rows]
         n_cols = scores.shape[1]
-        group = _group_size(n_cols, self.k)
-        if transposed:  # reduce along the base tile's rows, which is the fast direction
-            group_max = tile.unflatten(0, (n_cols // group, group)).amax(1).T[:n_rows]
+        group, merge = _group_sizes(n_cols, self.k)
+        n_groups = n_cols // group
+        # Group g holds columns g, g + n_groups, g + 2·n_groups, …: interleaved, so each group
+        # maximum is an elementwise maximum of contiguous slabs, the fast reduction.
+        if transposed:
+            group_max = tile.view(group, n_groups, tile.shape[1]).amax(0).T[:n_rows]
         else:
-            group_max = scores.unflatten(1, (n_cols // group, group)).amax(-1)
+            group_max = scores.view(n_rows, group, n_groups).amax(1)
         # Finite floors keep out −inf scores: self-matches and padding, never needed since
         # k is at most the number of real references.
         floor = self.floor[row0 : row0 + n_rows].clamp_min(_LOWEST_FLOAT)
-        if group_max.shape[1] >= self.k:
-            # The tile's own k best groups hold k scores at least their k-th maximum.
-            floor = torch.maximum(floor, group_max.topk(self.k, dim=1, sorted=False).values.amin(1))
+        if n_groups >= self.k:
+            # Any k group maxima are k scores of the tile, so the k-th largest maximum of
+            # coarser groups (``merge`` groups each) bounds the tile's k-th score from below.
+            coarse = group_max.view(n_rows, merge, n_groups // merge).amax(1)
+            bound = coarse.topk(self.k, dim=1, sorted=False).values.amin(1)
+            floor = torch.maximum(floor, bound)
         hits = (group_max >= floor[:, None]).nonzero()
         if hits.shape[0] == 0:
             return
         hit_rows = hits[:, 0]
-        cols = hits[:, 1:] * group + torch.arange(group, device=tile.device)
-        flat = hit_rows[:, None] * view.stride(0) + cols * view.stride(1)
-        values = torch.take(tile, flat)
+        cols = hits[:, 1:] + torch.arange(0, n_cols, n_groups, device=tile.device)
+        values = torch.take(tile, hit_rows[:, None] * view.stride(0) + cols * view.stride(1))
         keep = (values >= floor[hit_rows][:, None]).flatten().nonzero().squeeze(1)
         rows = hit_rows[keep // group]
-        cols = cols.flatten()[keep] + col0
+        cols = cols.flatten()[keep]
         values = values.flatten()[keep]
+        cols = cols + col0
         if self.best_positive is not None:
             assert self.query_labels is not None and self.ref_labels is not None
             positive = self.ref_labels[cols] == self.query_labels[rows + row0]
@@ -186,14 +192,20 @@ class _TopK:
         )
 
 
-def _group_size(n_cols: int, k: int) -> int:
-    """Columns per group: 64 where the tile has many groups per wanted neighbour, fewer if not."""
+def _group_sizes(n_cols: int, k: int) -> tuple[int, int]:
+    """Columns per group, and groups per coarse group for the tile's lower bound.
+
+    Groups are small enough that k of them (what a list that is still filling gathers) are a
+    small part of a row, and coarse groups number at least 2k where possible.
+    """
     group = 64
-    while group > 8 and n_cols // group < 4 * k:
+    while group > 1 and (group * k * 8 > n_cols or n_cols % group):
         group //= 2
-    while n_cols % group:
-        group //= 2
-    return group
+    n_groups = n_cols // group
+    merge = 1
+    while n_groups % (2 * merge) == 0 and n_groups // (2 * merge) >= 2 * k:
+        merge *= 2
+    return group, merge
 
 
 def _padded(x: Tensor, offset: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -286,7 +298,9 @@ class TorchKNN:
             yield from self._streamed(query, ref, k, exclude_self, q_labels, r_labels)
 
     def _tile_size(self, n: int) -> int:
-        return min(self.block_size, _round_up(n, 64))
+        """At most ``block_size``, a multiple of 64, and splitting n into near-equal tiles."""
+        n_tiles = -(-n // self.block_size)
+        return _round_up(-(-n // n_tiles), 64)
 
     def _symmetric(self, x: Tensor, k: int, labels: Tensor | None) -> Iterator[NeighbourBlock]:
         n = x.shape[0]
