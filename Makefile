@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-eval
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ test: lint
 
 bench: setup
 	$(BIN)/python benchmarks/losses.py
+
+bench-eval: setup
+	$(BIN)/python benchmarks/evaluation.py

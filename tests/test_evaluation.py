@@ -147,6 +147,9 @@ def test_lists_do_not_depend_on_block_size_and_repeat_exactly():
     ]
     for run in runs[1:]:
         assert torch.equal(run, runs[0])
+    # Labels only reorder the work (classes first); the lists stay the same.
+    unlabelled = torch.cat([b.indices for b in TorchKNN(block_size=512).search(x, 11)])
+    assert torch.equal(unlabelled, runs[0])
 
 
 def test_self_is_excluded_by_index_not_by_value():

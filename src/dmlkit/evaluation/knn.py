@@ -106,7 +106,19 @@ class _TopK:
         device: torch.device,
         query_labels: Tensor | None,
         ref_labels: Tensor | None,
+        ref_index: Tensor | None = None,
     ) -> None:
+        """Empty lists for ``n_rows`` queries.
+
+        Args:
+            n_rows: Number of query rows.
+            k: List length.
+            device: Device of the lists.
+            query_labels: Labels of the rows, to track the best same-label score; or None.
+            ref_labels: Labels of the tile columns' references; or None.
+            ref_index: Reference index of each column position, when the references were
+                reordered (the lists and their tie order use these indices); None for identity.
+        """
         # The lowest key a real entry can beat: score −inf and an index no reference has.
         self._empty_key = _encode(
             torch.full((1,), -math.inf, device=device), torch.full((1,), _LOW32, device=device)
@@ -117,6 +129,7 @@ class _TopK:
         self.floor = torch.full((n_rows,), -math.inf, device=device)
         self.query_labels = query_labels
         self.ref_labels = ref_labels
+        self.ref_index = ref_index
         self.best_positive = (
             torch.full((n_rows,), -math.inf, device=device) if ref_labels is not None else None
         )
@@ -134,6 +147,11 @@ class _TopK:
         view = tile.T if transposed else tile
         scores = view[:n_rows]
         n_cols = scores.shape[1]
+        # Finite floors keep out −inf scores: self-matches and padding, never needed since
+        # k is at most the number of real references.
+        floor = self.floor[row0 : row0 + n_rows]
+        filling = not bool(torch.isfinite(floor).all())
+        floor = floor.clamp_min(_LOWEST_FLOAT)
         group, merge = _group_sizes(n_cols, self.k)
         n_groups = n_cols // group
         # Group g holds columns g, g + n_groups, g + 2·n_groups, …: interleaved, so each group
@@ -142,12 +160,10 @@ class _TopK:
             group_max = tile.view(group, n_groups, tile.shape[1]).amax(0).T[:n_rows]
         else:
             group_max = scores.view(n_rows, group, n_groups).amax(1)
-        # Finite floors keep out −inf scores: self-matches and padding, never needed since
-        # k is at most the number of real references.
-        floor = self.floor[row0 : row0 + n_rows].clamp_min(_LOWEST_FLOAT)
-        if n_groups >= self.k:
-            # Any k group maxima are k scores of the tile, so the k-th largest maximum of
-            # coarser groups (``merge`` groups each) bounds the tile's k-th score from below.
+        if filling and n_groups >= self.k:
+            # Lists still filling would take every score of the tile. But any k group maxima
+            # are k scores of the tile, so the k-th largest maximum of coarser groups
+            # (``merge`` groups each) bounds the tile's k-th score from below.
             coarse = group_max.view(n_rows, merge, n_groups // merge).amax(1)
             bound = coarse.topk(self.k, dim=1, sorted=False).values.amin(1)
             floor = torch.maximum(floor, bound)
@@ -166,7 +182,8 @@ class _TopK:
             assert self.query_labels is not None and self.ref_labels is not None
             positive = self.ref_labels[cols] == self.query_labels[rows + row0]
             self.best_positive.scatter_reduce_(0, rows[positive] + row0, values[positive], "amax")
-        self._merge(rows + row0, _encode(values, cols))
+        indices = cols if self.ref_index is None else self.ref_index[cols]
+        self._merge(rows + row0, _encode(values, indices))
 
     def _merge(self, rows: Tensor, keys: Tensor) -> None:
         """Merges candidate keys into the lists of ``rows`` (sorted ascending, repeats allowed)."""
@@ -184,12 +201,11 @@ class _TopK:
         self.keys[unique_rows] = merged
         self.floor[unique_rows] = _decode_scores(merged[:, -1])
 
-    def block(self, start: int, stop: int, query_offset: int = 0) -> NeighbourBlock:
-        keys = self.keys[start:stop]
-        best = None if self.best_positive is None else self.best_positive[start:stop]
-        return NeighbourBlock(
-            query_offset + start, _decode_indices(keys), _decode_scores(keys), best
-        )
+    def block(self, rows: slice | Tensor, start: int) -> NeighbourBlock:
+        """The lists of ``rows`` (positions in these lists) as the block of queries at ``start``."""
+        keys = self.keys[rows]
+        best = None if self.best_positive is None else self.best_positive[rows]
+        return NeighbourBlock(start, _decode_indices(keys), _decode_scores(keys), best)
 
 
 def _group_sizes(n_cols: int, k: int) -> tuple[int, int]:
@@ -306,29 +322,42 @@ class TorchKNN:
         n = x.shape[0]
         tile_size = self._tile_size(n)
         size = _round_up(n, tile_size)
+        # Sorted by label, a class sits in one or two tiles; visiting the diagonal tiles first
+        # then fills each list with most of its class, a high floor that lets later tiles pass
+        # few candidates. Keys keep the original indices, so the order changes no result.
+        order = None
+        if labels is not None:
+            order = torch.argsort(labels, stable=True)
+            x, labels = x[order], labels[order]
         emb, offset = _padded(*_prepared(x, self.metric), size)
-        lists = _TopK(size, k, emb.device, labels, labels)
+        lists = _TopK(size, k, emb.device, labels, labels, ref_index=order)
         tile = emb.new_empty(tile_size, tile_size)
         starts = range(0, size, tile_size)
-        for i in starts:
+        pairs = [(i, i) for i in starts] + [(i, j) for i in starts for j in starts if j > i]
+        for i, j in pairs:
             rows_i = max(0, min(tile_size, n - i))
-            for j in starts[i // tile_size :]:
-                rows_j = max(0, min(tile_size, n - j))
-                _score_tile(
-                    tile,
-                    emb[i : i + tile_size],
-                    offset[i : i + tile_size],
-                    emb[j : j + tile_size],
-                    offset[j : j + tile_size],
-                )
-                if i == j:
-                    tile.fill_diagonal_(-math.inf)
-                if rows_i:
-                    lists.update(tile, False, i, rows_i, j)
-                if i != j and rows_j:
-                    lists.update(tile, True, j, rows_j, i)
+            rows_j = max(0, min(tile_size, n - j))
+            _score_tile(
+                tile,
+                emb[i : i + tile_size],
+                offset[i : i + tile_size],
+                emb[j : j + tile_size],
+                offset[j : j + tile_size],
+            )
+            if i == j:
+                tile.fill_diagonal_(-math.inf)
+            if rows_i:
+                lists.update(tile, False, i, rows_i, j)
+            if i != j and rows_j:
+                lists.update(tile, True, j, rows_j, i)
+        position: Tensor | None = None  # where each query's list sits
+        if order is not None:
+            position = torch.empty_like(order)
+            position[order] = torch.arange(n, device=order.device)
         for start in range(0, n, tile_size):
-            yield lists.block(start, min(n, start + tile_size))
+            stop = min(n, start + tile_size)
+            rows = slice(start, stop) if position is None else position[start:stop]
+            yield lists.block(rows, start)
 
     def _streamed(
         self,
@@ -356,7 +385,7 @@ class TorchKNN:
                 if exclude_self:
                     scores.diagonal(i - j).fill_(-math.inf)
                 lists.update(scores, False, 0, rows, j)
-            yield lists.block(0, rows, query_offset=i)
+            yield lists.block(slice(0, rows), i)
 
     def _dense(
         self,
