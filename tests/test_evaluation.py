@@ -302,24 +302,41 @@ def test_per_class_average_and_values():
 # ---------------------------------------------------------------- Recall@K, all search paths
 
 
-def recall_oracle(x, labels, ks):
-    scores = -torch.cdist(x.double(), x.double()).pow(2) / 2
-    scores.fill_diagonal_(-math.inf)
-    same = labels[:, None] == labels[None, :]
-    same.fill_diagonal_(False)
+def recall_oracle(query, q_labels, ks, reference=None, r_labels=None, exclude_self=True):
+    ref, r_lab = (query, q_labels) if reference is None else (reference, r_labels)
+    scores = -torch.cdist(query.double(), ref.double()).pow(2) / 2
+    same = q_labels[:, None] == r_lab[None, :]
+    if exclude_self:
+        scores.diagonal().fill_(-math.inf)
+        same.diagonal().fill_(False)
     best = scores.masked_fill(~same, -math.inf).amax(1)
     above = ((scores > best[:, None]) & ~same).sum(1)
     keep = same.any(1)
     return {k: float((above[keep] < k).double().mean()) for k in ks}
 
 
+# Cut-offs above 32 are counted for the queries their lists cannot decide: a second code path.
+@pytest.mark.parametrize("ks", [(1, 2, 4, 8), (1, 40, 100)])
 @pytest.mark.parametrize("block_size", [8, 64, 4096])
 @pytest.mark.parametrize("n", [200, 2000])
-def test_recall_at_k_tie_rule_against_brute_force(block_size, n):
+def test_recall_at_k_tie_rule_against_brute_force(ks, block_size, n):
     x, labels = tie_heavy(n, 3, n // 20, seed=2)
-    result = evaluate(x, labels, metrics=("recall_at_k",), recall_at=(1, 2, 4, 8),
+    result = evaluate(x, labels, metrics=("recall_at_k",), recall_at=ks,
                       knn=TorchKNN(block_size=block_size))  # fmt: skip
-    expected = recall_oracle(x, labels, (1, 2, 4, 8))
+    expected = recall_oracle(x, labels, ks)
+    for k, value in expected.items():
+        assert result[f"recall_at_{k}"] == pytest.approx(value, abs=1e-12)
+
+
+@pytest.mark.parametrize("ref_includes_query", [False, True])
+def test_recall_at_large_k_with_a_separate_reference(ref_includes_query):
+    x, labels = tie_heavy(1500, 3, 60, seed=4)
+    query, q_labels = x[:300], labels[:300]
+    reference, r_labels = (x, labels) if ref_includes_query else (x[300:], labels[300:])
+    ks = (1, 5, 50, 200)
+    result = evaluate(query, q_labels, reference, r_labels, ref_includes_query=ref_includes_query,
+                      metrics=("recall_at_k",), recall_at=ks)  # fmt: skip
+    expected = recall_oracle(query, q_labels, ks, reference, r_labels, ref_includes_query)
     for k, value in expected.items():
         assert result[f"recall_at_{k}"] == pytest.approx(value, abs=1e-12)
 

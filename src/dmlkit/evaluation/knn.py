@@ -359,6 +359,54 @@ class TorchKNN:
             rows = slice(start, stop) if position is None else position[start:stop]
             yield lists.block(rows, start)
 
+    def count_above_best_positive(
+        self,
+        query: Tensor,
+        query_labels: Tensor,
+        reference: Tensor,
+        reference_labels: Tensor,
+        self_index: Tensor | None = None,
+    ) -> Tensor:
+        """Per query, how many references score strictly above its best same-label reference.
+
+        Two streamed passes over the references (the best same-label score, then the count),
+        for the few queries whose neighbour lists are too short to tell (Recall@K for large K).
+
+        Args:
+            query: (Q, D) query embeddings.
+            query_labels: (Q,) labels.
+            reference: (R, D) references.
+            reference_labels: (R,) their labels.
+            self_index: (Q,) each query's own reference index, excluded; None for none.
+
+        Returns:
+            (Q,) int64 counts (all references when a query has no same-label reference).
+        """
+        q_emb, q_offset = _prepared(query, self.metric)
+        r_emb, r_offset = _prepared(reference, self.metric)
+        tile_size = self._tile_size(max(query.shape[0], reference.shape[0]))
+        best = torch.full((query.shape[0],), -math.inf, device=query.device)
+        count = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+        for counting in (False, True):
+            for i in range(0, query.shape[0], tile_size):
+                rows = slice(i, i + tile_size)
+                for j in range(0, reference.shape[0], tile_size):
+                    cols = slice(j, j + tile_size)
+                    scores = q_emb[rows] @ r_emb[cols].T
+                    scores.sub_(q_offset[rows, None]).sub_(r_offset[None, cols])
+                    if self_index is not None:
+                        local = self_index[rows] - j
+                        own = ((local >= 0) & (local < scores.shape[1])).nonzero().squeeze(1)
+                        scores[own, local[own]] = -math.inf
+                    if counting:
+                        count[rows] += (scores > best[rows, None]).sum(1)
+                    else:
+                        same = reference_labels[None, cols] == query_labels[rows, None]
+                        best[rows] = torch.maximum(
+                            best[rows], scores.masked_fill(~same, -math.inf).amax(1)
+                        )
+        return count
+
     def _streamed(
         self,
         query: Tensor,

@@ -106,34 +106,45 @@ def reciprocal_rank(correct: Tensor, k: int) -> Tensor:
     return torch.where(head.amax(1) > 0, 1.0 / first, 0.0)
 
 
-def recall_at_k(
-    scores: Tensor, correct: Tensor, best_positive: Tensor | None, ks: Sequence[int]
+def count_above_best_positive(
+    scores: Tensor, correct: Tensor, best_positive: Tensor | None
 ) -> Tensor:
-    """Recall@K as DML papers compute it, with ties in the query's favour.
+    """Per query, ``c``: how many other-label references score strictly above ``s⁺``.
 
-    With ``s⁺`` the query's best score to any same-label reference and ``c`` the number of
-    other-label references whose score is strictly greater than ``s⁺``, the query is a hit at K
-    when ``c < K``. Without ties this is "a same-label item among the K nearest".
-
-    ``c`` is read off the list: when ``s⁺`` is at least the list's last score, every reference
-    scoring above ``s⁺`` is listed; otherwise every listed score exceeds ``s⁺`` and ``c`` is at
-    least the list length. So the lists must be at least ``max(ks)`` long.
+    ``s⁺`` is the query's best score to a same-label reference. ``c`` is read off the list: when
+    ``s⁺`` is at least the list's last score, every reference scoring above ``s⁺`` is listed;
+    otherwise every listed score exceeds ``s⁺``, and the returned k (the list length) means
+    "at least k".
 
     Args:
         scores: (B, k) neighbour scores, higher nearer, in list order.
         correct: (B, k) 0/1 relevance of the ranked neighbours.
         best_positive: (B,) ``s⁺`` where the search tracked it (exact when ≥ ``scores[:, -1]``);
-            None to take it from the first relevant item in the list (a query with none listed
-            is a miss).
-        ks: The cut-offs K, each at most k.
+            None to take it from the first relevant item in the list.
 
     Returns:
-        (B, len(ks)) float64 0/1 hits.
+        (B,) int64 counts, capped at k.
     """
     if best_positive is None:
         has_positive = correct.any(1)
         first = torch.argmax(correct.to(torch.uint8), dim=1, keepdim=True)
         best_positive = torch.where(has_positive, scores.gather(1, first).squeeze(1), -torch.inf)
-    above = (scores > best_positive[:, None]).sum(1)
-    cutoffs = torch.as_tensor(list(ks), device=scores.device)
+    return (scores > best_positive[:, None]).sum(1)
+
+
+def recall_at_k(above: Tensor, ks: Sequence[int]) -> Tensor:
+    """Recall@K as DML papers compute it, with ties in the query's favour.
+
+    With ``s⁺`` the query's best score to any same-label reference and ``c`` the number of
+    other-label references scoring strictly above ``s⁺``, the query is a hit at K when
+    ``c < K``. Without ties this is "a same-label item among the K nearest".
+
+    Args:
+        above: (B,) ``c`` of each query (:func:`count_above_best_positive`, exact below each K).
+        ks: The cut-offs K.
+
+    Returns:
+        (B, len(ks)) float64 0/1 hits.
+    """
+    cutoffs = torch.as_tensor(list(ks), device=above.device)
     return (above[:, None] < cutoffs).to(torch.float64)

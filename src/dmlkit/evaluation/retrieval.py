@@ -34,6 +34,10 @@ KNN_METRICS = (
 CLUSTERING_METRICS = ("NMI", "AMI")
 ALL_METRICS = KNN_METRICS + CLUSTERING_METRICS
 DEFAULT_METRICS = ("precision_at_1", "recall_at_k", "r_precision", "mean_average_precision_at_r")
+# Recall@K cut-offs up to this are read off the neighbour lists; larger ones are counted for the
+# queries whose lists are too short to tell.
+_LISTED_RECALL = 32
+_ABOVE = "_above"  # per-query values key of the Recall@K counts
 # From this many references on, the default Recall@K cut-offs are SOP's rather than CUB's.
 LARGE_REFERENCE_SET = 10_000
 Average = Literal["query", "class"]
@@ -86,7 +90,8 @@ class Requests:
         r_depth = max_relevant if self.r_precision or self.map_at_r else 0
         if self.r_cap is not None:
             r_depth = min(r_depth, self.r_cap)
-        cutoffs = (*self.precision_at, *self.recall_at, self.map_at or 0, self.mrr_at or 0)
+        listed_recall = [k for k in self.recall_at if k <= _LISTED_RECALL]
+        cutoffs = (*self.precision_at, *listed_recall, self.map_at or 0, self.mrr_at or 0)
         return max(r_depth, *cutoffs, 1)
 
 
@@ -207,11 +212,42 @@ def per_query_values(
         relevant = num_relevant[rows].clamp_min(1).to(torch.float64)
         for name, value in _block_values(block, correct, relevant, requests).items():
             values.setdefault(name, []).append(value)
-    return PerQuery(
-        {name: torch.cat(parts) for name, parts in values.items()},
-        query_labels,
-        num_relevant <= 0,
-        depth,
+    per_query = {name: torch.cat(parts) for name, parts in values.items()}
+    lone = num_relevant <= 0
+    if requests.recall_at:
+        above = per_query.pop(_ABOVE)
+        if max(requests.recall_at) > depth:
+            _count_beyond_lists(above, depth, lone, query, query_labels, reference,
+                                reference_labels, ref_includes_query, knn)  # fmt: skip
+        hits = M.recall_at_k(above, requests.recall_at)
+        for column, k in enumerate(requests.recall_at):
+            per_query[f"recall_at_{k}"] = hits[:, column]
+    return PerQuery(per_query, query_labels, lone, depth)
+
+
+def _count_beyond_lists(
+    above: Tensor,
+    depth: int,
+    lone: Tensor,
+    query: Tensor,
+    query_labels: Tensor,
+    reference: Tensor | None,
+    reference_labels: Tensor,
+    ref_includes_query: bool,
+    knn: KNNBackend,
+) -> None:
+    """Replaces the capped Recall@K counts of queries whose best positive is below their list."""
+    undecided = ((above >= depth) & ~lone).nonzero().squeeze(1)
+    if undecided.numel() == 0:
+        return
+    counter = knn if isinstance(knn, TorchKNN) else TorchKNN(getattr(knn, "metric", "euclidean"))
+    exclude_self = reference is None or ref_includes_query
+    above[undecided] = counter.count_above_best_positive(
+        query[undecided],
+        query_labels[undecided],
+        query if reference is None else reference,
+        reference_labels,
+        self_index=undecided if exclude_self else None,
     )
 
 
@@ -222,9 +258,7 @@ def _block_values(
     for k in requests.precision_at:
         out["precision_at_1" if k == 1 else f"precision_at_{k}"] = M.precision_at_k(correct, k)
     if requests.recall_at:
-        hits = M.recall_at_k(block.scores, correct, block.best_positive, requests.recall_at)
-        for column, k in enumerate(requests.recall_at):
-            out[f"recall_at_{k}"] = hits[:, column]
+        out[_ABOVE] = M.count_above_best_positive(block.scores, correct, block.best_positive)
     r_correct = correct if requests.r_cap is None else correct[:, : requests.r_cap]
     if requests.r_precision:
         out["r_precision"] = M.r_precision(r_correct, relevant)
