@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlkit.functional import cosine_similarity_matrix
+from dmlkit.evaluation import TorchKNN, evaluate
 from dmlkit.losses import SoftContrastiveLoss
 from dmlkit.miners import ATASMSMiner
 
@@ -68,12 +68,11 @@ def retrieval(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     """Precision@1 and MAP@R, each image querying all others (itself excluded by index)."""
     model.eval()
     with torch.no_grad():
-        sim = cosine_similarity_matrix(model(x)).fill_diagonal_(float("-inf"))
+        embeddings = model(x)
     model.train()
-    r = DRAWERS - 1  # every test class has 20 images: R = 19 other relevant items
-    hits = (y[sim.topk(r, dim=1).indices] == y[:, None]).float()
-    precision_at_i = hits.cumsum(1) / torch.arange(1, r + 1)
-    return hits[:, 0].mean().item(), ((precision_at_i * hits).sum(1) / r).mean().item()
+    result = evaluate(embeddings, y, knn=TorchKNN("cosine"),
+                      metrics=("precision_at_1", "mean_average_precision_at_r"))  # fmt: skip
+    return result["precision_at_1"], result["mean_average_precision_at_r"]
 
 
 def main() -> None:
