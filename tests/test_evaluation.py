@@ -287,6 +287,28 @@ def test_all_lone_queries_give_nan_with_a_warning():
     assert len(out["r_precision"]) == 4 and all(math.isnan(v) for v in out["r_precision"])
 
 
+@pytest.mark.parametrize("k", [None, "max_bin_count", 1])
+def test_all_lone_queries_give_nan_for_every_k(k):
+    x, labels = torch.randn(6, 3), torch.arange(6)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        out = AccuracyCalculator(k=k, exclude=("NMI", "AMI")).get_accuracy(x, labels)
+    assert all(math.isnan(value) for value in out.values())
+    # A separate reference that shares no label with the queries: every query is lone too.
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        out = AccuracyCalculator(k="max_bin_count", include=("precision_at_1",)).get_accuracy(
+            x[:3], labels[:3], x[3:], labels[3:]
+        )
+    assert math.isnan(out["precision_at_1"])
+
+
+def test_result_keys_follow_the_requested_order():
+    x, labels = clustered(100, 4, (2, 10), noise=0.5)
+    names = ("mean_average_precision_at_r", "recall_at_k", "precision_at_1")
+    result = evaluate(x, labels, metrics=names, recall_at=(1, 2))
+    assert list(result.metrics) == ["mean_average_precision_at_r", "recall_at_1", "recall_at_2",
+                                    "precision_at_1"]  # fmt: skip
+
+
 def test_per_class_average_and_values():
     # 1-D: class 0 at 0, 0.1, 0.22; class 1 at 5, 5.1, 5.2 and one stray at 0.15.
     x = torch.tensor([[0.0], [0.1], [0.22], [5.0], [5.1], [0.15], [5.2]])
@@ -412,6 +434,13 @@ def test_approximate_faiss_indexes_say_so_and_stay_close(index):
             "first len\\(query\\) rows",
         ),
         (lambda x, y: evaluate(x, y, average="median"), "average"),
+        (lambda x, y: evaluate(x * 1e20, y), "too large for float32"),
+        (lambda x, y: evaluate(x[:0], y[:0], x, y), "query is empty"),
+        (lambda x, y: evaluate(x, y, x[:0], y[:0]), "reference is empty"),
+        (lambda x, y: evaluate(x, y, metrics="r_precision"), "not a string"),
+        (lambda x, y: evaluate(x, y, metrics=("recall_at_k",), recall_at=()), "cut-off"),
+        (lambda x, y: next(TorchKNN().search(x, 20)), "k must be an integer in \\[1, 19\\]"),
+        (lambda x, y: next(TorchKNN().search(x, 0)), "k must be"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .clustering import KMeansFunction, clustering_scores
-from .knn import NeighbourBlock, TorchKNN
+from .knn import Metric, NeighbourBlock, TorchKNN
 from .retrieval import (
     Average,
     KNNBackend,
@@ -41,6 +41,7 @@ class _PMLStyleKNN:
     """Adapts PML's ``knn_func(query, k, reference, ref_includes_query) -> (dists, indices)``."""
 
     exact = True
+    metric: Metric = "euclidean"  # PML's default ranking; unused, as no metric here recounts
 
     def __init__(self, knn_func: PMLKnnFunction) -> None:
         self.knn_func = knn_func
@@ -209,22 +210,26 @@ class AccuracyCalculator:
                     f"k={length} neighbours asked for, but the reference set has only "
                     f"{n_ref - int(exclude_self)} candidates per query"
                 )
-            requests = Requests(
-                precision_at=(1,) if "precision_at_1" in names else (),
-                r_precision="r_precision" in names,
-                map_at_r="mean_average_precision_at_r" in names,
-                map_at=length if "mean_average_precision" in names else None,
-                mrr_at=length if "mean_reciprocal_rank" in names else None,
-                r_cap=length,
-            )
-            depth = min(requests.depth(int(relevant.max())), length)
-            values = per_query_values(q, q_labels, ref, r_labels, ref_includes_query, relevant,
-                                      self.knn, requests, depth)  # fmt: skip
+            if length < 1:  # every query is lone: nothing to search, every kNN metric is NaN
+                lone = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+                per_query = {name: torch.full_like(lone, math.nan, dtype=torch.float64)
+                             for name in knn_names}  # fmt: skip
+            else:
+                requests = Requests(
+                    precision_at=(1,) if "precision_at_1" in names else (),
+                    r_precision="r_precision" in names,
+                    map_at_r="mean_average_precision_at_r" in names,
+                    map_at=length if "mean_average_precision" in names else None,
+                    mrr_at=length if "mean_reciprocal_rank" in names else None,
+                    r_cap=length,
+                )
+                depth = min(requests.depth(int(relevant.max())), length)
+                values = per_query_values(q, q_labels, ref, r_labels, ref_includes_query,
+                                          relevant, self.knn, requests, depth)  # fmt: skip
+                per_query, lone = values.values, values.lone
             average: Average = "class" if self.avg_of_avgs else "query"
             for name in knn_names:
-                value, per_class = averaged(
-                    values.values[name], values.labels, ~values.lone, average
-                )
+                value, per_class = averaged(per_query[name], q_labels, ~lone, average)
                 warn_if_empty(name, value)
                 out[name] = self._per_class_list(per_class, q_labels) if self.return_per_class \
                     else value  # fmt: skip

@@ -70,9 +70,14 @@ def _prepared(x: Tensor, metric: Metric) -> tuple[Tensor, Tensor]:
     x = x.float()
     if metric == "cosine":
         x = F.normalize(x, dim=1)
-    if metric == "euclidean":
-        return x, x.pow(2).sum(1).mul_(0.5)
-    return x, x.new_zeros(x.shape[0])
+    # The largest score magnitude is at most max ‖x‖²; it must stay finite in float32.
+    half_sq = x.pow(2).sum(1).mul_(0.5)
+    if x.shape[0] and not bool(torch.isfinite(half_sq.max() * 2)):
+        raise ValueError(
+            "embeddings are too large for float32 scores (a squared norm overflows); "
+            "rescale them (retrieval by Euclidean or cosine ranking does not depend on scale)"
+        )
+    return x, half_sq if metric == "euclidean" else x.new_zeros(x.shape[0])
 
 
 def _encode(scores: Tensor, indices: Tensor) -> Tensor:
@@ -300,6 +305,9 @@ class TorchKNN:
         exclude_self = reference is None or ref_includes_query
         symmetric = reference is None
         ref = query if reference is None else reference
+        available = ref.shape[0] - int(exclude_self)
+        if not isinstance(k, int) or not 1 <= k <= available:
+            raise ValueError(f"k must be an integer in [1, {available}] here, got {k!r}")
         if reference is None:
             reference_labels = query_labels
         track = query_labels is not None and reference_labels is not None
@@ -314,9 +322,11 @@ class TorchKNN:
             yield from self._streamed(query, ref, k, exclude_self, q_labels, r_labels)
 
     def _tile_size(self, n: int) -> int:
-        """At most ``block_size``, a multiple of 64, and splitting n into near-equal tiles."""
-        n_tiles = -(-n // self.block_size)
-        return _round_up(-(-n // n_tiles), 64)
+        """At most ``block_size``, a multiple of 64 (8 for small blocks), near-equal tiles."""
+        align = 64 if self.block_size >= 64 else 8
+        block = self.block_size // align * align
+        n_tiles = -(-n // block)
+        return _round_up(-(-n // n_tiles), align)
 
     def _symmetric(self, x: Tensor, k: int, labels: Tensor | None) -> Iterator[NeighbourBlock]:
         n = x.shape[0]
@@ -392,8 +402,10 @@ class TorchKNN:
                 rows = slice(i, i + tile_size)
                 for j in range(0, reference.shape[0], tile_size):
                     cols = slice(j, j + tile_size)
-                    scores = q_emb[rows] @ r_emb[cols].T
-                    scores.sub_(q_offset[rows, None]).sub_(r_offset[None, cols])
+                    scores = _score_tile(
+                        q_emb.new_empty(q_emb[rows].shape[0], r_emb[cols].shape[0]),
+                        q_emb[rows], q_offset[rows], r_emb[cols], r_offset[cols],
+                    )  # fmt: skip
                     if self_index is not None:
                         local = self_index[rows] - j
                         own = ((local >= 0) & (local < scores.shape[1])).nonzero().squeeze(1)
@@ -474,8 +486,9 @@ class FaissKNN:
     over k-means cells) and ``"hnsw"`` (a navigable small-world graph) are approximate and
     meant for millions of items. Their results say so (``exact`` is False).
 
-    Equal scores are ordered as faiss returns them, and a query whose list holds no same-label
-    item counts as a Recall@K miss even if a same-label item ties with the last listed one.
+    Equal scores are ordered as faiss returns them. Recall@K reads the lists for K up to their
+    length and counts exactly (with :class:`TorchKNN`'s scores) for the queries whose lists hold
+    no same-label item; with an approximate index, Recall@K therefore mixes both.
 
     Args:
         metric: ``"euclidean"``, ``"cosine"`` or ``"dot"``.

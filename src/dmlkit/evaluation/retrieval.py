@@ -20,7 +20,7 @@ from torch import Tensor
 from ..validation import check_embeddings, check_labels
 from . import metrics as M
 from .clustering import KMeansFunction, clustering_scores
-from .knn import NeighbourBlock, TorchKNN
+from .knn import Metric, NeighbourBlock, TorchKNN
 
 KNN_METRICS = (
     "precision_at_1",
@@ -47,6 +47,7 @@ class KNNBackend(Protocol):
     """What :func:`evaluate` needs of a neighbour search (:class:`TorchKNN`, :class:`FaissKNN`)."""
 
     exact: bool
+    metric: Metric  # the ranking; Recall@K recounts with it where lists are too short
 
     @property
     def description(self) -> str: ...
@@ -132,6 +133,8 @@ def checked_inputs(
     The reference is None when the queries are their own references.
     """
     q = check_embeddings(_as_tensor(query, "query"), "query").detach()
+    if q.shape[0] == 0:
+        raise ValueError("query is empty: there is nothing to evaluate")
     q_labels = check_labels(_as_tensor(query_labels, "query_labels"), q.shape[0], q.device,
                             "query_labels")  # fmt: skip
     if reference is None:
@@ -139,6 +142,8 @@ def checked_inputs(
             raise ValueError("reference_labels was given without reference")
         return q, q_labels, None, q_labels
     ref = check_embeddings(_as_tensor(reference, "reference"), "reference").detach().to(q.device)
+    if ref.shape[0] == 0:
+        raise ValueError("reference is empty: the queries have nothing to retrieve")
     if reference_labels is None:
         raise ValueError("reference was given without reference_labels")
     r_labels = check_labels(_as_tensor(reference_labels, "reference_labels"), ref.shape[0],
@@ -240,7 +245,7 @@ def _count_beyond_lists(
     undecided = ((above >= depth) & ~lone).nonzero().squeeze(1)
     if undecided.numel() == 0:
         return
-    counter = knn if isinstance(knn, TorchKNN) else TorchKNN(getattr(knn, "metric", "euclidean"))
+    counter = knn if isinstance(knn, TorchKNN) else TorchKNN(knn.metric)
     exclude_self = reference is None or ref_includes_query
     above[undecided] = counter.count_above_best_positive(
         query[undecided],
@@ -256,7 +261,7 @@ def _block_values(
 ) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for k in requests.precision_at:
-        out["precision_at_1" if k == 1 else f"precision_at_{k}"] = M.precision_at_k(correct, k)
+        out[_precision_key(k)] = M.precision_at_k(correct, k)
     if requests.recall_at:
         out[_ABOVE] = M.count_above_best_positive(block.scores, correct, block.best_positive)
     r_correct = correct if requests.r_cap is None else correct[:, : requests.r_cap]
@@ -337,6 +342,8 @@ class RetrievalResult:
 
 
 def _known(metrics: Sequence[str]) -> list[str]:
+    if isinstance(metrics, str):
+        raise ValueError(f"metrics must be a sequence of names, e.g. ({metrics!r},), not a string")
     names = list(metrics)
     unknown = [name for name in names if name not in ALL_METRICS]
     if unknown:
@@ -358,6 +365,29 @@ def _cutoffs(values: Sequence[int], available: int, name: str) -> tuple[int, ...
                 "candidates per query"
             )
     return out
+
+
+def _precision_key(k: int) -> str:
+    return "precision_at_1" if k == 1 else f"precision_at_{k}"
+
+
+def _in_request_order(
+    results: dict[str, float],
+    names: Sequence[str],
+    precision: Sequence[int],
+    recall: Sequence[int],
+) -> dict[str, float]:
+    """The results in the order of ``metrics``, each cut-off family expanded in place."""
+    keys: list[str] = []
+    for name in names:
+        if name == "precision_at_k":
+            keys += [_precision_key(k) for k in precision]
+        elif name == "recall_at_k":
+            keys += [f"recall_at_{k}" for k in recall]
+        else:
+            keys.append(name)
+    keys += [key for key in results if key not in keys]
+    return {key: results[key] for key in dict.fromkeys(keys) if key in results}
 
 
 def default_recall_at(available: int, num_references: int) -> tuple[int, ...]:
@@ -422,7 +452,8 @@ def evaluate(
         metrics: Metric names; see :data:`ALL_METRICS`.
         recall_at: Cut-offs of Recall@K; by default 1, 2, 4, 8, or 1, 10, 100, 1000 from 10,000
             references on.
-        precision_at: Cut-offs of precision at k, reported as ``precision_at_{k}``.
+        precision_at: Cut-offs of precision at k, reported as ``precision_at_{k}`` (given
+            cut-offs are computed even when ``metrics`` does not name ``precision_at_k``).
         k: Cut-off of ``mean_average_precision`` and ``mean_reciprocal_rank``; None for all
             references.
         average: ``"query"`` or ``"class"`` (mean of per-class means, PML's ``avg_of_avgs``).
@@ -453,6 +484,8 @@ def evaluate(
     full = k if k is not None else available
     if "precision_at_k" in names and not precision:
         raise ValueError("precision_at_k needs its cut-offs: pass precision_at=(…)")
+    if "recall_at_k" in names and not recall:
+        raise ValueError("recall_at_k needs at least one cut-off in recall_at")
     requests = Requests(
         precision_at=tuple(dict.fromkeys(((1,) if "precision_at_1" in names else ()) + precision)),
         recall_at=recall if "recall_at_k" in names else (),
@@ -484,7 +517,7 @@ def evaluate(
         scores = clustering_scores(q, q_labels, kmeans, n_clusters)
         results.update({name: scores[name] for name in clustering})
     return RetrievalResult(
-        metrics=results,
+        metrics=_in_request_order(results, names, precision, recall),
         num_queries=q.shape[0],
         num_references=n_ref,
         num_lone_queries=num_lone,
