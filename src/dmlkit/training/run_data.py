@@ -1,0 +1,212 @@
+"""The datasets of a run: training, validation and test classes, built from a :class:`DataConfig`.
+
+Training, validation and test never share a class. The test classes are the dataset's published
+test split (or the second half of the classes); validation classes, when asked for, are drawn
+from the training classes with the run's seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import data
+from ..data import ArrayDataset, LabelledDataset, classes_subset, subset
+from .config import ConfigError, DataConfig, TransformConfig
+
+IMAGE_DATASETS = ("cub200", "cars196", "sop", "cub100_subset", "folder", "csv")
+ARRAY_DATASETS = ("digits", "omniglot")
+DATASETS = ARRAY_DATASETS + IMAGE_DATASETS
+
+
+def shared_data_dir() -> Path:
+    """The shared real-data folder: ``$DMLKIT_DATA``, else ``../shared/data`` beside the project."""
+    default = Path(__file__).resolve().parents[4] / "shared" / "data"
+    return Path(os.environ.get("DMLKIT_DATA", default))
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The datasets of one run.
+
+    Attributes:
+        train: Training classes, with the training (augmenting) transform.
+        train_eval: The same items with the evaluation transform (for feature caching).
+        val: Validation classes (evaluation transform), or None.
+        test: Held-out test classes (evaluation transform).
+        in_channels: Image channels the backbone receives.
+        cache_key: Identifies the data and its preprocessing, for feature-cache file names.
+    """
+
+    train: LabelledDataset
+    train_eval: LabelledDataset
+    val: LabelledDataset | None
+    test: LabelledDataset
+    in_channels: int
+    cache_key: str
+
+
+def _resized(dataset: ArrayDataset, size: int | None) -> ArrayDataset:
+    """Array images resized once (area averaging), in chunks to bound memory."""
+    if size is None or dataset.data.ndim != 4:
+        return dataset
+    chunks = [
+        F.interpolate(chunk.float(), size=(size, size), mode="area")
+        for chunk in torch.split(dataset.data, 1024)
+    ]
+    return ArrayDataset(torch.cat(chunks), dataset.labels)
+
+
+def _image_transforms(config: TransformConfig) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    train = data.train_transform(
+        size=config.train_crop,
+        scale=config.train_scale,
+        ratio=config.train_ratio,
+        flip=config.flip,
+        resize=config.train_resize,
+        mean=config.mean,
+        std=config.std,
+        channel_order=config.channel_order,
+        value_scale=config.value_scale,
+    )
+    evaluation = data.eval_transform(
+        resize=config.eval_resize,
+        crop=config.eval_crop,
+        mean=config.mean,
+        std=config.std,
+        channel_order=config.channel_order,
+        value_scale=config.value_scale,
+    )
+    return train, evaluation
+
+
+def _root(config: DataConfig, default_name: str | None = None) -> Path:
+    if config.root is not None:
+        return Path(config.root)
+    if default_name is not None:
+        return shared_data_dir() / default_name
+    raise ConfigError(f"data.root is required for data.name={config.name!r}")
+
+
+def _load(config: DataConfig, split: str, transform: Callable[..., Any] | None) -> LabelledDataset:
+    """One split ("train" or "test") of the configured dataset."""
+    name = config.name
+    errors = {"on_error": config.on_error}
+    if name == "digits":
+        return data.digits(split)
+    if name == "omniglot":
+        subset_name = "background" if split == "train" else "evaluation"
+        return data.omniglot(_root(config, "omniglot"), subset_name)
+    if name == "cub100_subset":
+        return data.cub100_subset(_root(config, "cub100_subset"), split, transform=transform)
+    loaders = {"cub200": data.cub200, "cars196": data.cars196, "sop": data.stanford_online_products}
+    if name in loaders:
+        return loaders[name](
+            _root(config), split, transform=transform, download=config.download, **errors
+        )
+    if name == "folder":
+        if config.test_root is not None:
+            root = _root(config) if split == "train" else Path(config.test_root)
+            return data.image_folder(root, transform=transform, **errors)
+        return _half(data.image_folder(_root(config), transform=transform, **errors), split)
+    if name == "csv":
+        manifest = data.csv_manifest(_root(config), transform=transform, **errors)
+        return _half(manifest, split)
+    raise ConfigError(f"data.name: unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def _half(dataset: LabelledDataset, split: str) -> LabelledDataset:
+    first, second = data.class_disjoint_halves(dataset.labels)
+    return subset(dataset, first if split == "train" else second)
+
+
+def _validation_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    if fraction == 0:
+        return None
+    if not 0 < fraction < 1:
+        raise ConfigError(f"data.val_classes must be in [0, 1), got {fraction}")
+    classes = np.unique(labels)
+    count = round(fraction * len(classes))
+    if count < 2 or count > len(classes) - 2:
+        raise ConfigError(
+            f"data.val_classes={fraction} holds out {count} of {len(classes)} training classes; "
+            "validation and training each need at least 2"
+        )
+    held_out = np.random.default_rng([seed, 1]).permutation(classes)[:count]
+    val_indices = classes_subset(labels, held_out)
+    train_indices = classes_subset(labels, np.setdiff1d(classes, held_out))
+    return train_indices, val_indices
+
+
+def build_run_data(config: DataConfig, seed: int = 0) -> RunData:
+    """Load the configured dataset and split it into training, validation and test classes.
+
+    Args:
+        config: The data section of a run's config.
+        seed: Chooses the validation classes.
+
+    Returns:
+        The run's datasets.
+
+    Raises:
+        ConfigError: Unknown dataset or an impossible validation split.
+        FileNotFoundError: The data is not where the config says (the message names the path).
+    """
+    if config.name in IMAGE_DATASETS:
+        train_transform, eval_transform = _image_transforms(config.transform)
+        train = _load(config, "train", train_transform)
+        train_eval = _load(config, "train", eval_transform)
+        test = _load(config, "test", eval_transform)
+        in_channels = 3
+    elif config.name in ARRAY_DATASETS:
+        loaded_train = _load(config, "train", None)
+        loaded_test = _load(config, "test", None)
+        assert isinstance(loaded_train, ArrayDataset) and isinstance(loaded_test, ArrayDataset)
+        train = train_eval = _resized(loaded_train, config.image_size)
+        test = _resized(loaded_test, config.image_size)
+        in_channels = int(train.data.shape[1])
+    else:
+        raise ConfigError(
+            f"data.name: unknown dataset {config.name!r}; known: {', '.join(DATASETS)}"
+        )
+    split = _validation_split(train.labels, config.val_classes, seed)
+    val = None
+    if split is not None:
+        train_indices, val_indices = split
+        val = subset(train_eval, val_indices)
+        train, train_eval = subset(train, train_indices), subset(train_eval, train_indices)
+    overlap = np.intersect1d(train.labels, test.labels)
+    if overlap.size:
+        raise ConfigError(
+            f"training and test share {overlap.size} classes (e.g. {overlap[:5].tolist()}); "
+            "retrieval must be evaluated on held-out classes"
+        )
+    description = json.dumps({**asdict(config), "seed": seed}, sort_keys=True, default=str)
+    cache_key = f"{config.name}-{hashlib.sha256(description.encode()).hexdigest()[:12]}"
+    return RunData(train, train_eval, val, test, in_channels, cache_key)
+
+
+def split_dataset(config: Any, split: str) -> LabelledDataset:
+    """One split of a run's data with the evaluation transform (for ``evaluate`` and ``embed``).
+
+    Args:
+        config: A run's :class:`~dmlkit.training.Config`.
+        split: ``train``, ``val`` or ``test``.
+    """
+    run_data = build_run_data(config.data, config.train.seed)
+    if split == "val":
+        if run_data.val is None:
+            raise ConfigError("this run has no validation classes (data.val_classes is 0)")
+        return run_data.val
+    return run_data.train_eval if split == "train" else run_data.test

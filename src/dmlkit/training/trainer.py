@@ -1,0 +1,462 @@
+"""The training loop: P×K batches → embeddings → miner → loss → optimiser, with validation, early
+stopping, logs and exactly resumable checkpoints.
+
+Exact resumption rests on three rules:
+
+- every random draw of the data pipeline is a function of (seed, epoch, batch, position): the
+  sampler's batches come from (seed, epoch), and each sample's augmentation runs under its own
+  seed, so the images of a batch do not depend on worker processes or on where a run restarted;
+- the checkpoint holds everything else that changes: model, optimiser, schedule, gradient scaler,
+  loss parameters, the global generators, the position in the epoch and the early-stopping state;
+- evaluation runs under a forked generator, so validating does not change the training draws.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import ArrayDataset, LabelledDataset
+from ..evaluation import evaluate
+from ..models import EmbeddingModel, build_model, cache_features
+from ..samplers import PKSampler
+from .builders import build_loss, build_miner, build_optimizer, lr_factor, parameter_groups
+from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
+from .config import Config, ConfigError
+from .inference import embed_dataset
+from .logs import CSVLog, TensorBoardLog, progress_bar
+from .run_data import RunData, build_run_data
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint.
+
+    Attributes:
+        epoch: The current epoch (0-based).
+        batch: Batches of the current epoch already trained.
+        step: Training steps done in total.
+        best_value: Best validation value of the selection metric so far (None before any).
+        best_step: Step of the best validation.
+        bad_validations: Validations since the last improvement (for early stopping).
+        stopped_early: Whether early stopping ended the run.
+        before: Test metrics of the untrained network.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0
+    stopped_early: bool = False
+    before: dict[str, float] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports.
+
+    Attributes:
+        before: Test metrics of the untrained network (None when not computed).
+        after: Test metrics of the returned model (the best validated one when validating).
+        best_validation: Best validation value of the selection metric, if validated.
+        steps: Training steps done.
+        stopped_early: Whether early stopping ended the run.
+        images_per_second: Mean training throughput.
+        run_dir: Where the run wrote its files.
+    """
+
+    before: dict[str, float] | None
+    after: dict[str, float]
+    best_validation: float | None
+    steps: int
+    stopped_early: bool
+    images_per_second: float
+    run_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class _SeededSamples(Dataset[tuple[Tensor, int]]):
+    """Runs each ``dataset[index]`` under the sample's own seed, so that random augmentations
+    depend only on the sample's place in the run, not on the process or worker that loads it."""
+
+    def __init__(self, dataset: LabelledDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:  # type: ignore[override]
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class _SeededBatches:
+    """The sampler's batches with a seed attached to each index."""
+
+    def __init__(self, sampler: PKSampler, seed: int) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        self.sampler.set_epoch(epoch, start_batch=start_batch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for number, batch in enumerate(self.sampler, start=self.start_batch):
+            seeds = np.random.SeedSequence([self.seed, self.epoch, number]).generate_state(
+                len(batch), dtype=np.uint64
+            )
+            yield [(int(i), int(s >> np.uint64(1))) for i, s in zip(batch, seeds, strict=True)]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; otherwise the named device, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available here")
+    return device
+
+
+class Trainer:
+    """Trains an embedding network as a :class:`~dmlkit.training.Config` describes.
+
+    Args:
+        config: The run.
+        run_dir: Output folder; ``config.logging.run_dir`` or ``runs/<timestamp>`` when None.
+        callbacks: Called with the :class:`TrainState` after every training step (for example
+            to stop a run from outside).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: str | Path | None = None,
+        *,
+        callbacks: Sequence[Callable[[TrainState], None]] = (),
+    ) -> None:
+        self.config = config
+        chosen = run_dir or config.logging.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(chosen)
+        self.callbacks = list(callbacks)
+        self.device = resolve_device(config.train.device)
+        self.amp = config.train.amp and self.device.type == "cuda"
+        self.state = TrainState()
+
+        seed_everything(config.train.seed)
+        self.data: RunData = build_run_data(config.data, config.train.seed)
+        model_config = config.model
+        self.model: EmbeddingModel = build_model(
+            model_config.backbone,
+            model_config.embedding_dim,
+            pretrained=model_config.pretrained,
+            pooling=model_config.pooling,
+            hidden_dim=model_config.hidden_dim,
+            normalize=model_config.normalize,
+            freeze_bn=model_config.freeze_bn,
+            in_channels=self.data.in_channels,
+        ).to(self.device)
+        self.loss = build_loss(config.loss).to(self.device)
+        self.miner = build_miner(config.miner)
+        self.trained_part: nn.Module = self.model
+        if model_config.freeze_backbone:
+            self._use_cached_features()
+
+        self.sampler = PKSampler(
+            self.data.train.labels,
+            config.sampler.classes_per_batch,
+            config.sampler.samples_per_class,
+            seed=config.train.seed,
+            too_few=config.sampler.too_few,
+            groups_per_class=config.sampler.groups_per_class,
+        )
+        self.batches = _SeededBatches(self.sampler, config.train.seed)
+        self.loader = DataLoader(
+            _SeededSamples(self.data.train),
+            batch_sampler=self.batches,  # type: ignore[arg-type]
+            num_workers=config.data.num_workers,
+            # Our own generator: worker seeding must not consume the global generator.
+            generator=torch.Generator().manual_seed(config.train.seed),
+            pin_memory=self.device.type == "cuda",
+        )
+        groups = [("head", self.model.head.parameters()), ("loss", self.loss.parameters())]
+        if not model_config.freeze_backbone:
+            groups.insert(0, ("backbone", self.model.backbone.parameters()))
+        self.optimizer = build_optimizer(
+            config.optimizer, parameter_groups(config.optimizer, groups)
+        )
+        self.total_steps = config.train.epochs * len(self.sampler)
+        if config.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.train.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(config.scheduler, config.optimizer.lr, self.total_steps)
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def _use_cached_features(self) -> None:
+        """Replace the datasets by cached backbone features; only the head is trained.
+
+        Each image's features are computed once with the evaluation transform, so training on
+        the cache sees no random augmentation.
+        """
+        cache_dir = Path(self.config.model.cache_dir or self.run_dir / "features")
+        model = self.config.model
+        backbone = f"{model.backbone}-{model.pooling}-{Path(model.pretrained or 'scratch').stem}"
+        cached: dict[str, LabelledDataset | None] = {}
+        for name in ("train", "val", "test"):
+            dataset = getattr(self.data, f"{name}_eval")
+            if dataset is None:
+                cached[name] = None
+                continue
+            cache = cache_features(
+                self.model,
+                dataset,
+                cache_dir / f"{self.data.cache_key}-{backbone}-{name}.pt",
+                batch_size=self.config.train.eval_batch_size,
+                device=self.device,
+                num_workers=self.config.data.num_workers,
+                progress=self.config.logging.progress,
+            )
+            cached[name] = ArrayDataset(cache.features, cache.labels)
+        train, test = cached["train"], cached["test"]
+        assert train is not None and test is not None
+        self.data = RunData(
+            train=train,
+            train_eval=train,
+            val=cached["val"],
+            test=test,
+            in_channels=self.data.in_channels,
+            cache_key=self.data.cache_key,
+        )
+        self.trained_part = self.model.head
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate_on(self, dataset: LabelledDataset) -> dict[str, float]:
+        """Retrieval metrics of the current model on a dataset (each item queries the rest)."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            embeddings, labels = embed_dataset(
+                self.trained_part,
+                dataset,
+                batch_size=self.config.train.eval_batch_size,
+                device=self.device,
+                num_workers=self.config.data.num_workers,
+            )
+            result = evaluate(embeddings, labels, metrics=self.config.validation.metrics)
+        return dict(result.metrics)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": vars(self.state).copy(),
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "in_channels": self.data.in_channels,
+        }
+
+    def save(self, name: str = "last.pt") -> Path:
+        """Write a resumable checkpoint atomically into the run folder."""
+        return save_atomic(self._payload(), self.run_dir / name)
+
+    def _restore(self, path: Path) -> None:
+        payload = load_checkpoint(path)
+        self.model.load_state_dict(payload["model"])
+        self.loss.load_state_dict(payload["loss"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.state = TrainState(**payload["state"])
+        set_rng_state(payload["rng"])
+
+    # ---------------------------------------------------------------- training
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train, validating and checkpointing as configured, then evaluate on the test classes.
+
+        Args:
+            resume: Continue from ``<run dir>/last.pt`` exactly where it was written.
+
+        Returns:
+            The run's :class:`TrainResult`; also written to ``<run dir>/results.json``.
+        """
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        train_log = CSVLog(self.run_dir / "train.csv")
+        val_log = CSVLog(self.run_dir / "validation.csv")
+        if resume:
+            self._restore(self.run_dir / "last.pt")
+            train_log.truncate_after(self.state.step)
+            val_log.truncate_after(self.state.step)
+        else:
+            (self.run_dir / "config.yaml").write_text(config.to_yaml())
+            if config.validation.before_training:
+                self.state.before = self.evaluate_on(self.data.test)
+        board = TensorBoardLog(self.run_dir / "tensorboard") if config.logging.tensorboard else None
+
+        images = 0
+        seconds = 0.0
+        finished = self.state.stopped_early or self.state.step >= self.total_steps
+        while not finished and self.state.epoch < config.train.epochs:
+            self.batches.set_epoch(self.state.epoch, self.state.batch)
+            bar = progress_bar(
+                len(self.sampler),
+                self.state.batch,
+                f"epoch {self.state.epoch + 1}/{config.train.epochs}",
+                config.logging.progress,
+            )
+            self.trained_part.train()
+            start = time.perf_counter()
+            for x, y in self.loader:
+                loss, mined = self._step(x, y)
+                self.state.batch += 1
+                self.state.step += 1
+                now = time.perf_counter()
+                images += len(y)
+                seconds += now - start
+                start = now
+                row = {
+                    "step": self.state.step,
+                    "epoch": self.state.epoch,
+                    "loss": loss,
+                    "mined": mined,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "images_per_second": images / seconds,
+                }
+                if self.state.step % config.logging.log_every == 0:
+                    train_log.write(row)
+                    if board:
+                        board.write("train", self.state.step, row)
+                bar.update()
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", mined=mined, img_s=f"{images / seconds:.0f}", refresh=False
+                )
+                if self._validate_now("step"):
+                    self._validate(val_log, board)
+                if config.train.checkpoint_every and (
+                    self.state.step % config.train.checkpoint_every == 0
+                ):
+                    self.save()
+                for callback in self.callbacks:
+                    callback(self.state)
+                if self.state.stopped_early or self.state.step >= self.total_steps:
+                    finished = True
+                    break
+            bar.close()
+            if not finished:
+                self.state.epoch += 1
+                self.state.batch = 0
+                if self._validate_now("epoch"):
+                    self._validate(val_log, board)
+                finished = self.state.stopped_early
+            self.save()
+        self.save()
+        result = self._finish(images / seconds if seconds else float("nan"), val_log)
+        if board:
+            board.write("test", self.state.step, result.after)
+            board.close()
+        return result
+
+    def _step(self, x: Tensor, y: Tensor) -> tuple[float, int | None]:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            embeddings = self.trained_part(x)
+        embeddings = embeddings.float()
+        pairs = self.miner(embeddings, y) if self.miner is not None else None
+        loss = self.loss(embeddings, y, pairs)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.optimizer.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(parameters, self.config.optimizer.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        mined = None
+        if self.miner is not None:
+            stats = self.miner.last_stats
+            mined = stats.num_pos_pairs + stats.num_neg_pairs + stats.num_triplets
+        return float(loss.detach()), mined
+
+    def _validate_now(self, unit: str) -> bool:
+        validation = self.config.validation
+        if self.data.val is None or validation.every <= 0 or validation.unit != unit:
+            return False
+        count = self.state.step if unit == "step" else self.state.epoch
+        return count % validation.every == 0
+
+    def _validate(self, log: CSVLog, board: TensorBoardLog | None) -> None:
+        assert self.data.val is not None
+        validation = self.config.validation
+        metrics = self.evaluate_on(self.data.val)
+        if validation.metric not in metrics:
+            raise ConfigError(
+                f"validation.metric {validation.metric!r} is not among the computed metrics "
+                f"{sorted(metrics)}; add it to validation.metrics"
+            )
+        log.write({"step": self.state.step, "epoch": self.state.epoch, **metrics})
+        if board:
+            board.write("validation", self.state.step, metrics)
+        value = metrics[validation.metric]
+        if self.state.best_value is None or value > self.state.best_value:
+            self.state.best_value, self.state.best_step = value, self.state.step
+            self.state.bad_validations = 0
+            self.save("best.pt")
+        else:
+            self.state.bad_validations += 1
+            if (
+                validation.patience is not None
+                and self.state.bad_validations >= validation.patience
+            ):
+                self.state.stopped_early = True
+
+    def _finish(self, images_per_second: float, val_log: CSVLog) -> TrainResult:
+        if self.state.best_step is not None:
+            self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+        after = self.evaluate_on(self.data.test)
+        result = TrainResult(
+            before=self.state.before,
+            after=after,
+            best_validation=self.state.best_value,
+            steps=self.state.step,
+            stopped_early=self.state.stopped_early,
+            images_per_second=images_per_second,
+            run_dir=self.run_dir,
+            history=[{k: float(v) for k, v in row.items() if v} for row in val_log.rows()],
+        )
+        summary = {
+            "before": result.before,
+            "after": result.after,
+            "best_validation": result.best_validation,
+            "best_step": self.state.best_step,
+            "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "images_per_second": result.images_per_second,
+        }
+        (self.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        return result
