@@ -222,8 +222,8 @@ class Trainer:
         model = self.config.model
         backbone = f"{model.backbone}-{model.pooling}-{Path(model.pretrained or 'scratch').stem}"
         cached: dict[str, LabelledDataset | None] = {}
-        for name in ("train", "val", "test"):
-            dataset = getattr(self.data, f"{name}_eval")
+        sources = {"train": self.data.train_eval, "val": self.data.val, "test": self.data.test}
+        for name, dataset in sources.items():
             if dataset is None:
                 cached[name] = None
                 continue
@@ -364,15 +364,14 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(self.state)
                 if self.state.stopped_early or self.state.step >= self.total_steps:
-                    finished = True
                     break
             bar.close()
-            if not finished:
+            if self.state.batch >= len(self.sampler):
                 self.state.epoch += 1
                 self.state.batch = 0
-                if self._validate_now("epoch"):
+                if self._validate_now("epoch") and not self.state.stopped_early:
                     self._validate(val_log, board)
-                finished = self.state.stopped_early
+            finished = self.state.stopped_early or self.state.step >= self.total_steps
             self.save()
         self.save()
         result = self._finish(images / seconds if seconds else float("nan"), val_log)
