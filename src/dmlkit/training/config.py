@@ -140,6 +140,8 @@ class MinerConfig:
 class SamplerConfig:
     """The P×K batch sampler (see :class:`dmlkit.samplers.PKSampler`).
 
+    The defaults suit the built-in digits set, which has 5 training classes.
+
     Attributes:
         classes_per_batch: P, the classes in each batch.
         samples_per_class: K, the samples of each class in a batch.
@@ -147,8 +149,8 @@ class SamplerConfig:
         groups_per_class: ``one`` group of K per class and epoch, or ``all`` disjoint groups.
     """
 
-    classes_per_batch: int = 8
-    samples_per_class: int = 4
+    classes_per_batch: int = 5
+    samples_per_class: int = 8
     too_few: Literal["replace", "drop"] = "replace"
     groups_per_class: Literal["one", "all"] = "all"
 
