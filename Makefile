@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench bench-eval
+.PHONY: setup train demo test lint bench bench-eval bench-train
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 setup: $(BIN)/.installed
+
+train: setup
+	$(BIN)/dmlkit train
 
 demo: setup
 	$(BIN)/python examples/demo.py
@@ -32,3 +35,6 @@ bench: setup
 
 bench-eval: setup
 	$(BIN)/python benchmarks/evaluation.py
+
+bench-train: setup
+	$(BIN)/python benchmarks/training.py

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,15 @@ import torch
 from PIL import Image
 
 from dmlkit.cli import main
-from dmlkit.training import Config, Trainer, TrainState, load_checkpoint, load_config, save_atomic
+from dmlkit.training import (
+    Config,
+    ConfigError,
+    Trainer,
+    TrainState,
+    load_checkpoint,
+    load_config,
+    save_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,3 +307,55 @@ def test_shipped_omniglot_config_runs_a_step(tmp_path: Path) -> None:
     )
     result = Trainer(config, tmp_path).fit()
     assert result.steps == 2
+
+
+def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_a_used_folder(
+    tmp_path: Path,
+) -> None:
+    config = _config("train.checkpoint_every=1")
+    with pytest.raises(_InterruptError):
+        Trainer(config, tmp_path, callbacks=[_interrupt_at(2)]).fit()
+    with pytest.raises(ConfigError, match=r"differs from the run's in optimizer\.lr"):
+        Trainer(_config("train.checkpoint_every=1", "optimizer.lr=0.5"), tmp_path).fit(True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(config, tmp_path).fit()
+    # Logging settings may change; the CLI resumes from the run's own config.yaml.
+    assert (
+        main(["train", "--run-dir", str(tmp_path), "--resume", "--set", "logging.log_every=5"]) == 0
+    )
+
+
+def test_validates_once_more_at_the_end_when_the_schedule_skips_it(tmp_path: Path) -> None:
+    config = _config("data.val_classes=0.4", "sampler.classes_per_batch=3", "validation.every=2")
+    result = Trainer(config, tmp_path).fit()
+    steps = [int(row["step"]) for row in result.history]
+    assert steps == [steps[0], result.steps]  # epoch 2, then the end of epoch 3
+    with pytest.raises(ConfigError, match=r"validation\.metric 'nmi'"):
+        Trainer(_config("validation.metric=nmi"), tmp_path / "x")
+
+
+def test_frozen_backbone_by_zero_learning_rate_keeps_batchnorm_statistics(tmp_path: Path) -> None:
+    trainer = Trainer(_config("optimizer.backbone_lr=0", "train.max_steps=3"), tmp_path)
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.backbone.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_folder_with_separate_test_folder(tmp_path: Path, image_folder: Path) -> None:
+    config = _folder_config(image_folder, f"data.test_root={image_folder}", "train.max_steps=2")
+    trainer = Trainer(config, tmp_path)
+    assert set(trainer.data.test.labels) == set(range(8, 16))
+    assert set(trainer.data.train.labels) == set(range(8))
+
+
+def test_bad_settings_are_config_errors() -> None:
+    for override, message in [
+        ("logging.log_every=0", "logging.log_every must be at least 1"),
+        ("optimizer.lr=nan", "optimizer.lr must be a finite number"),
+        ("data.name=[abc", "not valid YAML"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"train\.device: 'gpu' is not a device"):
+        Trainer(_config("train.device=gpu"))

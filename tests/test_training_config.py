@@ -179,3 +179,25 @@ def test_learning_rate_schedules() -> None:
     )
     assert lr_factor(SchedulerConfig(), 1.0, 10)(7) == 1.0
     assert math.isfinite(cosine(1000))
+
+
+def test_loss_options_take_numbers_written_as_yaml_strings_and_classes_by_name() -> None:
+    config = load_config(
+        None,
+        [
+            "loss.name=ContrastiveLoss",
+            "loss.options.pos_margin=1e-5",
+            "loss.options.reducer=MeanReducer",
+        ],
+    )
+    loss = build_loss(config.loss)
+    assert loss.pos_margin == 1e-5
+    assert type(loss.reducer).__name__ == "MeanReducer"
+
+
+def test_null_sections_and_options_read_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\nloss:\n  options:\n")
+    config = load_config(path, ["optimizer.lr=0.5"])
+    assert config.optimizer.lr == 0.5
+    assert config.loss.options == {}

@@ -39,7 +39,10 @@ def _comparison(before: dict[str, float] | None, after: dict[str, float]) -> str
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set)
+    config_path = args.config
+    if args.resume and args.config is None and args.run_dir is not None:
+        config_path = Path(args.run_dir) / "config.yaml"  # the run's own config
+    config = load_config(config_path, args.set)
     if args.resume and args.run_dir is None and config.logging.run_dir is None:
         raise ConfigError("--resume needs the run folder: give --run-dir or logging.run_dir")
     trainer = Trainer(config, run_dir=args.run_dir)
@@ -52,8 +55,9 @@ def _train(args: argparse.Namespace) -> int:
     )
     result = trainer.fit(resume=args.resume)
     stopped = ", stopped early" if result.stopped_early else ""
+    speed = f", {result.images_per_second:.0f} images/s" if result.images_per_second else ""
     print(
-        f"\n{result.steps} steps{stopped}, {result.images_per_second:.0f} images/s. "
+        f"\n{result.steps} steps{stopped}{speed}. "
         "Retrieval on the held-out classes (each test item queries the others):"
     )
     print(_comparison(result.before, result.after))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distances, losses, miners
+from .. import distances, losses, miners, reducers
 from ..losses import BaseMetricLossFunction
 from ..miners import BaseMiner
 from .config import ConfigError, LossConfig, MinerConfig, OptimizerConfig, SchedulerConfig
@@ -33,25 +33,38 @@ def _instantiate(
     if name not in known:
         raise ConfigError(f"{kind}.name: unknown {kind} {name!r}{suggest(name, sorted(known))}")
     cls = known[name]
-    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    parameters = inspect.signature(cls).parameters
+    accepted = [p for p in parameters if p not in ("self", "args", "kwargs")]
     resolved = {}
     for key, value in options.items():
         if key not in accepted:
             raise ConfigError(
                 f"{kind}.options.{key}: {name} has no option {key!r}{suggest(key, accepted)}"
             )
-        resolved[key] = _distance(value, f"{kind}.options.{key}") if key == "distance" else value
+        resolved[key] = _option(value, str(parameters[key].annotation), f"{kind}.options.{key}")
     try:
         return cls(**resolved)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{kind} {name}: {error}") from error
 
 
-def _distance(value: Any, where: str) -> Any:
-    """A distance given by class name in a config (``distance: CosineSimilarity``)."""
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: give the distance as a class name, got {value!r}")
-    return _instantiate("distance", distances, distances.BaseDistance, value, {})
+def _option(value: Any, annotation: str, where: str) -> Any:
+    """A loss or miner option from a config: distances and reducers are given by class name,
+    and numbers that YAML 1.1 reads as strings (``1e-5``) become floats."""
+    if "BaseDistance" in annotation:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: give the distance as a class name, got {value!r}")
+        return _instantiate("distance", distances, distances.BaseDistance, value, {})
+    if "Reducer" in annotation:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: give the reducer as a class name, got {value!r}")
+        return _instantiate("reducer", reducers, reducers.Reducer, value, {})
+    if isinstance(value, str) and "float" in annotation and "str" not in annotation:
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    return value
 
 
 def build_loss(config: LossConfig) -> BaseMetricLossFunction:

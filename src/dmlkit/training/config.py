@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -346,6 +347,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             for i, (item, arg) in enumerate(zip(value, args, strict=True))
         )
     if origin is dict:
+        if value is None:
+            return {}
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
@@ -395,7 +398,49 @@ def _build(cls: type[T], values: Any, where: str = "") -> T:
 
 def config_from_dict(values: Mapping[str, Any]) -> Config:
     """A :class:`Config` from a nested mapping, every key and value checked."""
-    return _build(Config, values)
+    config = _build(Config, values)
+    _check_ranges(config)
+    return config
+
+
+def _check_ranges(config: Config) -> None:
+    at_least = {
+        "train.epochs": (config.train.epochs, 1),
+        "train.eval_batch_size": (config.train.eval_batch_size, 1),
+        "train.checkpoint_every": (config.train.checkpoint_every, 0),
+        "logging.log_every": (config.logging.log_every, 1),
+        "sampler.classes_per_batch": (config.sampler.classes_per_batch, 1),
+        "sampler.samples_per_class": (config.sampler.samples_per_class, 1),
+        "model.embedding_dim": (config.model.embedding_dim, 1),
+        "data.num_workers": (config.data.num_workers, 0),
+        "validation.every": (config.validation.every, 0),
+        "scheduler.warmup_steps": (config.scheduler.warmup_steps, 0),
+    }
+    for name, (value, minimum) in at_least.items():
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if config.train.max_steps is not None and config.train.max_steps < 1:
+        raise ConfigError(
+            f"train.max_steps must be at least 1 or null, got {config.train.max_steps}"
+        )
+    rates = {
+        "optimizer.lr": config.optimizer.lr,
+        "optimizer.backbone_lr": config.optimizer.backbone_lr,
+        "optimizer.head_lr": config.optimizer.head_lr,
+        "optimizer.loss_lr": config.optimizer.loss_lr,
+    }
+    for name, rate in rates.items():
+        if rate is not None and not (math.isfinite(rate) and rate >= 0):
+            raise ConfigError(f"{name} must be a finite number ≥ 0, got {rate}")
+    if config.optimizer.lr == 0:
+        raise ConfigError("optimizer.lr must be positive")
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML: {error}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -418,7 +463,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} not found")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _yaml(path.read_text(), str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         values = loaded or {}
@@ -448,9 +493,11 @@ def apply_override(values: dict[str, Any], override: str) -> None:
             annotation = hints[part]
             cls = annotation if dataclasses.is_dataclass(annotation) else None
         if depth == len(parts) - 1:
-            target[part] = yaml.safe_load(text)
+            target[part] = _yaml(text, f"override {override!r}")
         else:
-            nested = target.setdefault(part, {})
+            if target.get(part) is None:  # a section left empty or null in the YAML
+                target[part] = {}
+            nested = target[part]
             if not isinstance(nested, dict):
                 raise ConfigError(f"{'.'.join(parts[: depth + 1])} is not a section")
             target = nested

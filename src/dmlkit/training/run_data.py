@@ -91,7 +91,7 @@ def _image_transforms(config: TransformConfig) -> tuple[Callable[..., Any], Call
 
 def _root(config: DataConfig, default_name: str | None = None) -> Path:
     if config.root is not None:
-        return Path(config.root)
+        return Path(config.root).expanduser()
     if default_name is not None:
         return shared_data_dir() / default_name
     raise ConfigError(f"data.root is required for data.name={config.name!r}")
@@ -115,8 +115,16 @@ def _load(config: DataConfig, split: str, transform: Callable[..., Any] | None) 
         )
     if name == "folder":
         if config.test_root is not None:
-            root = _root(config) if split == "train" else Path(config.test_root)
-            return data.image_folder(root, transform=transform, **errors)
+            if split == "train":
+                return data.image_folder(_root(config), transform=transform, **errors)
+            test = data.image_folder(
+                Path(config.test_root).expanduser(), transform=transform, **errors
+            )
+            # Both folders number their classes from 0: the test classes follow the training ones.
+            offset = int(data.image_folder(_root(config)).labels.max()) + 1
+            return data.ImageFileDataset(
+                test.paths, test.labels + offset, transform=transform, class_names=None
+            )
         return _half(data.image_folder(_root(config), transform=transform, **errors), split)
     if name == "csv":
         manifest = data.csv_manifest(_root(config), transform=transform, **errors)

@@ -47,6 +47,7 @@ class TrainState:
         step: Training steps done in total.
         best_value: Best validation value of the selection metric so far (None before any).
         best_step: Step of the best validation.
+        validated_step: Step of the latest validation (None before any).
         bad_validations: Validations since the last improvement (for early stopping).
         stopped_early: Whether early stopping ended the run.
         before: Test metrics of the untrained network.
@@ -57,6 +58,7 @@ class TrainState:
     step: int = 0
     best_value: float | None = None
     best_step: int | None = None
+    validated_step: int | None = None
     bad_validations: int = 0
     stopped_early: bool = False
     before: dict[str, float] | None = None
@@ -72,7 +74,7 @@ class TrainResult:
         best_validation: Best validation value of the selection metric, if validated.
         steps: Training steps done.
         stopped_early: Whether early stopping ended the run.
-        images_per_second: Mean training throughput.
+        images_per_second: Mean training throughput (None when no step ran in this call).
         run_dir: Where the run wrote its files.
     """
 
@@ -81,7 +83,7 @@ class TrainResult:
     best_validation: float | None
     steps: int
     stopped_early: bool
-    images_per_second: float
+    images_per_second: float | None
     run_dir: Path
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -131,10 +133,38 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; otherwise the named device, checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"train.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {name!r} but CUDA is not available here")
     return device
+
+
+# Metric families whose entries are named by cut-off (recall_at_k → recall_at_1, recall_at_2, …).
+_FAMILIES = {"recall_at_k": "recall_at_", "precision_at_k": "precision_at_"}
+
+# Settings a resumed run may change: they do not alter what is computed.
+RESUMABLE_CHANGES = ("logging.", "data.num_workers", "train.device", "train.eval_batch_size")
+
+
+def _check_selection_metric(metric: str, metrics: Sequence[str]) -> None:
+    computed = [name for name in metrics if name not in _FAMILIES]
+    families = [_FAMILIES[name] for name in metrics if name in _FAMILIES]
+    if metric not in computed and not any(metric.startswith(f) for f in families):
+        raise ConfigError(
+            f"validation.metric {metric!r} is not among validation.metrics {list(metrics)}"
+        )
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 class Trainer:
@@ -211,6 +241,10 @@ class Trainer:
             self.optimizer, lr_factor(config.scheduler, config.optimizer.lr, self.total_steps)
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        if config.optimizer.backbone_lr == 0:
+            # A frozen backbone must not drift through its BatchNorm statistics either.
+            self.model.freeze_bn = True
+        _check_selection_metric(config.validation.metric, config.validation.metrics)
 
     def _use_cached_features(self) -> None:
         """Replace the datasets by cached backbone features; only the head is trained.
@@ -285,6 +319,17 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         payload = load_checkpoint(path)
+        changed = [
+            key
+            for key in _differences(payload["config"], self.config.to_dict())
+            if not key.startswith(RESUMABLE_CHANGES)
+        ]
+        if changed:
+            raise ConfigError(
+                f"cannot resume {path}: the config differs from the run's in {', '.join(changed)}; "
+                "resume with the run's own config.yaml (only logging, data.num_workers, "
+                "train.device and train.eval_batch_size may change)"
+            )
         self.model.load_state_dict(payload["model"])
         self.loss.load_state_dict(payload["loss"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -313,6 +358,11 @@ class Trainer:
             train_log.truncate_after(self.state.step)
             val_log.truncate_after(self.state.step)
         else:
+            if (self.run_dir / "last.pt").exists():
+                raise ConfigError(
+                    f"{self.run_dir} already holds a run (last.pt): resume it with --resume, or "
+                    "choose another run folder"
+                )
             (self.run_dir / "config.yaml").write_text(config.to_yaml())
             if config.validation.before_training:
                 self.state.before = self.evaluate_on(self.data.test)
@@ -373,8 +423,11 @@ class Trainer:
                     self._validate(val_log, board)
             finished = self.state.stopped_early or self.state.step >= self.total_steps
             self.save()
+        if self._validates() and self.state.validated_step != self.state.step:
+            # Training after the last scheduled validation would otherwise be thrown away.
+            self._validate(val_log, board)
         self.save()
-        result = self._finish(images / seconds if seconds else float("nan"), val_log)
+        result = self._finish(images / seconds if seconds else None, val_log)
         if board:
             board.write("test", self.state.step, result.after)
             board.close()
@@ -402,9 +455,12 @@ class Trainer:
             mined = stats.num_pos_pairs + stats.num_neg_pairs + stats.num_triplets
         return float(loss.detach()), mined
 
+    def _validates(self) -> bool:
+        return self.data.val is not None and self.config.validation.every > 0
+
     def _validate_now(self, unit: str) -> bool:
         validation = self.config.validation
-        if self.data.val is None or validation.every <= 0 or validation.unit != unit:
+        if not self._validates() or validation.unit != unit:
             return False
         count = self.state.step if unit == "step" else self.state.epoch
         return count % validation.every == 0
@@ -413,11 +469,7 @@ class Trainer:
         assert self.data.val is not None
         validation = self.config.validation
         metrics = self.evaluate_on(self.data.val)
-        if validation.metric not in metrics:
-            raise ConfigError(
-                f"validation.metric {validation.metric!r} is not among the computed metrics "
-                f"{sorted(metrics)}; add it to validation.metrics"
-            )
+        self.state.validated_step = self.state.step
         log.write({"step": self.state.step, "epoch": self.state.epoch, **metrics})
         if board:
             board.write("validation", self.state.step, metrics)
@@ -434,7 +486,7 @@ class Trainer:
             ):
                 self.state.stopped_early = True
 
-    def _finish(self, images_per_second: float, val_log: CSVLog) -> TrainResult:
+    def _finish(self, images_per_second: float | None, val_log: CSVLog) -> TrainResult:
         if self.state.best_step is not None:
             self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
         after = self.evaluate_on(self.data.test)
