@@ -230,6 +230,20 @@ def test_logs_csv_and_tensorboard(tmp_path: Path) -> None:
     assert saved["after"] == result.after
 
 
+def test_tensorboard_events_are_not_duplicated_by_a_resume(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _config("logging.tensorboard=true", "train.checkpoint_every=5")
+    with pytest.raises(_InterruptError):
+        Trainer(config, tmp_path, callbacks=[_interrupt_at(8)]).fit()  # checkpoint at step 5
+    result = Trainer(config, tmp_path).fit(resume=True)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == list(range(1, result.steps + 1))
+
+
 def test_frozen_backbone_trains_the_head_on_cached_features(
     tmp_path: Path, image_folder: Path
 ) -> None:

@@ -70,13 +70,15 @@ class TensorBoardLog:
 
     Args:
         folder: Where the event files go.
+        purge_step: On a resume, the first step after the checkpoint: events logged at or after
+            it by the interrupted run are discarded, as the CSV logs' rows are.
 
     Raises:
         ImportError: The ``tensorboard`` package is not installed (``pip install
             dmlkit[tensorboard]``).
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, purge_step: int | None = None) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
@@ -84,7 +86,7 @@ class TensorBoardLog:
                 "logging.tensorboard is true but the tensorboard package is not installed; "
                 "install it with `pip install dmlkit[tensorboard]` or set logging.tensorboard=false"
             ) from error
-        self._writer = SummaryWriter(str(folder))
+        self._writer = SummaryWriter(str(folder), purge_step=purge_step)
 
     def write(self, prefix: str, step: int, values: Mapping[str, float | int | None]) -> None:
         """Log each numeric value as ``prefix/name`` at ``step``."""

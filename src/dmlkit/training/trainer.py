@@ -366,7 +366,10 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(config.to_yaml())
             if config.validation.before_training:
                 self.state.before = self.evaluate_on(self.data.test)
-        board = TensorBoardLog(self.run_dir / "tensorboard") if config.logging.tensorboard else None
+        board = None
+        if config.logging.tensorboard:
+            purge = self.state.step + 1 if resume else None
+            board = TensorBoardLog(self.run_dir / "tensorboard", purge_step=purge)
 
         images = 0
         seconds = 0.0
