@@ -114,8 +114,13 @@ def test_override_syntax_errors() -> None:
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_build_their_loss_and_miner(path: Path) -> None:
     config = load_config(path)
-    build_loss(config.loss)
-    build_miner(config.miner)
+    loss = build_loss(config.loss)
+    assert type(loss).__name__ == config.loss.name
+    miner = build_miner(config.miner)
+    assert (miner is None) == (config.miner.name is None)
+    assert miner is None or type(miner).__name__ == config.miner.name
+    for key, value in config.loss.options.items():
+        assert getattr(loss, key, value) == pytest.approx(value)
 
 
 def test_default_config_file_is_the_builtin_default() -> None:
