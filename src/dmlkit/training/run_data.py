@@ -67,24 +67,22 @@ def _resized(dataset: ArrayDataset, size: int | None) -> ArrayDataset:
 
 
 def _image_transforms(config: TransformConfig) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    normalisation: dict[str, Any] = {
+        "mean": config.mean,
+        "std": config.std,
+        "channel_order": config.channel_order,
+        "value_scale": config.value_scale,
+    }
     train = data.train_transform(
         size=config.train_crop,
         scale=config.train_scale,
         ratio=config.train_ratio,
         flip=config.flip,
         resize=config.train_resize,
-        mean=config.mean,
-        std=config.std,
-        channel_order=config.channel_order,
-        value_scale=config.value_scale,
+        **normalisation,
     )
     evaluation = data.eval_transform(
-        resize=config.eval_resize,
-        crop=config.eval_crop,
-        mean=config.mean,
-        std=config.std,
-        channel_order=config.channel_order,
-        value_scale=config.value_scale,
+        resize=config.eval_resize, crop=config.eval_crop, **normalisation
     )
     return train, evaluation
 
