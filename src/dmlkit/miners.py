@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from .batch import Batch
 from .distances import BaseDistance, CosineSimilarity, LpDistance
 from .functional import mining
+from .functional.masks import label_weights
 from .functional.triplets import DEFAULT_CHUNK_ELEMENTS, mine_triplets
+from .validation import check_embeddings, check_labels
 
 MinedTuple = tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -114,6 +116,26 @@ class BaseMiner(nn.Module):
             mat = batch.matrix(self.distance)
             sim = mat if self.distance.is_inverted else mat.neg_()
             pos, neg = batch.label_weights()
+        return self._mine_and_record(sim, pos, neg)
+
+    def mine_similarities(self, sim: Tensor, labels: Tensor) -> MinedTuple:
+        """Mines a batch against itself from its (N, N) similarity matrix, already computed
+        with this miner's distance (which must be a similarity); as ``forward`` otherwise.
+
+        Args:
+            sim: (N, N) similarities of the batch; not modified.
+            labels: (N,) integer labels.
+        """
+        if not self.distance.is_inverted:
+            raise ValueError(f"{type(self).__name__} mines distances, not similarities")
+        sim = check_embeddings(sim, "similarities")
+        labels = check_labels(labels, sim.shape[0], sim.device)
+        with torch.no_grad():
+            pos, neg = label_weights(labels, None, sim.dtype)
+            return self._mine_and_record(sim.detach().clone(), pos, neg)
+
+    def _mine_and_record(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+        with torch.no_grad():
             mined = self.mine(sim, pos, neg)
         if len(mined) == 3:
             self.last_stats = self.stats_for(mined, MiningStats(num_triplets=len(mined[0])))

@@ -1,0 +1,156 @@
+"""Per-pair training losses and threshold normalisation for DDTAS's Online Threshold Generator.
+
+The OTG (ddtas.md §5) differentiates the training loss with respect to one variable per mined
+pair, and through a virtual parameter step, so everything here is plain, twice-differentiable
+autograd on 1-D per-pair values (no fused first-order kernels).
+
+A mined pair k is described by its anchor ``anchors[k]`` and whether it is positive
+(``is_pos[k]``); its value ``values[k]`` is λ_k·S_k in the multiplier reading of the OTG (λ = 1
+gives the plain loss) or S_k in the additive reading, where ``thresholds`` varies per pair.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PairLossForm = Literal["soft_contrastive", "multi_similarity"]
+Normalization = Literal["joint", "separate"]
+
+
+def _side_counts(anchors: Tensor, is_pos: Tensor, n_anchors: int) -> tuple[Tensor, Tensor]:
+    n_pos = torch.bincount(anchors[is_pos], minlength=n_anchors)
+    n_neg = torch.bincount(anchors[~is_pos], minlength=n_anchors)
+    return n_pos, n_neg
+
+
+def pair_loss(
+    values: Tensor,
+    anchors: Tensor,
+    is_pos: Tensor,
+    n_anchors: int,
+    form: PairLossForm = "soft_contrastive",
+    pos_scale: float = 2.0,
+    neg_scale: float = 40.0,
+    thresholds: float | Tensor = 0.7,
+) -> Tensor:
+    """DDTAS's training loss L^t on per-pair values, reduced as the released code does.
+
+    With β = ``pos_scale``, α = ``neg_scale`` and t the threshold, for every anchor i having at
+    least one positive and one negative pair:
+
+    - ``soft_contrastive`` (ddtas.md §4): ``(2/β)·mean_P softplus(−β(x − t))
+      + (2/α)·mean_N softplus(α(x − t))``;
+    - ``multi_similarity`` (the MS form of the released OTG, §5.1 step 4, t = b):
+      ``(2/β)·log(1 + Σ_P exp(−β(x − t))) + (2/α)·log(1 + Σ_N exp(α(x − t)))``;
+
+    summed over those anchors and divided by ``n_anchors`` (skipped anchors included).
+
+    Args:
+        values: (K,) per-pair values x_k.
+        anchors: (K,) anchor index of each pair.
+        is_pos: (K,) bool, True for positive pairs.
+        n_anchors: B, the batch size the sum is divided by.
+        form: ``soft_contrastive`` or ``multi_similarity``.
+        pos_scale: β.
+        neg_scale: α.
+        thresholds: t, a number or one per pair (the OTG's additive reading).
+
+    Returns:
+        Scalar loss; a zero that keeps the graph of ``values`` when no anchor counts.
+    """
+    if form not in ("soft_contrastive", "multi_similarity"):
+        raise ValueError(f"form must be 'soft_contrastive' or 'multi_similarity', got {form!r}")
+    with torch.no_grad():
+        n_pos, n_neg = _side_counts(anchors, is_pos, n_anchors)
+        valid = ((n_pos > 0) & (n_neg > 0)).to(values.dtype) / n_anchors
+        pair_scale = torch.where(is_pos, 2.0 / pos_scale, 2.0 / neg_scale)
+    exponent = torch.where(is_pos, -pos_scale, neg_scale) * (values - thresholds)
+    if form == "soft_contrastive":
+        with torch.no_grad():
+            size = torch.where(is_pos, n_pos[anchors], n_neg[anchors]).clamp_min(1)
+            weight = pair_scale * valid[anchors] / size
+        return (F.softplus(exponent) * weight).sum()
+    # log(1 + Σ_group exp(z)) per (anchor, side) group, as softplus of a segment log-sum-exp.
+    group = 2 * anchors + (~is_pos).long()
+    n_groups = 2 * n_anchors
+    with torch.no_grad():
+        peak = torch.full((n_groups,), float("-inf"), dtype=values.dtype, device=values.device)
+        peak = peak.scatter_reduce(0, group, exponent.detach(), "amax")
+        present = torch.isfinite(peak)
+        peak = torch.where(present, peak, 0.0)
+        group_weight = torch.zeros(n_groups, dtype=values.dtype, device=values.device)
+        group_weight[group] = pair_scale * valid[anchors]
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device)
+    sums = sums.index_add(0, group, torch.exp(exponent - peak[group]))
+    lse = peak + torch.log(torch.where(present, sums, 1.0))
+    return (F.softplus(lse) * group_weight * present).sum()
+
+
+def pair_loss_slopes(
+    anchors: Tensor,
+    is_pos: Tensor,
+    n_anchors: int,
+    form: PairLossForm = "soft_contrastive",
+    pos_scale: float = 2.0,
+    neg_scale: float = 40.0,
+    threshold: float = 0.7,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """c_k = ∂L^t/∂x_k at x = 0 (ddtas.md §5.3), the factor of the OTG's closed form.
+
+    Computed by autograd on :func:`pair_loss`, so it holds for either form and reduction.
+
+    Returns:
+        (K,) slopes: negative for positive pairs, positive for negative pairs, 0 for the pairs
+        of skipped anchors.
+    """
+    zeros = torch.zeros(anchors.shape[0], dtype=dtype, device=anchors.device, requires_grad=True)
+    with torch.enable_grad():
+        loss = pair_loss(zeros, anchors, is_pos, n_anchors, form, pos_scale, neg_scale, threshold)
+        (slopes,) = torch.autograd.grad(loss, zeros, allow_unused=True, materialize_grads=True)
+    return slopes
+
+
+def normalize_thresholds(
+    scores: Tensor, is_pos: Tensor | None = None, normalization: Normalization = "joint"
+) -> Tensor | None:
+    """The OTG's weights λ* = relu(u) / max relu(u) (ddtas.md §5.1 step 8, §5.5).
+
+    With ``normalization="separate"`` (a deviation, §5.4) positive and negative pairs are each
+    divided by their own maximum; otherwise the released joint maximum, which a positive pair
+    nearly always sets, leaves negative pairs with weights near 1e-8.
+
+    Args:
+        scores: (K,) u = −∂L^m/∂λ.
+        is_pos: (K,) bool, needed for ``separate``.
+        normalization: ``joint`` or ``separate``.
+
+    Returns:
+        (K,) weights in [0, 1], or None when they are undefined: some score is not finite, or
+        every score of a normalised group (all pairs, or one non-empty side) is ≤ 0, which
+        would be 0/0. The caller decides what to do (DDTAS skips the step or raises).
+    """
+    if normalization not in ("joint", "separate"):
+        raise ValueError(f"normalization must be 'joint' or 'separate', got {normalization!r}")
+    if scores.numel() == 0:
+        return scores.clone()
+    if not bool(torch.isfinite(scores).all()):
+        return None
+    positive = scores.clamp_min(0.0)
+    if normalization == "joint":
+        peak = positive.max()
+        return positive / peak if peak > 0 else None
+    if is_pos is None:
+        raise ValueError("separate normalisation needs is_pos")
+    weights = torch.zeros_like(positive)
+    for side in (is_pos, ~is_pos):
+        if bool(side.any()):
+            peak = positive[side].max()
+            if not peak > 0:
+                return None
+            weights[side] = positive[side] / peak
+    return weights
