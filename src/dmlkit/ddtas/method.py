@@ -265,8 +265,7 @@ class DDTAS:
         if otg is None:
             sim = cosine_matrix(model(x))
             pairs = self._mine(sim, labels)
-            values, thresholds = pairs.take(sim), self.threshold
-            return self._output(sim, pairs, values, thresholds, None, None, None)
+            return self._output(sim, pairs, pairs.take(sim), self.threshold, None, None, None)
 
         x_meta, y_meta = self._meta(meta_batch, x.device)
         meta_loss = self.meta_loss(y_meta)
@@ -305,10 +304,11 @@ class DDTAS:
                 otg.virtual_lr,
             )
             if otg.reading == "additive":
-                moved: Tensor | None = start - otg.threshold_lr * grad
-                if moved is not None and not bool(torch.isfinite(moved).all()):
-                    moved = None
-                return self._output(sim, pairs, pairs.take(sim), moved, moved, meta_value, 0)
+                moved = start - otg.threshold_lr * grad
+                thresholds = moved if bool(torch.isfinite(moved).all()) else None
+                return self._output(
+                    sim, pairs, pairs.take(sim), thresholds, thresholds, meta_value, 0
+                )
             scores = -grad
         weights = normalize_thresholds(scores, pairs.is_pos, otg.normalization)
         values = None if weights is None else weights * pairs.take(sim)
