@@ -61,6 +61,10 @@ def _train(args: argparse.Namespace) -> int:
         "Retrieval on the held-out classes (each test item queries the others):"
     )
     print(_comparison(result.before, result.after))
+    if result.steps >= config.logging.log_every:
+        from .viz import plot_training_log
+
+        print(f"Training curves: {plot_training_log(trainer.run_dir)}")
     return 0
 
 

@@ -12,6 +12,7 @@ from .config import (
     Config,
     ConfigError,
     DataConfig,
+    DDTASConfig,
     LoggingConfig,
     LossConfig,
     MinerConfig,
@@ -33,6 +34,7 @@ from .trainer import Trainer, TrainResult, TrainState
 __all__ = [
     "Config",
     "ConfigError",
+    "DDTASConfig",
     "DataConfig",
     "LoggingConfig",
     "LossConfig",

@@ -12,9 +12,17 @@ import torch
 from torch import nn
 
 from .. import distances, losses, miners, reducers
+from ..ddtas import DDTAS, OTGSettings
 from ..losses import BaseMetricLossFunction
 from ..miners import BaseMiner
-from .config import ConfigError, LossConfig, MinerConfig, OptimizerConfig, SchedulerConfig
+from .config import (
+    ConfigError,
+    DDTASConfig,
+    LossConfig,
+    MinerConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+)
 from .config import _suggest as suggest
 
 
@@ -87,6 +95,45 @@ def build_miner(config: MinerConfig) -> BaseMiner | None:
     miner = _instantiate("miner", miners, BaseMiner, config.name, config.options)
     assert isinstance(miner, BaseMiner)
     return miner
+
+
+def build_ddtas(config: DDTASConfig, loss: nn.Module, miner: BaseMiner | None, lr: float) -> DDTAS:
+    """The DDTAS method of a ``method: ddtas`` run: its miner, the Soft Contrastive loss's
+    scales and threshold, and the OTG settings (the virtual step defaults to ``lr``).
+
+    Raises:
+        ConfigError: The loss is not ``SoftContrastiveLoss``, there is no pair miner on
+            cosine similarity, or an OTG setting is invalid.
+    """
+    if not isinstance(loss, losses.SoftContrastiveLoss):
+        raise ConfigError(
+            f"method ddtas trains the Soft Contrastive loss: set loss.name to "
+            f"SoftContrastiveLoss (got {type(loss).__name__})"
+        )
+    pair_miners = (miners.MultiSimilarityMiner, miners.ASMSMiner)
+    if not isinstance(miner, pair_miners):
+        raise ConfigError(
+            "method ddtas needs miner.name ATASMSMiner, ASMSMiner or MultiSimilarityMiner, got "
+            f"{None if miner is None else type(miner).__name__}"
+        )
+    otg = None
+    if config.otg:
+        try:
+            otg = OTGSettings(
+                method=config.otg_method,
+                normalization=config.normalization,
+                reading=config.reading,
+                virtual_lr=lr if config.virtual_lr is None else config.virtual_lr,
+                threshold_lr=config.threshold_lr,
+                meta_mining=config.meta_mining,
+                on_degenerate=config.on_degenerate,
+            )
+        except ValueError as error:
+            raise ConfigError(f"ddtas: {error}") from None
+    try:
+        return DDTAS(miner, loss.pos_scale, loss.neg_scale, loss.threshold, config.form, otg=otg)
+    except ValueError as error:
+        raise ConfigError(f"ddtas: {error}") from None
 
 
 def parameter_groups(

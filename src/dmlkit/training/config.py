@@ -271,9 +271,51 @@ class LoggingConfig:
 
 
 @dataclass
-class Config:
-    """A whole training run."""
+class DDTASConfig:
+    """DDTAS's Online Threshold Generator when ``method: ddtas`` (see :class:`dmlkit.ddtas.DDTAS`).
 
+    The mining comes from the ``miner`` section (a pair miner on cosine similarity, normally
+    ``ATASMSMiner``) and the loss's scales and threshold from the ``loss`` section, which must be
+    ``SoftContrastiveLoss``.
+
+    Attributes:
+        otg: Run the OTG; false leaves mining and the Soft Contrastive loss.
+        otg_method: ``closed_form`` (one Jacobian-vector product) or ``double_backward``.
+        normalization: ``joint`` (released) or ``separate`` per side.
+        reading: ``multiplier`` (released) or ``additive`` (needs ``double_backward``).
+        form: ``soft_contrastive`` or ``multi_similarity`` (the released OTG's MS form).
+        virtual_lr: η of the virtual step; ``optimizer.lr`` when None, as released.
+        threshold_lr: η_λ of the additive reading.
+        meta_mining: Mine the meta batch too (released: every pair).
+        on_degenerate: ``skip`` steps whose weights are undefined (counted), or ``raise``.
+        meta_classes: Classes per meta batch (released 5).
+        meta_samples: Samples per class in a meta batch (released 2).
+    """
+
+    otg: bool = True
+    otg_method: Literal["closed_form", "double_backward"] = "closed_form"
+    normalization: Literal["joint", "separate"] = "joint"
+    reading: Literal["multiplier", "additive"] = "multiplier"
+    form: Literal["soft_contrastive", "multi_similarity"] = "soft_contrastive"
+    virtual_lr: float | None = None
+    threshold_lr: float = 1.0
+    meta_mining: bool = False
+    on_degenerate: Literal["skip", "raise"] = "skip"
+    meta_classes: int = 5
+    meta_samples: int = 2
+
+
+@dataclass
+class Config:
+    """A whole training run.
+
+    Attributes:
+        method: ``standard`` (miner → loss) or ``ddtas`` (the ``ddtas`` section's method, with
+            the miner and loss sections).
+    """
+
+    method: Literal["standard", "ddtas"] = "standard"
+    ddtas: DDTASConfig = field(default_factory=DDTASConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -415,6 +457,8 @@ def _check_ranges(config: Config) -> None:
         "data.num_workers": (config.data.num_workers, 0),
         "validation.every": (config.validation.every, 0),
         "scheduler.warmup_steps": (config.scheduler.warmup_steps, 0),
+        "ddtas.meta_classes": (config.ddtas.meta_classes, 1),
+        "ddtas.meta_samples": (config.ddtas.meta_samples, 1),
     }
     for name, (value, minimum) in at_least.items():
         if value < minimum:

@@ -26,10 +26,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import ArrayDataset, LabelledDataset
+from ..ddtas import DDTAS
 from ..evaluation import evaluate
 from ..models import EmbeddingModel, build_model, cache_features
 from ..samplers import PKSampler
-from .builders import build_loss, build_miner, build_optimizer, lr_factor, parameter_groups
+from .builders import (
+    build_ddtas,
+    build_loss,
+    build_miner,
+    build_optimizer,
+    lr_factor,
+    parameter_groups,
+)
 from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
 from .config import Config, ConfigError
 from .inference import embed_dataset
@@ -51,6 +59,8 @@ class TrainState:
         bad_validations: Validations since the last improvement (for early stopping).
         stopped_early: Whether early stopping ended the run.
         before: Test metrics of the untrained network.
+        skipped_steps: Steps without an optimiser update because DDTAS's OTG weights were
+            undefined for the batch.
     """
 
     epoch: int = 0
@@ -62,6 +72,7 @@ class TrainState:
     bad_validations: int = 0
     stopped_early: bool = False
     before: dict[str, float] | None = None
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -207,6 +218,13 @@ class Trainer:
         ).to(self.device)
         self.loss = build_loss(config.loss).to(self.device)
         self.miner = build_miner(config.miner)
+        self.ddtas: DDTAS | None = None
+        if config.method == "ddtas":
+            if self.amp:
+                raise ConfigError(
+                    "train.amp is not supported with method ddtas (the OTG runs in float32)"
+                )
+            self.ddtas = build_ddtas(config.ddtas, self.loss, self.miner, config.optimizer.lr)
         self.trained_part: nn.Module = self.model
         if model_config.freeze_backbone:
             self._use_cached_features()
@@ -219,15 +237,21 @@ class Trainer:
             too_few=config.sampler.too_few,
             groups_per_class=config.sampler.groups_per_class,
         )
-        self.batches = _SeededBatches(self.sampler, config.train.seed)
-        self.loader = DataLoader(
-            _SeededSamples(self.data.train),
-            batch_sampler=self.batches,  # type: ignore[arg-type]
-            num_workers=config.data.num_workers,
-            # Our own generator: worker seeding must not consume the global generator.
-            generator=torch.Generator().manual_seed(config.train.seed),
-            pin_memory=self.device.type == "cuda",
-        )
+        self.batches, self.loader = self._seeded_loader(self.sampler, config.train.seed)
+        self.meta_batches: _SeededBatches | None = None
+        if self.ddtas is not None and self.ddtas.otg is not None:
+            # The OTG's meta batches: a second P×K sampler over the training classes, with its
+            # own seed, positioned by the step so that a resumed run draws the same ones.
+            meta_sampler = PKSampler(
+                self.data.train.labels,
+                config.ddtas.meta_classes,
+                config.ddtas.meta_samples,
+                seed=config.train.seed + 1,
+                too_few=config.sampler.too_few,
+            )
+            self.meta_batches, self.meta_loader = self._seeded_loader(
+                meta_sampler, config.train.seed + 1
+            )
         groups = [("head", self.model.head.parameters()), ("loss", self.loss.parameters())]
         if not model_config.freeze_backbone:
             groups.insert(0, ("backbone", self.model.backbone.parameters()))
@@ -245,6 +269,29 @@ class Trainer:
             # A frozen backbone must not drift through its BatchNorm statistics either.
             self.model.freeze_bn = True
         _check_selection_metric(config.validation.metric, config.validation.metrics)
+
+    def _seeded_loader(
+        self, sampler: PKSampler, seed: int
+    ) -> tuple[_SeededBatches, DataLoader[tuple[Tensor, int]]]:
+        batches = _SeededBatches(sampler, seed)
+        loader = DataLoader(
+            _SeededSamples(self.data.train),
+            batch_sampler=batches,  # type: ignore[arg-type]
+            num_workers=self.config.data.num_workers,
+            # Our own generator: worker seeding must not consume the global generator.
+            generator=torch.Generator().manual_seed(seed),
+            pin_memory=self.device.type == "cuda",
+        )
+        return batches, loader
+
+    def _meta_stream(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Meta batches from the one for ``step`` on, endlessly."""
+        assert self.meta_batches is not None
+        epoch, batch = divmod(step, len(self.meta_batches.sampler))
+        while True:
+            self.meta_batches.set_epoch(epoch, batch)
+            yield from self.meta_loader
+            epoch, batch = epoch + 1, 0
 
     def _use_cached_features(self) -> None:
         """Replace the datasets by cached backbone features; only the head is trained.
@@ -373,6 +420,7 @@ class Trainer:
 
         images = 0
         seconds = 0.0
+        meta = self._meta_stream(self.state.step) if self.meta_batches is not None else None
         finished = self.state.stopped_early or self.state.step >= self.total_steps
         while not finished and self.state.epoch < config.train.epochs:
             self.batches.set_epoch(self.state.epoch, self.state.batch)
@@ -385,7 +433,7 @@ class Trainer:
             self.trained_part.train()
             start = time.perf_counter()
             for x, y in self.loader:
-                loss, mined = self._step(x, y)
+                loss, extras = self._step(x, y, None if meta is None else next(meta))
                 self.state.batch += 1
                 self.state.step += 1
                 now = time.perf_counter()
@@ -396,9 +444,9 @@ class Trainer:
                     "step": self.state.step,
                     "epoch": self.state.epoch,
                     "loss": loss,
-                    "mined": mined,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "images_per_second": images / seconds,
+                    **extras,
                 }
                 if self.state.step % config.logging.log_every == 0:
                     train_log.write(row)
@@ -406,7 +454,10 @@ class Trainer:
                         board.write("train", self.state.step, row)
                 bar.update()
                 bar.set_postfix(
-                    loss=f"{loss:.4f}", mined=mined, img_s=f"{images / seconds:.0f}", refresh=False
+                    loss=f"{loss:.4f}",
+                    mined=extras["mined"],
+                    img_s=f"{images / seconds:.0f}",
+                    refresh=False,
                 )
                 if self._validate_now("step"):
                     self._validate(val_log, board)
@@ -436,27 +487,43 @@ class Trainer:
             board.close()
         return result
 
-    def _step(self, x: Tensor, y: Tensor) -> tuple[float, int | None]:
+    def _step(
+        self, x: Tensor, y: Tensor, meta_batch: tuple[Tensor, Tensor] | None
+    ) -> tuple[float, dict[str, float | int | None]]:
+        """One optimisation step; returns the loss and what to log beside it."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            embeddings = self.trained_part(x)
-        embeddings = embeddings.float()
-        pairs = self.miner(embeddings, y) if self.miner is not None else None
-        loss = self.loss(embeddings, y, pairs)
+        skip = False
+        if self.ddtas is not None:
+            out = self.ddtas(self.trained_part, x, y, meta_batch)
+            loss, skip = out.loss, out.skipped
+            extras: dict[str, float | int | None] = {
+                "mined": out.stats.num_pos_pairs + out.stats.num_neg_pairs,
+                **out.stats.as_dict(),
+            }
+        else:
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                embeddings = self.trained_part(x)
+            embeddings = embeddings.float()
+            pairs = self.miner(embeddings, y) if self.miner is not None else None
+            loss = self.loss(embeddings, y, pairs)
+            extras = {"mined": None}
+            if self.miner is not None:
+                stats = self.miner.last_stats
+                extras["mined"] = stats.num_pos_pairs + stats.num_neg_pairs + stats.num_triplets
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.config.optimizer.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-            nn.utils.clip_grad_norm_(parameters, self.config.optimizer.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if skip:
+            # DDTAS's released behaviour: no update when the OTG's weights are undefined.
+            self.state.skipped_steps += 1
+        else:
+            self.scaler.scale(loss).backward()
+            if self.config.optimizer.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+                nn.utils.clip_grad_norm_(parameters, self.config.optimizer.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
-        mined = None
-        if self.miner is not None:
-            stats = self.miner.last_stats
-            mined = stats.num_pos_pairs + stats.num_neg_pairs + stats.num_triplets
-        return float(loss.detach()), mined
+        return float(loss.detach()), extras
 
     def _validates(self) -> bool:
         return self.data.val is not None and self.config.validation.every > 0
@@ -510,6 +577,7 @@ class Trainer:
             "best_step": self.state.best_step,
             "steps": result.steps,
             "stopped_early": result.stopped_early,
+            "skipped_steps": self.state.skipped_steps,
             "images_per_second": result.images_per_second,
         }
         (self.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
