@@ -79,9 +79,8 @@ def plot_training_log(run_dir: str | Path, out: str | Path | None = None) -> Pat
     if validation:
         metrics = [k for k in validation[0] if k not in ("step", "epoch")]
         panels.append(("validation", {m: _series(validation, m) for m in metrics}, False))
-    columns = 2
-    rows_count = math.ceil(len(panels) / columns)
-    figure, axes = plt.subplots(rows_count, columns, figsize=(11, 3.0 * rows_count), squeeze=False)
+    n_rows = math.ceil(len(panels) / 2)
+    figure, axes = plt.subplots(n_rows, 2, figsize=(11, 3.0 * n_rows), squeeze=False)
     for axis, (title, lines, log_scale) in zip(axes.flat, panels, strict=False):
         for name, (steps, values) in lines.items():
             axis.plot(steps, values, label=name, linewidth=1.2)
