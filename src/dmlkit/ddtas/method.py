@@ -19,7 +19,7 @@ from ..functional.thresholds import (
     pair_loss,
     pair_loss_slopes,
 )
-from ..miners import ASMSStats, ATASMSMiner, BaseMiner
+from ..miners import ASMSStats, ATASMSMiner, BaseMiner, MiningStats
 from .otg import (
     MinedPairs,
     closed_form_scores,
@@ -264,15 +264,17 @@ class DDTAS:
         otg = self.otg
         if otg is None:
             sim = cosine_matrix(model(x))
-            pairs = self._mine(sim, labels)
-            return self._output(sim, pairs, pairs.take(sim), self.threshold, None, None, None)
+            pairs, mined = self._mine(sim, labels)
+            return self._output(
+                sim, pairs, mined, pairs.take(sim), self.threshold, None, None, None
+            )
 
         x_meta, y_meta = self._meta(meta_batch, x.device)
         meta_loss = self.meta_loss(y_meta)
         if otg.method == "closed_form":
             tangent, meta_value = meta_gradient(model, x_meta, meta_loss)
             sim, sim_tangent = similarities_with_tangent(model, x, tangent)
-            pairs = self._mine(sim, labels)
+            pairs, mined = self._mine(sim, labels)
             slopes = pair_loss_slopes(
                 pairs.anchors,
                 pairs.is_pos,
@@ -286,7 +288,7 @@ class DDTAS:
             scores = closed_form_scores(slopes, sim_tangent, pairs, otg.virtual_lr)
         else:
             sim = cosine_matrix(model(x))
-            pairs = self._mine(sim, labels)
+            pairs, mined = self._mine(sim, labels)
             start = torch.full(
                 (len(pairs),),
                 self.threshold if otg.reading == "additive" else 0.0,
@@ -307,22 +309,23 @@ class DDTAS:
                 moved = start - otg.threshold_lr * grad
                 thresholds = moved if bool(torch.isfinite(moved).all()) else None
                 return self._output(
-                    sim, pairs, pairs.take(sim), thresholds, thresholds, meta_value, 0
+                    sim, pairs, mined, pairs.take(sim), thresholds, thresholds, meta_value, 0
                 )
             scores = -grad
         weights = normalize_thresholds(scores, pairs.is_pos, otg.normalization)
         values = None if weights is None else weights * pairs.take(sim)
-        return self._output(sim, pairs, values, self.threshold, weights, meta_value, 1)
+        return self._output(sim, pairs, mined, values, self.threshold, weights, meta_value, 1)
 
     # ------------------------------------------------------------------ helpers
 
-    def _mine(self, sim: Tensor, labels: Tensor) -> MinedPairs:
+    def _mine(self, sim: Tensor, labels: Tensor) -> tuple[MinedPairs, MiningStats]:
+        """The miner's pairs and its stats for this call (read before any other mining)."""
         mined = self.miner.mine_similarities(sim.detach(), labels)
         if len(mined) != 4:
             raise ValueError(
                 f"DDTAS needs a pair miner, but {type(self.miner).__name__} returns triplets"
             )
-        return _flat_pairs(*mined)
+        return _flat_pairs(*mined), self.miner.last_stats
 
     def _meta(
         self, meta_batch: tuple[Tensor, Tensor] | None, device: torch.device
@@ -341,6 +344,7 @@ class DDTAS:
         self,
         sim: Tensor,
         pairs: MinedPairs,
+        mined: MiningStats,
         values: Tensor | None,
         thresholds: float | Tensor | None,
         otg_values: Tensor | None,
@@ -360,19 +364,19 @@ class DDTAS:
         else:
             assert values is not None and thresholds is not None
             loss = self._loss(values, pairs, n, thresholds)
-        stats = self._stats(sim, pairs, otg_values, meta_value, skipped, zero_stats)
+        stats = self._stats(sim, pairs, mined, otg_values, meta_value, skipped, zero_stats)
         return DDTASOutput(loss, skipped and self.otg is not None, stats)
 
     def _stats(
         self,
         sim: Tensor,
         pairs: MinedPairs,
+        mined: MiningStats,
         otg_values: Tensor | None,
         meta_value: Tensor | None,
         skipped: bool,
         zero_stats: int | None,
     ) -> DDTASStats:
-        mined = self.miner.last_stats
         with torch.no_grad():
             similarities = pairs.take(sim)
             pos, neg = similarities[pairs.is_pos], similarities[~pairs.is_pos]
@@ -434,7 +438,7 @@ class _MetaLoss:
     def __call__(self, sim: Tensor) -> Tensor:
         method = self.method
         if method.otg is not None and method.otg.meta_mining:
-            pairs = method._mine(sim, self.labels)
+            pairs, _ = method._mine(sim, self.labels)
         else:
             pos, neg = label_masks(self.labels)
             a1, p = pos.nonzero(as_tuple=True)

@@ -67,8 +67,12 @@ def pair_loss(
     with torch.no_grad():
         n_pos, n_neg = _side_counts(anchors, is_pos, n_anchors)
         valid = ((n_pos > 0) & (n_neg > 0)).to(values.dtype) / n_anchors
-        pair_scale = torch.where(is_pos, 2.0 / pos_scale, 2.0 / neg_scale)
-    exponent = torch.where(is_pos, -pos_scale, neg_scale) * (values - thresholds)
+        # Constants in the values' dtype: torch.where on Python numbers would round to float32.
+        pair_scale = torch.where(
+            is_pos, values.new_tensor(2.0 / pos_scale), values.new_tensor(2.0 / neg_scale)
+        )
+        slope = torch.where(is_pos, values.new_tensor(-pos_scale), values.new_tensor(neg_scale))
+    exponent = slope * (values - thresholds)
     if form == "soft_contrastive":
         with torch.no_grad():
             size = torch.where(is_pos, n_pos[anchors], n_neg[anchors]).clamp_min(1)

@@ -238,6 +238,8 @@ class ValidationConfig:
         metrics: Metrics computed at validation and test (names of
             :data:`dmlkit.evaluation.ALL_METRICS`).
         before_training: Also evaluate the untrained network on the test classes.
+        recall_at: Cut-offs of Recall@K; None for 1, 2, 4, 8 (1, 10, 100, 1000 from 10,000
+            items on).
     """
 
     every: int = 1
@@ -251,6 +253,7 @@ class ValidationConfig:
         "mean_average_precision_at_r",
     )
     before_training: bool = True
+    recall_at: tuple[int, ...] | None = None
 
 
 @dataclass

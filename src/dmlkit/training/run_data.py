@@ -198,7 +198,9 @@ def build_run_data(config: DataConfig, seed: int = 0) -> RunData:
             f"training and test share {overlap.size} classes (e.g. {overlap[:5].tolist()}); "
             "retrieval must be evaluated on held-out classes"
         )
-    description = json.dumps({**asdict(config), "seed": seed}, sort_keys=True, default=str)
+    # The seed only matters through the validation split; without one, every seed shares a cache.
+    seeded = {"seed": seed} if split is not None else {}
+    description = json.dumps({**asdict(config), **seeded}, sort_keys=True, default=str)
     cache_key = f"{config.name}-{hashlib.sha256(description.encode()).hexdigest()[:12]}"
     return RunData(train, train_eval, val, test, in_channels, cache_key)
 

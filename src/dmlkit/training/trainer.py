@@ -342,7 +342,10 @@ class Trainer:
                 device=self.device,
                 num_workers=self.config.data.num_workers,
             )
-            result = evaluate(embeddings, labels, metrics=self.config.validation.metrics)
+            validation = self.config.validation
+            result = evaluate(
+                embeddings, labels, metrics=validation.metrics, recall_at=validation.recall_at
+            )
         return dict(result.metrics)
 
     # ---------------------------------------------------------------- checkpoints
