@@ -447,9 +447,9 @@ class Trainer:
                     "step": self.state.step,
                     "epoch": self.state.epoch,
                     "loss": loss,
+                    **extras,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "images_per_second": images / seconds,
-                    **extras,
                 }
                 if self.state.step % config.logging.log_every == 0:
                     train_log.write(row)

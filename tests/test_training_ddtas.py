@@ -1,0 +1,179 @@
+"""``method: ddtas`` in the trainer: the logged thresholds, the plot, exact resume with meta
+batches, equivalence with the standard path without the OTG, config errors, and the shipped
+recipe configs."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmlkit.cli import main
+from dmlkit.ddtas import DDTAS
+from dmlkit.miners import ATASMSMiner
+from dmlkit.training import ConfigError, Trainer, TrainState, load_checkpoint, load_config
+from dmlkit.viz import plot_training_log
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+FAST = [
+    "train.epochs=2",
+    "sampler.classes_per_batch=5",
+    "sampler.samples_per_class=6",
+    "logging.progress=false",
+    "logging.log_every=1",
+    "loss.name=SoftContrastiveLoss",
+    "miner.name=ATASMSMiner",
+]
+DDTAS_ON = [*FAST, "method=ddtas"]
+
+
+class _InterruptError(Exception):
+    pass
+
+
+def _interrupt_at(step: int):  # type: ignore[no-untyped-def]
+    def callback(state: TrainState) -> None:
+        if state.step == step:
+            raise _InterruptError
+
+    return callback
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _without_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k != "images_per_second"} for row in rows]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    left, right = load_checkpoint(a), load_checkpoint(b)
+    assert left["state"] == right["state"]
+    for name, tensor in left["model"].items():
+        assert torch.equal(tensor, right["model"][name]), name
+
+
+def test_ddtas_run_logs_thresholds_and_otg_weights(tmp_path: Path) -> None:
+    result = Trainer(load_config(None, DDTAS_ON), tmp_path).fit()
+    rows = _rows(tmp_path / "train.csv")
+    assert len(rows) == result.steps > 0
+    for column in (
+        "gamma_pos",
+        "gamma_neg",
+        "ratio",
+        "num_pos_pairs",
+        "num_neg_pairs",
+        "otg_pos_mean",
+        "otg_neg_mean",
+        "otg_skipped",
+        "meta_loss",
+    ):
+        assert column in rows[0], column
+    gammas = {float(row["gamma_pos"]) for row in rows}
+    # AT-ASMS: the static 0.1 when r ≤ 1, otherwise within (0.13655, 0.15].
+    assert all(g == pytest.approx(0.1) or 0.1365 < g <= 0.15 for g in gammas)
+    trained = [row for row in rows if row["otg_skipped"] == "0"]
+    assert trained, "every step was skipped"
+    assert all(0 < float(row["otg_pos_mean"]) <= 1 for row in trained)
+    skipped = sum(int(row["otg_skipped"]) for row in rows)
+    summary = (tmp_path / "results.json").read_text()
+    assert f'"skipped_steps": {skipped}' in summary
+    assert result.after != result.before
+
+
+def test_cli_writes_the_training_plot(tmp_path: Path) -> None:
+    args = [a for o in DDTAS_ON for a in ("--set", o)]
+    assert main(["train", *args, "--run-dir", str(tmp_path)]) == 0
+    png = tmp_path / "training.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert png.stat().st_size > 20_000  # eight panels, not an empty canvas
+
+
+def test_plot_of_a_standard_run_and_of_a_missing_log(tmp_path: Path) -> None:
+    Trainer(load_config(None, FAST), tmp_path / "run").fit()
+    path = plot_training_log(tmp_path / "run", tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with pytest.raises(FileNotFoundError, match=r"train\.csv"):
+        plot_training_log(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("stop_at", [2, 5])
+def test_resume_with_the_otg_is_exact(tmp_path: Path, stop_at: int) -> None:
+    """The meta batches continue where they stopped: a resumed run equals an uninterrupted one."""
+    whole = Trainer(load_config(None, DDTAS_ON), tmp_path / "whole").fit()
+    cut = load_config(None, [*DDTAS_ON, "train.checkpoint_every=1"])
+    run = tmp_path / "cut"
+    with pytest.raises(_InterruptError):
+        Trainer(cut, run, callbacks=[_interrupt_at(stop_at)]).fit()
+    resumed = Trainer(cut, run).fit(resume=True)
+    assert resumed.after == whole.after
+    _same_weights(tmp_path / "whole" / "last.pt", run / "last.pt")
+    assert _without_timing(_rows(run / "train.csv")) == _without_timing(
+        _rows(tmp_path / "whole" / "train.csv")
+    )
+
+
+def test_without_the_otg_it_is_the_standard_miner_and_loss(tmp_path: Path) -> None:
+    """Same mined pairs and losses as the miner + SoftContrastiveLoss path. Only the first steps
+    are compared: the two compute the same loss in a different order, and Adam's first updates
+    (about lr·sign(g)) turn float rounding in near-zero gradients into visible differences."""
+    steps = [*FAST, "train.max_steps=4"]
+    Trainer(load_config(None, steps), tmp_path / "standard").fit()
+    off = [*steps, "method=ddtas", "ddtas.otg=false"]
+    trainer = Trainer(load_config(None, off), tmp_path / "ddtas")
+    assert isinstance(trainer.ddtas, DDTAS) and trainer.ddtas.otg is None
+    trainer.fit()
+    standard = _rows(tmp_path / "standard" / "train.csv")
+    ddtas = _rows(tmp_path / "ddtas" / "train.csv")
+    assert len(standard) == len(ddtas) == 4
+    for a, b in zip(standard, ddtas, strict=True):
+        assert a["mined"] == b["mined"]
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-4)
+
+
+def test_virtual_lr_defaults_to_the_optimiser_lr() -> None:
+    trainer = Trainer(load_config(None, [*DDTAS_ON, "optimizer.lr=3e-4"]))
+    assert trainer.ddtas is not None and trainer.ddtas.otg is not None
+    assert trainer.ddtas.otg.virtual_lr == 3e-4
+    assert isinstance(trainer.ddtas.miner, ATASMSMiner)
+    own = Trainer(load_config(None, [*DDTAS_ON, "ddtas.virtual_lr=0.01"]))
+    assert own.ddtas is not None and own.ddtas.otg is not None
+    assert own.ddtas.otg.virtual_lr == 0.01
+
+
+def test_bad_ddtas_settings_are_config_errors() -> None:
+    cases = [
+        (["loss.name=MultiSimilarityLoss"], "set loss.name to SoftContrastiveLoss"),
+        (["miner.name=TripletMarginMiner"], "needs miner.name ATASMSMiner"),
+        (["miner.name=null"], "needs miner.name ATASMSMiner, ASMSMiner or MultiSimilarityMiner"),
+        (["ddtas.reading=additive"], "use method='double_backward'"),
+        (["ddtas.virtual_lr=-1"], "virtual_lr must be a positive number"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Trainer(load_config(None, [*DDTAS_ON, *overrides]))
+    with pytest.raises(ConfigError, match=r"ddtas\.meta_samples must be at least 1"):
+        load_config(None, [*DDTAS_ON, "ddtas.meta_samples=0"])
+    with pytest.raises(ConfigError, match=r"ddtas\.normalization: 'both' is not one of"):
+        load_config(None, [*DDTAS_ON, "ddtas.normalization=both"])
+    with pytest.raises(ConfigError, match=r"'methd'.*did you mean 'method'"):
+        load_config(None, ["methd=ddtas"])
+
+
+@pytest.mark.parametrize("name", ["cub200", "cars196", "sop"])
+def test_recipe_configs_build_the_full_method(name: str) -> None:
+    config = load_config(ROOT / "configs" / f"{name}_ddtas.yaml")
+    assert config.method == "ddtas"
+    assert config.ddtas.otg
+    assert config.loss.name == "SoftContrastiveLoss"
+    assert config.miner.name == "ATASMSMiner"
+    # SOP too: the script's 10 × 1 meta batch has no positive pair, so every step would skip.
+    assert (config.ddtas.meta_classes, config.ddtas.meta_samples) == (5, 2)
+    assert config.model.pooling == ("avgmax" if name == "sop" else "max")
