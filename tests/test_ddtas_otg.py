@@ -1021,3 +1021,45 @@ def test_finite_meta_batches_running_out_raise() -> None:
     assert not ddtas(model, x, y).skipped
     with pytest.raises(ValueError, match="ran out"):
         ddtas(model, x, y)
+
+
+@pytest.mark.parametrize("method", ["closed_form", "double_backward"])
+def test_a_batch_where_no_anchor_counts_is_not_an_otg_failure(method: str) -> None:
+    """One class only: no negative pair, so the loss is zero whatever the weights are. That is a
+    normal (empty) step, not undefined weights: no skip, and no error even in raise mode."""
+    torch.manual_seed(0)
+    model = _mlp()
+    x = torch.randn(6, 6, dtype=torch.float64)
+    y = torch.zeros(6, dtype=torch.long)
+    _, _, x_meta, y_meta = _batches()
+    ddtas = DDTAS(otg=OTGSettings(method=method, on_degenerate="raise"))  # type: ignore[arg-type]
+    out = ddtas(model, x, y, (x_meta, y_meta))
+    assert not out.skipped
+    assert out.stats.otg_skipped == 0
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+
+
+class _Attention(nn.Module):
+    """A tiny self-attention embedder: fused attention kernels lack the OTG's derivatives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(6, 12)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.qkv(x).view(x.shape[0], 3, 4)
+        attended = nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
+        return self.out(attended.mean(1))
+
+
+def test_models_with_fused_attention_work_and_both_forms_agree() -> None:
+    torch.manual_seed(0)
+    model = _Attention()
+    x, y, x_meta, y_meta = (t.float() if t.is_floating_point() else t for t in _batches())
+    losses = []
+    for method in ("closed_form", "double_backward"):
+        ddtas = DDTAS(otg=OTGSettings(method=method))  # type: ignore[arg-type]
+        losses.append(ddtas(model, x, y, (x_meta, y_meta)).loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -177,3 +177,47 @@ def test_recipe_configs_build_the_full_method(name: str) -> None:
     # SOP too: the script's 10 × 1 meta batch has no positive pair, so every step would skip.
     assert (config.ddtas.meta_classes, config.ddtas.meta_samples) == (5, 2)
     assert config.model.pooling == ("avgmax" if name == "sop" else "max")
+
+
+def test_meta_batches_need_positive_pairs_and_enough_classes() -> None:
+    with pytest.raises(ConfigError, match=r"ddtas\.meta_samples must be at least 2 with the OTG"):
+        load_config(None, [*DDTAS_ON, "ddtas.meta_samples=1"])
+    load_config(None, [*DDTAS_ON, "ddtas.meta_samples=1", "ddtas.otg=false"])  # no meta batch
+    with pytest.raises(ConfigError, match=r"ddtas\.meta_classes / meta_samples"):
+        Trainer(load_config(None, [*DDTAS_ON, "ddtas.meta_classes=50"]))
+
+
+def test_skipped_steps_are_logged_cumulatively_whatever_the_logging_interval(
+    tmp_path: Path,
+) -> None:
+    """Every meta batch is made of one class only (no negative pair, so no anchor of the meta
+    loss counts): every step is skipped, and the log's cumulative count says so even when only
+    every other step is logged."""
+    config = load_config(
+        None, [*DDTAS_ON, "ddtas.meta_classes=1", "logging.log_every=2", "train.max_steps=4"]
+    )
+    trainer = Trainer(config, tmp_path)
+    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.fit()
+    rows = _rows(tmp_path / "train.csv")
+    assert [row["step"] for row in rows] == ["2", "4"]
+    assert [row["skipped_steps"] for row in rows] == ["2", "4"]
+    assert all(row["loss"] == "" for row in rows)  # no loss to report
+    assert '"skipped_steps": 4' in (tmp_path / "results.json").read_text()
+    for name, p in trainer.model.named_parameters():  # no update at all
+        assert torch.equal(p, start[name]), name
+
+
+def test_resume_accepts_a_checkpoint_written_before_the_ddtas_settings_existed(
+    tmp_path: Path,
+) -> None:
+    config = load_config(None, [*FAST, "train.max_steps=2", "train.epochs=1"])
+    Trainer(config, tmp_path).fit()
+    payload = load_checkpoint(tmp_path / "last.pt")
+    del payload["config"]["method"], payload["config"]["ddtas"]
+    del payload["state"]["skipped_steps"]
+    torch.save(payload, tmp_path / "last.pt")
+    resumed = Trainer(load_config(None, [*FAST, "train.max_steps=3", "train.epochs=1"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"differs from the run's in train\.max_steps;"):
+        resumed.fit(resume=True)
+    assert Trainer(config, tmp_path).fit(resume=True).steps == 2

@@ -129,6 +129,8 @@ class BaseMiner(nn.Module):
         if not self.distance.is_inverted:
             raise ValueError(f"{type(self).__name__} mines distances, not similarities")
         sim = check_embeddings(sim, "similarities")
+        if sim.shape[0] != sim.shape[1]:
+            raise ValueError(f"similarities must be square (N, N), got {tuple(sim.shape)}")
         labels = check_labels(labels, sim.shape[0], sim.device)
         with torch.no_grad():
             pos, neg = label_weights(labels, None, sim.dtype)

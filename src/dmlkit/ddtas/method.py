@@ -96,6 +96,7 @@ class DDTASStats:
         gamma_pos: Positive mining tolerance in force (AT-ASMS's γ̂_pos).
         gamma_neg: Negative mining tolerance in force.
         ratio: AT-ASMS's r.
+        tau: AT-ASMS's τ (0 when r ≤ 1).
         pos_similarity: Mean similarity of the mined positive pairs.
         neg_similarity: Mean similarity of the mined negative pairs.
         meta_loss: The OTG's meta loss.
@@ -113,6 +114,7 @@ class DDTASStats:
     gamma_pos: float | None = None
     gamma_neg: float | None = None
     ratio: float | None = None
+    tau: float | None = None
     pos_similarity: float | None = None
     neg_similarity: float | None = None
     meta_loss: float | None = None
@@ -312,7 +314,11 @@ class DDTAS:
                     sim, pairs, mined, pairs.take(sim), thresholds, thresholds, meta_value, 0
                 )
             scores = -grad
-        weights = normalize_thresholds(scores, pairs.is_pos, otg.normalization)
+        if _no_anchor_counts(pairs, sim.shape[0]):
+            # Nothing to weight: the loss is zero whatever λ is, which is not an OTG failure.
+            weights: Tensor | None = torch.zeros_like(scores)
+        else:
+            weights = normalize_thresholds(scores, pairs.is_pos, otg.normalization)
         values = None if weights is None else weights * pairs.take(sim)
         return self._output(sim, pairs, mined, values, self.threshold, weights, meta_value, 1)
 
@@ -401,10 +407,20 @@ class DDTAS:
             gamma_pos=asms.gamma_pos if asms else tolerance,
             gamma_neg=asms.gamma_neg if asms else tolerance,
             ratio=asms.ratio if asms else None,
+            tau=asms.tau if asms else None,
             pos_similarity=_mean(pos),
             neg_similarity=_mean(neg),
             **otg,  # type: ignore[arg-type]
         )
+
+
+def _no_anchor_counts(pairs: MinedPairs, n_anchors: int) -> bool:
+    """No anchor has both a mined positive and a mined negative (the loss skips them all)."""
+    with_pos = torch.zeros(n_anchors, dtype=torch.bool, device=pairs.anchors.device)
+    with_neg = torch.zeros_like(with_pos)
+    with_pos[pairs.anchors[pairs.is_pos]] = True
+    with_neg[pairs.anchors[~pairs.is_pos]] = True
+    return not bool((with_pos & with_neg).any())
 
 
 def _flat_pairs(a1: Tensor, p: Tensor, a2: Tensor, n: Tensor) -> MinedPairs:

@@ -15,6 +15,7 @@ left it (see :class:`~dmlkit.ddtas.DDTAS` for why).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # The loss of a batch as a function of its (B, B) cosine similarity matrix (the meta loss), or
 # of the mined pairs' similarities and the per-pair OTG variables (the training loss).
@@ -63,6 +65,12 @@ def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _math_attention() -> AbstractContextManager[None]:
+    """Fused attention kernels have neither forward-mode nor second-order derivatives; the
+    reference implementation has both."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _buffer_copies(model: nn.Module) -> dict[str, Tensor]:
     return {name: b.clone() for name, b in model.named_buffers()}
 
@@ -81,7 +89,7 @@ def meta_gradient(
         (v by parameter name, the meta loss's value, detached).
     """
     parameters = trainable_parameters(model)
-    with torch.enable_grad():
+    with torch.enable_grad(), _math_attention():
         loss = meta_loss(_similarities(model, parameters, x_meta))
         grads = torch.autograd.grad(
             loss, list(parameters.values()), allow_unused=True, materialize_grads=True
@@ -108,10 +116,11 @@ def similarities_with_tangent(
         (S with graph, dS/dv detached), both (B, B).
     """
     parameters = trainable_parameters(model)
-    with fwAD.dual_level():
+    with fwAD.dual_level(), _math_attention():
         duals = {name: fwAD.make_dual(p, tangent[name]) for name, p in parameters.items()}
         sim, sim_tangent = fwAD.unpack_dual(cosine_matrix(functional_call(model, duals, (x,))))
-    assert sim_tangent is not None, "the embeddings do not depend on the trainable parameters"
+    if sim_tangent is None:
+        raise ValueError("the model's output does not depend on any parameter that requires grad")
     return sim, sim_tangent.detach()
 
 
@@ -151,7 +160,7 @@ def virtual_parameters(
         θ̂ by parameter name.
     """
     parameters = trainable_parameters(model)
-    with torch.enable_grad():
+    with torch.enable_grad(), _math_attention():
         loss = training_loss(pairs.take(_similarities(model, parameters, x)), variables)
         grads = torch.autograd.grad(
             loss,
@@ -181,7 +190,7 @@ def double_backward_gradient(
         ((K,) gradient with respect to λ, the meta loss at θ̂, detached).
     """
     variables = variables.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), _math_attention():
         virtual = virtual_parameters(model, x, pairs, variables, training_loss, virtual_lr)
         loss = meta_loss(_similarities(model, virtual, x_meta))
         (grad,) = torch.autograd.grad(loss, variables, allow_unused=True, materialize_grads=True)

@@ -481,6 +481,12 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"{name} must be a finite number ≥ 0, got {rate}")
     if config.optimizer.lr == 0:
         raise ConfigError("optimizer.lr must be positive")
+    if config.method == "ddtas" and config.ddtas.otg and config.ddtas.meta_samples < 2:
+        raise ConfigError(
+            f"ddtas.meta_samples must be at least 2 with the OTG, got "
+            f"{config.ddtas.meta_samples}: a meta batch without positive pairs has a zero meta "
+            "loss, so every step would be skipped"
+        )
 
 
 def _yaml(text: str, where: str) -> Any:

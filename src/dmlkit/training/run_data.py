@@ -200,7 +200,8 @@ def build_run_data(config: DataConfig, seed: int = 0) -> RunData:
         )
     # The seed only matters through the validation split; without one, every seed shares a cache.
     seeded = {"seed": seed} if split is not None else {}
-    description = json.dumps({**asdict(config), **seeded}, sort_keys=True, default=str)
+    described = {k: v for k, v in asdict(config).items() if k != "num_workers"}
+    description = json.dumps({**described, **seeded}, sort_keys=True, default=str)
     cache_key = f"{config.name}-{hashlib.sha256(description.encode()).hexdigest()[:12]}"
     return RunData(train, train_eval, val, test, in_channels, cache_key)
 

@@ -14,6 +14,7 @@ Exact resumption rests on three rules:
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,14 @@ def _check_selection_metric(metric: str, metrics: Sequence[str]) -> None:
         )
 
 
+def _with_defaults(values: Any, defaults: Any) -> Any:
+    """``values`` with keys missing from it (at any depth) taken from ``defaults``."""
+    if not (isinstance(values, dict) and isinstance(defaults, dict)):
+        return values
+    merged = {key: _with_defaults(values.get(key, item), item) for key, item in defaults.items()}
+    return {**values, **merged}
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new))
@@ -222,7 +231,8 @@ class Trainer:
         if config.method == "ddtas":
             if self.amp:
                 raise ConfigError(
-                    "train.amp is not supported with method ddtas (the OTG runs in float32)"
+                    "train.amp is not supported with method ddtas (its forward-mode and "
+                    "double-backward passes run in float32)"
                 )
             self.ddtas = build_ddtas(config.ddtas, self.loss, self.miner, config.optimizer.lr)
         self.trained_part: nn.Module = self.model
@@ -242,13 +252,16 @@ class Trainer:
         if self.ddtas is not None and self.ddtas.otg is not None:
             # The OTG's meta batches: a second P×K sampler over the training classes, with its
             # own seed, positioned by the step so that a resumed run draws the same ones.
-            meta_sampler = PKSampler(
-                self.data.train.labels,
-                config.ddtas.meta_classes,
-                config.ddtas.meta_samples,
-                seed=config.train.seed + 1,
-                too_few=config.sampler.too_few,
-            )
+            try:
+                meta_sampler = PKSampler(
+                    self.data.train.labels,
+                    config.ddtas.meta_classes,
+                    config.ddtas.meta_samples,
+                    seed=config.train.seed + 1,
+                    too_few=config.sampler.too_few,
+                )
+            except ValueError as error:
+                raise ConfigError(f"ddtas.meta_classes / meta_samples: {error}") from None
             self.meta_batches, self.meta_loader = self._seeded_loader(
                 meta_sampler, config.train.seed + 1
             )
@@ -369,9 +382,11 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         payload = load_checkpoint(path)
+        # Settings added after the run was written read as their defaults.
+        saved = _with_defaults(payload["config"], Config().to_dict())
         changed = [
             key
-            for key in _differences(payload["config"], self.config.to_dict())
+            for key in _differences(saved, self.config.to_dict())
             if not key.startswith(RESUMABLE_CHANGES)
         ]
         if changed:
@@ -503,6 +518,8 @@ class Trainer:
                 "mined": out.stats.num_pos_pairs + out.stats.num_neg_pairs,
                 **out.stats.as_dict(),
             }
+            if self.ddtas.otg is not None:
+                extras["skipped_steps"] = self.state.skipped_steps + int(skip)
         else:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 embeddings = self.trained_part(x)
@@ -526,7 +543,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
-        return float(loss.detach()), extras
+        # A skipped step has no loss to report (its zero only carries the graph).
+        return (math.nan if skip else float(loss.detach())), extras
 
     def _validates(self) -> bool:
         return self.data.val is not None and self.config.validation.every > 0

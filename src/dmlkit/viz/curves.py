@@ -15,7 +15,7 @@ _PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("mean similarity of mined pairs", ("pos_similarity", "neg_similarity"), False),
     ("OTG weight / threshold (mean)", ("otg_pos_mean", "otg_neg_mean", "otg_neg_max"), True),
     ("OTG zero weights (fraction)", ("otg_pos_zero", "otg_neg_zero"), False),
-    ("OTG skipped steps (cumulative)", ("otg_skipped",), False),
+    ("OTG steps skipped (cumulative)", ("skipped_steps",), False),
 )
 
 
@@ -67,12 +67,6 @@ def plot_training_log(run_dir: str | Path, out: str | Path | None = None) -> Pat
         lines = {c: line for c, line in lines.items() if line[0]}
         if title.startswith("mined") and len(lines) > 1:
             lines.pop("mined", None)  # the total repeats the two sides
-        if title.startswith("OTG skipped") and lines:
-            steps, values = lines["otg_skipped"]
-            lines["otg_skipped"] = (
-                steps,
-                [float(sum(values[: i + 1])) for i in range(len(values))],
-            )
         if lines:
             panels.append((title, lines, log_scale))
     validation = _read(run_dir / "validation.csv")
