@@ -255,7 +255,17 @@ def main() -> None:
         default=ROOT / "build" / "feature_cache",
         help="where the frozen-backbone features are kept between runs (git-ignored)",
     )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="only re-render the Markdown table from a results JSON written by an earlier run",
+    )
     args = parser.parse_args()
+    if args.from_json is not None:
+        text = markdown(json.loads(args.from_json.read_text()))
+        args.from_json.with_suffix(".md").write_text(text)
+        print(text)
+        return
     if args.steps is not None:
         for setup in SETUPS.values():
             setup["steps"] = args.steps
