@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup train demo test lint bench bench-eval bench-train
+.PHONY: setup train demo test lint bench bench-eval bench-train bench-ddtas
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,7 @@ bench-eval: setup
 
 bench-train: setup
 	$(BIN)/python benchmarks/training.py
+
+bench-ddtas: setup
+	$(BIN)/python benchmarks/ddtas_cost.py
+	$(BIN)/python benchmarks/ddtas_ablation.py
