@@ -39,6 +39,7 @@ from scipy import stats as scipy_stats
 
 from dmlkit.training import Trainer, load_config, shared_data_dir
 from dmlkit.viz import plot_training_log
+from training import SETUPS as TRAINING_SETUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -115,27 +116,20 @@ COMMON = [
     "logging.log_every=5",
     "validation.recall_at=[1, 2, 4, 8]",
 ]
+# The data set-ups of the training benchmark, with this benchmark's budget.
 SETUPS: dict[str, dict[str, Any]] = {
     "omniglot": {
-        "data": "omniglot",
-        "config": ROOT / "configs" / "omniglot.yaml",
-        "overrides": ["data.val_classes=0", "train.epochs=100", "optimizer.lr=1e-3"],
+        **TRAINING_SETUPS["omniglot"],
+        "overrides": [
+            *TRAINING_SETUPS["omniglot"]["overrides"],
+            "train.epochs=100",
+            "optimizer.lr=1e-3",
+        ],
         "steps": 300,
     },
     "cub100_subset": {
-        "data": "cub100_subset",
-        "config": None,
-        "overrides": [
-            "data.name=cub100_subset",
-            "model.backbone=mobilenet_v2",
-            "model.pretrained={pretrained}",
-            "model.freeze_backbone=true",
-            "model.embedding_dim=128",
-            "model.cache_dir={cache}",
-            "optimizer.lr=1e-4",
-            "train.epochs=1000",
-            "train.eval_batch_size=64",
-        ],
+        **TRAINING_SETUPS["cub100_subset"],
+        "overrides": [*TRAINING_SETUPS["cub100_subset"]["overrides"], "train.epochs=1000"],
         "steps": 600,
     },
 }
