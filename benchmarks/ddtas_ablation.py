@@ -40,6 +40,7 @@ from scipy import stats as scipy_stats
 from dmlkit.training import Trainer, load_config, shared_data_dir
 from dmlkit.viz import plot_training_log
 from training import SETUPS as TRAINING_SETUPS
+from training import add_cache_dir_option
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -243,12 +244,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, help="override every set-up's step budget")
     parser.add_argument("--name", default="ddtas_ablation_cpu", help="results file stem")
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=ROOT / "build" / "feature_cache",
-        help="where the frozen-backbone features are kept between runs (git-ignored)",
-    )
+    add_cache_dir_option(parser)
     parser.add_argument(
         "--from-json",
         type=Path,

@@ -189,17 +189,22 @@ def _markdown(results: dict[str, Any], seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="training_cpu", help="results file stem")
+def add_cache_dir_option(parser: argparse.ArgumentParser) -> None:
+    """``--cache-dir``: where the frozen-backbone features are kept between benchmark runs."""
     parser.add_argument(
         "--cache-dir",
         type=Path,
         default=ROOT / "build" / "feature_cache",
         help="where the frozen-backbone features are kept between runs (git-ignored)",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="training_cpu", help="results file stem")
+    add_cache_dir_option(parser)
     parser.add_argument(
         "--set",
         action="append",
