@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import statistics
@@ -35,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from scipy import stats as scipy_stats
 
+from dmlkit.protocol import confidence_interval
 from dmlkit.training import Trainer, load_config, shared_data_dir
 from dmlkit.viz import plot_training_log
 from training import SETUPS as TRAINING_SETUPS
@@ -136,15 +135,6 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
-def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width) of the Student-t interval; half-width NaN for a single value."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    t = float(scipy_stats.t.ppf(0.5 + level / 2, len(values) - 1))
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def run(
     setups: list[str], methods: list[str], seeds: list[int], workdir: Path, cache: Path, out: Path
 ) -> dict[str, Any]:
@@ -226,8 +216,8 @@ def markdown(results: dict[str, Any]) -> str:
             runs = [row for row in rows if row["method"] == method]
             cells = []
             for key, _ in REPORTED:
-                mean, half = confidence_interval([row["after"][key] for row in runs])
-                cells.append(f"{mean:.3f} ± {half:.3f}")
+                interval = confidence_interval([row["after"][key] for row in runs])
+                cells.append(f"{interval.mean:.3f} ± {interval.half_width:.3f}")
             skipped = statistics.fmean(row["skipped_steps"] for row in runs)
             seconds = statistics.fmean(row["seconds"] for row in runs)
             lines.append(

@@ -1,4 +1,4 @@
-"""The ``dmlkit`` command: ``train``, ``evaluate`` and ``embed``.
+"""The ``dmlkit`` command: ``train``, ``evaluate``, ``embed``, ``tune`` and ``bench``.
 
 ``dmlkit train`` with no argument trains the built-in default (a small ConvNet on scikit-learn's
 digits, training on digits 0–4 and testing on the unseen digits 5–9) and prints the retrieval
@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,8 @@ from .training import (
 )
 
 
-def _comparison(before: dict[str, float] | None, after: dict[str, float]) -> str:
+def _comparison(before: dict[str, float] | None, after: dict[str, float] | None) -> str:
+    assert after is not None, "dmlkit train evaluates the test classes"
     width = max(len(name) for name in after)
     if before is None:
         lines = [f"{'metric':<{width}}   after"]
@@ -94,9 +96,63 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    from .protocol import load_bench_config
+
+    overrides = list(args.set)
+    for flag, key in (
+        ("trials", "trials"),
+        ("workers", "workers"),
+        ("storage", "storage"),
+        ("out", "out"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"protocol.{key}={value}")
+    bench = load_bench_config(args.config, overrides)
+    methods = args.method or list(bench.methods)
+    unknown = [name for name in methods if name not in bench.methods]
+    if unknown:
+        raise ConfigError(
+            f"--method {', '.join(unknown)}: not in the config (its methods: "
+            f"{', '.join(bench.methods)})"
+        )
+    return bench, methods
+
+
+def _tune_all(bench: Any, methods: list[str]) -> None:
+    from .protocol import tune
+    from .viz import plot_study_history
+
+    for method in methods:
+        study = tune(bench, method)
+        if any(trial.value is not None for trial in study.get_trials(deepcopy=False)):
+            path = plot_study_history(study, bench.out / "plots" / f"{method}_history.png")
+            print(f"[{method}] optimisation history: {path}", flush=True)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    bench, methods = _bench_config(args)
+    _tune_all(bench, methods)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .protocol import benchmark, results_markdown, write_results
+
+    bench, methods = _bench_config(args)
+    _tune_all(bench, methods)
+    results = benchmark(bench, methods)
+    paths = write_results(bench, results)
+    print("\n" + results_markdown(bench, results))
+    print(f"Results: {paths['md']}, {paths['csv']}, {paths['json']}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dmlkit", description="Deep metric learning: train, evaluate and embed."
+        prog="dmlkit",
+        description="Deep metric learning: train, evaluate, embed, tune and benchmark.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -134,6 +190,40 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--out", required=True, help="folder for embeddings.npy, labels.npy"
             )
+        command.set_defaults(handler=handler)
+
+    for name, handler, summary in (
+        (
+            "tune",
+            _tune,
+            "search each method's hyperparameters with the Reality Check protocol (class-"
+            "disjoint cross-validation, TPE, mean validation MAP@R); resumable",
+        ),
+        (
+            "bench",
+            _bench,
+            "tune, then re-run each method's best hyperparameters and report test P@1, "
+            "R-Precision and MAP@R with confidence intervals (Markdown, CSV, JSON, plots)",
+        ),
+    ):
+        command = commands.add_parser(name, help=summary, description=summary.capitalize() + ".")
+        command.add_argument(
+            "config", help="benchmark YAML, or a built-in one: digits, omniglot, cub200, ..."
+        )
+        command.add_argument(
+            "--method", action="append", help="only this method (repeatable; default: all)"
+        )
+        command.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override protocol.* or training.*, e.g. --set training.train.max_steps=100",
+        )
+        command.add_argument("--trials", type=int, help="finished trials per method")
+        command.add_argument("--workers", type=int, help="local worker processes")
+        command.add_argument("--storage", help="Optuna storage URL (default: SQLite in --out)")
+        command.add_argument("--out", help="output folder (default: runs/bench-<config name>)")
         command.set_defaults(handler=handler)
     return parser
 

@@ -26,6 +26,7 @@ from .config import (
     apply_override,
     config_from_dict,
     load_config,
+    set_config_key,
 )
 from .inference import embed_dataset, load_trained_model
 from .run_data import RunData, build_run_data, shared_data_dir, split_dataset
@@ -59,6 +60,7 @@ __all__ = [
     "load_trained_model",
     "save_atomic",
     "seed_everything",
+    "set_config_key",
     "shared_data_dir",
     "split_dataset",
 ]

@@ -75,6 +75,12 @@ class DataConfig:
             second half of the classes is the test set).
         val_classes: Fraction of the training classes held out, class-disjoint, for validation
             and early stopping; 0 disables validation.
+        cv_folds: Class-disjoint cross-validation instead: the training classes are dealt into
+            this many folds (:func:`dmlkit.data.class_kfold`) and fold ``cv_fold`` is held out
+            for validation; 0 disables it. Cannot be combined with ``val_classes``.
+        cv_fold: The validation fold, from 0 to ``cv_folds - 1``.
+        cv_seed: Seed of the class shuffle that forms the folds (independent of the training
+            seed, so every run of a study sees the same folds).
         image_size: Array datasets (digits, Omniglot) are resized once to this side; None keeps
             them as they are.
         num_workers: DataLoader worker processes.
@@ -87,6 +93,9 @@ class DataConfig:
     download: bool = False
     test_root: str | None = None
     val_classes: float = 0.0
+    cv_folds: int = 0
+    cv_fold: int = 0
+    cv_seed: int = 0
     image_size: int | None = None
     num_workers: int = 0
     on_error: Literal["raise", "skip"] = "raise"
@@ -422,11 +431,21 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        return _build(annotation, value, where + ".")
+        return dataclass_from_mapping(annotation, value, where + ".")
     raise ConfigError(f"{where}: unsupported field type {annotation!r}")
 
 
-def _build(cls: type[T], values: Any, where: str = "") -> T:
+def dataclass_from_mapping(cls: type[T], values: Any, where: str = "") -> T:
+    """An instance of a config dataclass from a mapping, every key and value checked.
+
+    Args:
+        cls: The dataclass; its fields' annotations say how values are checked and converted.
+        values: The mapping (None for all defaults).
+        where: Prefix of the key names in error messages (``"protocol."``).
+
+    Raises:
+        ConfigError: An unknown key (closest one suggested) or a value of the wrong type.
+    """
     if values is None:
         values = {}
     if not isinstance(values, Mapping):
@@ -443,7 +462,7 @@ def _build(cls: type[T], values: Any, where: str = "") -> T:
 
 def config_from_dict(values: Mapping[str, Any]) -> Config:
     """A :class:`Config` from a nested mapping, every key and value checked."""
-    config = _build(Config, values)
+    config = dataclass_from_mapping(Config, values)
     _check_ranges(config)
     return config
 
@@ -458,6 +477,8 @@ def _check_ranges(config: Config) -> None:
         "sampler.samples_per_class": (config.sampler.samples_per_class, 1),
         "model.embedding_dim": (config.model.embedding_dim, 1),
         "data.num_workers": (config.data.num_workers, 0),
+        "data.cv_folds": (config.data.cv_folds, 0),
+        "data.cv_fold": (config.data.cv_fold, 0),
         "validation.every": (config.validation.every, 0),
         "scheduler.warmup_steps": (config.scheduler.warmup_steps, 0),
         "ddtas.meta_classes": (config.ddtas.meta_classes, 1),
@@ -481,6 +502,18 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"{name} must be a finite number ≥ 0, got {rate}")
     if config.optimizer.lr == 0:
         raise ConfigError("optimizer.lr must be positive")
+    data = config.data
+    if data.cv_folds:
+        if data.cv_folds < 2:
+            raise ConfigError(f"data.cv_folds must be 0 or at least 2, got {data.cv_folds}")
+        if data.cv_fold >= data.cv_folds:
+            raise ConfigError(
+                f"data.cv_fold must be below data.cv_folds ({data.cv_folds}), got {data.cv_fold}"
+            )
+        if data.val_classes:
+            raise ConfigError(
+                "data.val_classes and data.cv_folds both choose validation classes; set one"
+            )
     if config.method == "ddtas" and config.ddtas.otg and config.ddtas.meta_samples < 2:
         raise ConfigError(
             f"ddtas.meta_samples must be at least 2 with the OTG, got "
@@ -534,7 +567,20 @@ def apply_override(values: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r} is not of the form key=value")
-    parts = key.strip().split(".")
+    set_config_key(values, key.strip(), _yaml(text, f"override {override!r}"))
+
+
+def set_config_key(values: dict[str, Any], key: str, value: Any) -> None:
+    """Set one dotted key (``"loss.options.margin"``) in a nested config dict.
+
+    The key is checked against :class:`Config`; below a free-form options mapping any key goes.
+    Missing or empty sections on the way are created.
+
+    Raises:
+        ConfigError: A key that does not exist (closest one suggested), or a path through a value
+            that is not a section.
+    """
+    parts = key.split(".")
     cls: Any = Config
     target = values
     for depth, part in enumerate(parts):
@@ -546,7 +592,7 @@ def apply_override(values: dict[str, Any], override: str) -> None:
             annotation = hints[part]
             cls = annotation if dataclasses.is_dataclass(annotation) else None
         if depth == len(parts) - 1:
-            target[part] = _yaml(text, f"override {override!r}")
+            target[part] = value
         else:
             if target.get(part) is None:  # a section left empty or null in the YAML
                 target[part] = {}

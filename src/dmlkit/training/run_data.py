@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data
-from ..data import ArrayDataset, LabelledDataset, classes_subset, subset
+from ..data import ArrayDataset, LabelledDataset, class_kfold, classes_subset, subset
 from .config import ConfigError, DataConfig, TransformConfig
 
 IMAGE_DATASETS = ("cub200", "cars196", "sop", "cub100_subset", "folder", "csv")
@@ -136,8 +136,15 @@ def _half(dataset: LabelledDataset, split: str) -> LabelledDataset:
 
 
 def _validation_split(
-    labels: np.ndarray, fraction: float, seed: int
+    labels: np.ndarray, config: DataConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
+    if config.cv_folds:
+        try:
+            fold = class_kfold(labels, config.cv_folds, config.cv_seed)[config.cv_fold]
+        except ValueError as error:
+            raise ConfigError(f"data.cv_folds: {error}") from None
+        return fold.train_indices, fold.val_indices
+    fraction = config.val_classes
     if fraction == 0:
         return None
     if not 0 < fraction < 1:
@@ -186,7 +193,7 @@ def build_run_data(config: DataConfig, seed: int = 0) -> RunData:
         raise ConfigError(
             f"data.name: unknown dataset {config.name!r}; known: {', '.join(DATASETS)}"
         )
-    split = _validation_split(train.labels, config.val_classes, seed)
+    split = _validation_split(train.labels, config, seed)
     val = None
     if split is not None:
         train_indices, val_indices = split
@@ -198,8 +205,8 @@ def build_run_data(config: DataConfig, seed: int = 0) -> RunData:
             f"training and test share {overlap.size} classes (e.g. {overlap[:5].tolist()}); "
             "retrieval must be evaluated on held-out classes"
         )
-    # The seed only matters through the validation split; without one, every seed shares a cache.
-    seeded = {"seed": seed} if split is not None else {}
+    # The seed only matters through a random validation split; otherwise every seed shares a cache.
+    seeded = {"seed": seed} if config.val_classes else {}
     described = {k: v for k, v in asdict(config).items() if k != "num_workers"}
     description = json.dumps({**described, **seeded}, sort_keys=True, default=str)
     cache_key = f"{config.name}-{hashlib.sha256(description.encode()).hexdigest()[:12]}"

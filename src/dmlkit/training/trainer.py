@@ -82,7 +82,8 @@ class TrainResult:
 
     Attributes:
         before: Test metrics of the untrained network (None when not computed).
-        after: Test metrics of the returned model (the best validated one when validating).
+        after: Test metrics of the returned model (the best validated one when validating);
+            None when the run was fitted with ``test=False``.
         best_validation: Best validation value of the selection metric, if validated.
         steps: Training steps done.
         stopped_early: Whether early stopping ended the run.
@@ -91,7 +92,7 @@ class TrainResult:
     """
 
     before: dict[str, float] | None
-    after: dict[str, float]
+    after: dict[str, float] | None
     best_validation: float | None
     steps: int
     stopped_early: bool
@@ -345,20 +346,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
 
-    def evaluate_on(self, dataset: LabelledDataset) -> dict[str, float]:
-        """Retrieval metrics of the current model on a dataset (each item queries the rest)."""
+    def embed(self, dataset: LabelledDataset) -> tuple[Tensor, np.ndarray]:
+        """Embeddings and labels of a dataset under the current model (evaluation mode)."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            embeddings, labels = embed_dataset(
+            return embed_dataset(
                 self.trained_part,
                 dataset,
                 batch_size=self.config.train.eval_batch_size,
                 device=self.device,
                 num_workers=self.config.data.num_workers,
             )
-            validation = self.config.validation
-            result = evaluate(
-                embeddings, labels, metrics=validation.metrics, recall_at=validation.recall_at
-            )
+
+    def evaluate_on(self, dataset: LabelledDataset) -> dict[str, float]:
+        """Retrieval metrics of the current model on a dataset (each item queries the rest)."""
+        embeddings, labels = self.embed(dataset)
+        validation = self.config.validation
+        result = evaluate(
+            embeddings, labels, metrics=validation.metrics, recall_at=validation.recall_at
+        )
         return dict(result.metrics)
 
     # ---------------------------------------------------------------- checkpoints
@@ -405,11 +410,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
 
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, *, test: bool = True) -> TrainResult:
         """Train, validating and checkpointing as configured, then evaluate on the test classes.
+
+        The model is left at its best validated state (the last one without validation).
 
         Args:
             resume: Continue from ``<run dir>/last.pt`` exactly where it was written.
+            test: Evaluate on the test classes before (if configured) and after training; a
+                hyperparameter search passes False, so that no test result exists to peek at.
 
         Returns:
             The run's :class:`TrainResult`; also written to ``<run dir>/results.json``.
@@ -429,7 +438,7 @@ class Trainer:
                     "choose another run folder"
                 )
             (self.run_dir / "config.yaml").write_text(config.to_yaml())
-            if config.validation.before_training:
+            if test and config.validation.before_training:
                 self.state.before = self.evaluate_on(self.data.test)
         board = None
         if config.logging.tensorboard:
@@ -499,8 +508,8 @@ class Trainer:
             # Training after the last scheduled validation would otherwise be thrown away.
             self._validate(val_log, board)
         self.save()
-        result = self._finish(images / seconds if seconds else None, val_log)
-        if board:
+        result = self._finish(images / seconds if seconds else None, val_log, test)
+        if board and result.after is not None:
             board.write("test", self.state.step, result.after)
             board.close()
         return result
@@ -577,10 +586,10 @@ class Trainer:
             ):
                 self.state.stopped_early = True
 
-    def _finish(self, images_per_second: float | None, val_log: CSVLog) -> TrainResult:
+    def _finish(self, images_per_second: float | None, val_log: CSVLog, test: bool) -> TrainResult:
         if self.state.best_step is not None:
             self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
-        after = self.evaluate_on(self.data.test)
+        after = self.evaluate_on(self.data.test) if test else None
         result = TrainResult(
             before=self.state.before,
             after=after,

@@ -2,5 +2,6 @@
 floor imports it."""
 
 from .curves import plot_training_log
+from .history import plot_study_history
 
-__all__ = ["plot_training_log"]
+__all__ = ["plot_study_history", "plot_training_log"]

@@ -1,0 +1,344 @@
+"""The hyperparameter search: one Optuna study per method, trials of k fold runs each.
+
+A trial samples the method's search space with TPE, trains one model per cross-validation fold
+(each early-stopped on its validation MAP@R) and scores the mean of the folds' best validation
+MAP@R. The test classes are never evaluated during the search.
+
+Nothing is lost when a worker dies:
+
+- Finished trials live in the study's storage (SQLite by default, or a PostgreSQL/MySQL URL).
+- A running trial writes a heartbeat; a trial whose heartbeat stops for ``grace_period`` seconds
+  is marked failed by the next worker that starts a trial and queued again with the same
+  hyperparameters. A trial stopped with Ctrl-C is queued again when ``tune`` next starts.
+- A re-queued trial runs in its original trial's folder: folds that finished are read back, and
+  a fold that was cut off resumes exactly from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from ..training import ConfigError, Trainer, TrainResult, config_from_dict
+from .config import BenchConfig
+
+Progress = Callable[[str], None]
+
+RUN_OF = "run_of"  # user attribute: the trial whose folder a re-queued trial continues
+RETRIES = "retries"
+INTERRUPTED = "interrupted"
+FINGERPRINT = "fingerprint"
+
+# A trial whose hyperparameters make training fail (NaN embeddings, an invalid loss option) is
+# recorded as failed and the search goes on; any other exception stops the worker.
+TRIAL_ERRORS = (ValueError, FloatingPointError)
+
+
+def print_line(message: str) -> None:
+    """Print one progress line at once (workers share the terminal)."""
+    print(message, flush=True)
+
+
+@dataclass(frozen=True)
+class FoldOutcome:
+    """What one fold run reports to the protocol.
+
+    Attributes:
+        best_validation: Best validation MAP@R of the run.
+        steps: Training steps done.
+        stopped_early: Whether early stopping ended it.
+        reused: Read back from an earlier, finished run rather than trained now.
+        trainer: The trainer, holding the best model, when the run was trained now.
+    """
+
+    best_validation: float
+    steps: int
+    stopped_early: bool
+    reused: bool
+    trainer: Trainer | None
+
+
+def run_fold(
+    bench: BenchConfig, method: str, params: Mapping[str, Any], fold: int, seed: int, run_dir: Path
+) -> FoldOutcome:
+    """Train one fold's model, or read it back when that run has already finished.
+
+    A run cut off before it finished resumes exactly from its last checkpoint.
+    """
+    results = run_dir / "results.json"
+    if results.is_file():
+        summary = json.loads(results.read_text())
+        return FoldOutcome(
+            summary["best_validation"], summary["steps"], summary["stopped_early"], True, None
+        )
+    config = bench.run_config(method, params, fold, seed, run_dir)
+    trainer = Trainer(config, run_dir)
+    result: TrainResult = trainer.fit(resume=(run_dir / "last.pt").is_file(), test=False)
+    if result.best_validation is None or not math.isfinite(result.best_validation):
+        raise FloatingPointError(f"{run_dir}: no finite validation MAP@R")
+    return FoldOutcome(result.best_validation, result.steps, result.stopped_early, False, trainer)
+
+
+def open_study(bench: BenchConfig, method: str, worker: int = 0) -> optuna.Study:
+    """Create or load a method's study in the benchmark's storage.
+
+    Raises:
+        ConfigError: The stored study was made with a different base config, search space or
+            folds (its trials would not be comparable); use another ``protocol.out``,
+            ``protocol.storage`` or ``protocol.study_prefix``.
+    """
+    protocol = bench.protocol
+    url = bench.storage_url
+    engine: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Several local workers write to one SQLite file: wait for its lock instead of failing.
+        engine = {"connect_args": {"timeout": 120}}
+    storage = RDBStorage(
+        url,
+        engine_kwargs=engine,
+        heartbeat_interval=protocol.heartbeat_interval,
+        grace_period=protocol.grace_period,
+        failed_trial_callback=_requeue_callback(protocol.max_retries),
+    )
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=protocol.startup_trials,
+        seed=protocol.sampler_seed + worker,
+        constant_liar=True,  # workers running at once spread out instead of sampling alike
+    )
+    study = optuna.create_study(
+        study_name=bench.study_name(method),
+        storage=storage,
+        sampler=sampler,
+        direction="maximize",
+        load_if_exists=True,
+    )
+    fingerprint = bench.fingerprint(method)
+    stored = study.user_attrs.get(FINGERPRINT)
+    if stored is None:
+        study.set_user_attr(FINGERPRINT, fingerprint)
+        study.set_user_attr("method", method)
+    elif stored != fingerprint:
+        raise ConfigError(
+            f"study {study.study_name!r} in {url} was run with a different training config, "
+            "search space or folds; its trials would not compare with new ones. Use another "
+            "protocol.out, protocol.storage or protocol.study_prefix"
+        )
+    return study
+
+
+def _requeue(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> bool:
+    """Queue a trial that did not finish again, with its hyperparameters and folder."""
+    retries = int(trial.user_attrs.get(RETRIES, 0))
+    if retries >= max_retries:
+        return False
+    study.enqueue_trial(
+        trial.params,
+        user_attrs={RUN_OF: run_number(trial), RETRIES: retries + 1},
+        skip_if_exists=False,
+    )
+    return True
+
+
+def _requeue_callback(max_retries: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        _requeue(study, trial, max_retries)
+
+    return callback
+
+
+def run_number(trial: FrozenTrial | optuna.Trial) -> int:
+    """The trial whose folder a trial uses: its own, or the one it continues."""
+    return int(trial.user_attrs.get(RUN_OF, trial.number))
+
+
+def requeue_interrupted(study: optuna.Study, max_retries: int) -> int:
+    """Queue again the trials stopped with Ctrl-C that have not been continued yet.
+
+    Returns:
+        How many were queued.
+    """
+    trials = study.get_trials(deepcopy=False)
+    continued = {int(t.user_attrs[RUN_OF]) for t in trials if RUN_OF in t.user_attrs}
+    continued |= {t.number for t in trials if t.state == TrialState.COMPLETE}
+    queued = 0
+    for trial in trials:
+        lineage = run_number(trial)
+        if (
+            trial.state == TrialState.FAIL
+            and trial.user_attrs.get(INTERRUPTED)
+            and lineage not in continued
+        ):
+            queued += _requeue(study, trial, max_retries)
+            continued.add(lineage)
+    return queued
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's finished trials."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def trial_dir(bench: BenchConfig, method: str, number: int) -> Path:
+    """The folder of a trial's fold runs."""
+    return bench.out / "tune" / method / f"trial-{number:04d}"
+
+
+def _objective(bench: BenchConfig, method: str, say: Progress) -> Callable[[optuna.Trial], float]:
+    spec = bench.methods[method]
+    folds = bench.protocol.folds
+    seed = base_seed(bench)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {key: param.suggest(trial, key) for key, param in spec.search.items()}
+        folder = trial_dir(bench, method, run_number(trial))
+        label = f"[{method}] trial {trial.number}"
+        if run_number(trial) != trial.number:
+            label += f" (continues trial {run_number(trial)})"
+        shown = ", ".join(
+            f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in params.items()
+        )
+        say(f"{label}: {shown or 'no searched parameters'}")
+        values = []
+        try:
+            for fold in range(folds):
+                outcome = run_fold(bench, method, params, fold, seed, folder / f"fold-{fold}")
+                values.append(outcome.best_validation)
+                trial.set_user_attr(f"fold_{fold}", outcome.best_validation)
+                how = (
+                    "read back"
+                    if outcome.reused
+                    else (
+                        f"{outcome.steps} steps"
+                        + (", stopped early" if outcome.stopped_early else "")
+                    )
+                )
+                say(
+                    f"{label} fold {fold + 1}/{folds}: validation MAP@R "
+                    f"{outcome.best_validation:.4f} ({how})"
+                )
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED, True)
+            raise
+        except TRIAL_ERRORS as error:
+            say(f"{label} failed: {error}")
+            raise
+        mean = statistics.fmean(values)
+        say(f"{label}: mean validation MAP@R {mean:.4f}")
+        return mean
+
+    return objective
+
+
+def base_seed(bench: BenchConfig) -> int:
+    """The base training config's seed: every trial trains with it."""
+    return config_from_dict(bench.training).train.seed
+
+
+def target_trials(bench: BenchConfig, method: str) -> int:
+    """Finished trials a method's search needs: one when nothing is searched."""
+    return bench.protocol.trials if bench.methods[method].search else 1
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def tune_worker(
+    bench: BenchConfig,
+    method: str,
+    worker: int = 0,
+    threads: int | None = None,
+    say: Progress = print_line,
+) -> None:
+    """One worker's share of a method's search: trials until the study has enough finished.
+
+    Several workers, in this process's children or on other machines sharing the storage, may
+    run at once; each stops when the study has ``protocol.trials`` finished trials.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(bench, method, worker)
+    target = target_trials(bench, method)
+    if len(completed(study)) >= target:
+        return
+    study.optimize(
+        _objective(bench, method, say),
+        n_trials=target,
+        catch=TRIAL_ERRORS,
+        callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE,))],
+    )
+
+
+def _worker_entry(bench: BenchConfig, method: str, worker: int, threads: int) -> None:
+    def say(message: str) -> None:
+        print_line(f"w{worker} {message}")
+
+    tune_worker(bench, method, worker, threads, say)
+
+
+def tune(
+    bench: BenchConfig, method: str, workers: int | None = None, say: Progress = print_line
+) -> optuna.Study:
+    """Run (or continue) a method's search to ``protocol.trials`` finished trials.
+
+    Args:
+        bench: The benchmark.
+        method: A key of ``bench.methods``.
+        workers: Local worker processes (``protocol.workers`` when None); the CPU threads are
+            shared out between them.
+        say: Where progress lines go.
+
+    Returns:
+        The study, loaded again after the workers have finished.
+    """
+    workers = workers or bench.protocol.workers
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(bench, method)
+    queued = requeue_interrupted(study, bench.protocol.max_retries)
+    done = len(completed(study))
+    target = target_trials(bench, method)
+    say(
+        f"[{method}] study {study.study_name!r} in {bench.storage_url}: {done}/{target} trials "
+        f"finished" + (f", {queued} interrupted trial(s) queued again" if queued else "")
+    )
+    if done >= target:
+        return study
+    if not bench.methods[method].search:
+        say(f"[{method}] nothing to search: one trial scores the fixed hyperparameters")
+    if workers == 1:
+        tune_worker(bench, method, 0, None, say)
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        context = multiprocessing.get_context("spawn")
+        processes = [
+            context.Process(target=_worker_entry, args=(bench, method, worker, threads))
+            for worker in range(workers)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        failed = [p.exitcode for p in processes if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"[{method}] {len(failed)} tuning worker(s) failed: {failed}")
+    study = open_study(bench, method)
+    best = study.best_trial if completed(study) else None
+    if best is not None:
+        say(
+            f"[{method}] {len(completed(study))} trials finished; best mean validation MAP@R "
+            f"{best.value:.4f} (trial {best.number})"
+        )
+    return study
