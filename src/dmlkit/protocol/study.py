@@ -20,6 +20,7 @@ import json
 import math
 import multiprocessing
 import statistics
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.storages import RDBStorage
+from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from ..training import ConfigError, Trainer, TrainResult, config_from_dict
@@ -105,13 +106,15 @@ def open_study(bench: BenchConfig, method: str, worker: int = 0) -> optuna.Study
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Several local workers write to one SQLite file: wait for its lock instead of failing.
         engine = {"connect_args": {"timeout": 120}}
-    storage = RDBStorage(
-        url,
-        engine_kwargs=engine,
-        heartbeat_interval=protocol.heartbeat_interval,
-        grace_period=protocol.grace_period,
-        failed_trial_callback=_requeue_callback(protocol.max_retries),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=protocol.heartbeat_interval,
+            grace_period=protocol.grace_period,
+            heartbeat_stale_trial_callback=_requeue_callback(protocol.max_retries),
+        )
     sampler = optuna.samplers.TPESampler(
         n_startup_trials=protocol.startup_trials,
         seed=protocol.sampler_seed + worker,
@@ -265,21 +268,28 @@ def tune_worker(
     """One worker's share of a method's search: trials until the study has enough finished.
 
     Several workers, in this process's children or on other machines sharing the storage, may
-    run at once; each stops when the study has ``protocol.trials`` finished trials.
+    run at once. A worker starts a trial only while finished and running trials together fall
+    short of ``protocol.trials`` (or a trial waits to be continued), so the study ends with
+    exactly that many unless a running trial fails; it also stops after twice that many
+    attempts of its own, so a search whose every trial fails ends.
     """
     if threads is not None:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(bench, method, worker)
     target = target_trials(bench, method)
-    if len(completed(study)) >= target:
-        return
-    study.optimize(
-        _objective(bench, method, say),
-        n_trials=target,
-        catch=TRIAL_ERRORS,
-        callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE,))],
-    )
+    objective = _objective(bench, method, say)
+    for _ in range(2 * target):
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)  # a killed worker's trial is failed and queued again first
+        states = [trial.state for trial in study.get_trials(deepcopy=False)]
+        done = states.count(TrialState.COMPLETE)
+        if done >= target or (
+            done + states.count(TrialState.RUNNING) >= target and TrialState.WAITING not in states
+        ):
+            return
+        study.optimize(objective, n_trials=1, catch=TRIAL_ERRORS)
 
 
 def _worker_entry(bench: BenchConfig, method: str, worker: int, threads: int) -> None:
