@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup train demo test lint bench bench-eval bench-train bench-ddtas
+.PHONY: setup train demo test lint bench bench-eval bench-train bench-ddtas bench-protocol
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,9 @@ bench-train: setup
 bench-ddtas: setup
 	$(BIN)/python benchmarks/ddtas_cost.py
 	$(BIN)/python benchmarks/ddtas_ablation.py
+
+# The study, its runs and checkpoints stay in build/; only the tables and plots are kept.
+bench-protocol: setup
+	$(BIN)/dmlkit bench digits --out build/bench-digits
+	mkdir -p benchmarks/results/protocol_digits
+	cp build/bench-digits/results.* build/bench-digits/plots/*.png benchmarks/results/protocol_digits/
