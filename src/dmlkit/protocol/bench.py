@@ -51,9 +51,10 @@ SHORT_NAMES = {
 
 @dataclass(frozen=True)
 class RerunJob:
-    """One fold run of one re-run of a method's best hyperparameters."""
+    """One fold run of one re-run of a method's best trial."""
 
     method: str
+    trial: int
     params: dict[str, Any]
     rerun: int
     fold: int
@@ -63,7 +64,11 @@ class RerunJob:
         return base_seed(bench) + 1 + self.rerun
 
     def run_dir(self, bench: BenchConfig) -> Path:
-        return bench.out / "bench" / self.method / f"rerun-{self.rerun}" / f"fold-{self.fold}"
+        """Keyed by the trial too: a later, better trial must not read these runs back."""
+        trial = f"trial-{self.trial:04d}"
+        return (
+            bench.out / "bench" / self.method / trial / f"rerun-{self.rerun}" / f"fold-{self.fold}"
+        )
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ def benchmark(
     workers = workers or bench.protocol.workers
     chosen = {method: best_trial_of(bench, method) for method in methods}
     jobs = [
-        RerunJob(method, dict(trial.params), rerun, fold)
+        RerunJob(method, trial.number, dict(trial.params), rerun, fold)
         for method, (trial, _) in chosen.items()
         for rerun in range(bench.protocol.reruns)
         for fold in range(bench.protocol.folds)
@@ -204,7 +209,7 @@ def benchmark(
         }
         for rerun in range(bench.protocol.reruns):
             paths = [
-                RerunJob(method, dict(trial.params), rerun, fold).run_dir(bench)
+                RerunJob(method, trial.number, dict(trial.params), rerun, fold).run_dir(bench)
                 / "test_embeddings.pt"
                 for fold in range(bench.protocol.folds)
             ]
