@@ -32,7 +32,13 @@ from typing import Any
 
 import yaml
 
-from ..training import Config, ConfigError, config_from_dict, set_config_key
+from ..training import (
+    RESUMABLE_CHANGES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    set_config_key,
+)
 from ..training.config import dataclass_from_mapping, unknown_key_error
 
 PRESETS_DIR = Path(__file__).with_name("presets")
@@ -254,18 +260,19 @@ class BenchConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _without_runtime(values: dict[str, Any]) -> dict[str, Any]:
-    """A training config without the settings that do not change results."""
-    values = copy.deepcopy(values)
-    values.pop("logging", None)
-    data = values.get("data")
-    if isinstance(data, dict):
-        data.pop("num_workers", None)
-    train = values.get("train")
-    if isinstance(train, dict):
-        for key in ("device", "eval_batch_size"):
-            train.pop(key, None)
-    return values
+def _without_runtime(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A training config flattened to dotted keys, without the settings that never change
+    results (those a resumed run may change)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = prefix + str(key)
+        if dotted.startswith(RESUMABLE_CHANGES):
+            continue
+        if isinstance(value, Mapping) and dotted.count(".") < 1:
+            flat.update(_without_runtime(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
 
 
 def _merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,9 +30,10 @@ from .config import (
 )
 from .inference import embed_dataset, load_trained_model
 from .run_data import RunData, build_run_data, shared_data_dir, split_dataset
-from .trainer import Trainer, TrainResult, TrainState
+from .trainer import RESUMABLE_CHANGES, Trainer, TrainResult, TrainState
 
 __all__ = [
+    "RESUMABLE_CHANGES",
     "Config",
     "ConfigError",
     "DDTASConfig",

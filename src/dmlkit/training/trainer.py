@@ -161,7 +161,14 @@ def resolve_device(name: str) -> torch.device:
 _FAMILIES = {"recall_at_k": "recall_at_", "precision_at_k": "precision_at_"}
 
 # Settings a resumed run may change: they do not alter what is computed.
-RESUMABLE_CHANGES = ("logging.", "data.num_workers", "train.device", "train.eval_batch_size")
+# Settings that change how a run is carried out, never its results: a resumed run may change them.
+RESUMABLE_CHANGES = (
+    "logging.",
+    "data.num_workers",
+    "train.device",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+)
 
 
 def _check_selection_metric(metric: str, metrics: Sequence[str]) -> None:
