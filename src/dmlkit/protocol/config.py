@@ -39,6 +39,7 @@ from ..training import (
     config_from_dict,
     set_config_key,
 )
+from ..training.builders import build_ddtas, build_loss, build_miner
 from ..training.config import dataclass_from_mapping, unknown_key_error
 
 PRESETS_DIR = Path(__file__).with_name("presets")
@@ -428,6 +429,7 @@ def bench_config_from_dict(
             config = bench.run_config(method, example, fold=0, seed=0)
         except ConfigError as error:
             raise ConfigError(f"methods.{method}: {error}") from None
+        _check_buildable(config, f"methods.{method}")
         if config.validation.every == 0:
             raise ConfigError(
                 "training.validation.every must be positive: the protocol early-stops on "
@@ -436,6 +438,18 @@ def bench_config_from_dict(
         if SELECTION_METRIC not in config.validation.metrics:
             raise ConfigError(f"training.validation.metrics must include {SELECTION_METRIC}")
     return bench
+
+
+def _check_buildable(config: Config, where: str) -> None:
+    """Build the run's loss and miner (and DDTAS), so a misspelt class or option is an error
+    now rather than a failure of every trial."""
+    try:
+        loss = build_loss(config.loss)
+        miner = build_miner(config.miner)
+        if config.method == "ddtas":
+            build_ddtas(config.ddtas, loss, miner, config.optimizer.lr)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def load_bench_config(source: str | Path, overrides: Sequence[str] = ()) -> BenchConfig:

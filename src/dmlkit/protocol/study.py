@@ -31,7 +31,7 @@ import torch
 from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from ..training import ConfigError, Trainer, TrainResult, config_from_dict
+from ..training import ConfigError, Trainer, TrainResult, build_run_data, config_from_dict
 from .config import BenchConfig
 
 Progress = Callable[[str], None]
@@ -41,9 +41,13 @@ RETRIES = "retries"
 INTERRUPTED = "interrupted"
 FINGERPRINT = "fingerprint"
 
-# A trial whose hyperparameters make training fail (NaN embeddings, an invalid loss option) is
-# recorded as failed and the search goes on; any other exception stops the worker.
-TRIAL_ERRORS = (ValueError, FloatingPointError)
+
+class TrialFailedError(RuntimeError):
+    """Training at a trial's hyperparameters failed (for example NaN embeddings).
+
+    The trial is recorded as failed and the search goes on. A ConfigError is not one: it is a
+    mistake in the benchmark config and stops the search.
+    """
 
 
 def print_line(message: str) -> None:
@@ -115,17 +119,19 @@ def open_study(bench: BenchConfig, method: str, worker: int = 0) -> optuna.Study
             grace_period=protocol.grace_period,
             heartbeat_stale_trial_callback=_requeue_callback(protocol.max_retries),
         )
-    sampler = optuna.samplers.TPESampler(
-        n_startup_trials=protocol.startup_trials,
-        seed=protocol.sampler_seed + worker,
-        constant_liar=True,  # workers running at once spread out instead of sampling alike
-    )
     study = optuna.create_study(
         study_name=bench.study_name(method),
         storage=storage,
-        sampler=sampler,
         direction="maximize",
         load_if_exists=True,
+    )
+    # Seeded by the worker and by the trials already made, so that a resumed study or a second
+    # worker does not draw the same random start-up points again; a fresh study is reproducible.
+    made = len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(
+        n_startup_trials=protocol.startup_trials,
+        seed=protocol.sampler_seed + 10_000 * worker + made,
+        constant_liar=True,  # workers running at once spread out instead of sampling alike
     )
     fingerprint = bench.fingerprint(method)
     stored = study.user_attrs.get(FINGERPRINT)
@@ -167,24 +173,26 @@ def run_number(trial: FrozenTrial | optuna.Trial) -> int:
 
 
 def requeue_interrupted(study: optuna.Study, max_retries: int) -> int:
-    """Queue again the trials stopped with Ctrl-C that have not been continued yet.
+    """Queue again the trials stopped with Ctrl-C whose lineage has not been continued.
+
+    A lineage (a trial and its continuations) is continued when one of its trials has finished,
+    is running or is waiting; otherwise its latest trial, if interrupted, is queued again (at
+    most ``max_retries`` times per lineage).
 
     Returns:
         How many were queued.
     """
-    trials = study.get_trials(deepcopy=False)
-    continued = {int(t.user_attrs[RUN_OF]) for t in trials if RUN_OF in t.user_attrs}
-    continued |= {t.number for t in trials if t.state == TrialState.COMPLETE}
+    lineages: dict[int, list[FrozenTrial]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        lineages.setdefault(run_number(trial), []).append(trial)
+    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
     queued = 0
-    for trial in trials:
-        lineage = run_number(trial)
-        if (
-            trial.state == TrialState.FAIL
-            and trial.user_attrs.get(INTERRUPTED)
-            and lineage not in continued
-        ):
-            queued += _requeue(study, trial, max_retries)
-            continued.add(lineage)
+    for members in lineages.values():
+        if any(trial.state in live for trial in members):
+            continue
+        latest = max(members, key=lambda trial: trial.number)
+        if latest.state == TrialState.FAIL and latest.user_attrs.get(INTERRUPTED):
+            queued += _requeue(study, latest, max_retries)
     return queued
 
 
@@ -234,14 +242,23 @@ def _objective(bench: BenchConfig, method: str, say: Progress) -> Callable[[optu
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED, True)
             raise
-        except TRIAL_ERRORS as error:
-            say(f"{label} failed: {error}")
+        except ConfigError:
             raise
+        except (ValueError, FloatingPointError) as error:
+            say(f"{label} failed: {error}")
+            raise TrialFailedError(str(error)) from error
         mean = statistics.fmean(values)
         say(f"{label}: mean validation MAP@R {mean:.4f}")
         return mean
 
     return objective
+
+
+def _check_folds(bench: BenchConfig, method: str) -> None:
+    """Split the data as the first fold run will, so that impossible folds (more folds than
+    training classes) are one error now rather than a failure of every trial."""
+    config = bench.run_config(method, {}, 0, base_seed(bench))
+    build_run_data(config.data, config.train.seed)
 
 
 def base_seed(bench: BenchConfig) -> int:
@@ -289,7 +306,7 @@ def tune_worker(
             done + states.count(TrialState.RUNNING) >= target and TrialState.WAITING not in states
         ):
             return
-        study.optimize(objective, n_trials=1, catch=TRIAL_ERRORS)
+        study.optimize(objective, n_trials=1, catch=(TrialFailedError,))
 
 
 def _worker_entry(bench: BenchConfig, method: str, worker: int, threads: int) -> None:
@@ -326,6 +343,7 @@ def tune(
     )
     if done >= target:
         return study
+    _check_folds(bench, method)
     if not bench.methods[method].search:
         say(f"[{method}] nothing to search: one trial scores the fixed hyperparameters")
     if workers == 1:

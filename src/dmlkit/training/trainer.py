@@ -432,18 +432,22 @@ class Trainer:
         """
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        train_log = CSVLog(self.run_dir / "train.csv")
-        val_log = CSVLog(self.run_dir / "validation.csv")
-        if resume:
-            self._restore(self.run_dir / "last.pt")
-            train_log.truncate_after(self.state.step)
-            val_log.truncate_after(self.state.step)
-        else:
+        logs = ("train.csv", "validation.csv")
+        if not resume:
             if (self.run_dir / "last.pt").exists():
                 raise ConfigError(
                     f"{self.run_dir} already holds a run (last.pt): resume it with --resume, or "
                     "choose another run folder"
                 )
+            # Rows of a run killed before its first checkpoint: this run starts them again.
+            for name in logs:
+                (self.run_dir / name).unlink(missing_ok=True)
+        train_log, val_log = (CSVLog(self.run_dir / name) for name in logs)
+        if resume:
+            self._restore(self.run_dir / "last.pt")
+            train_log.truncate_after(self.state.step)
+            val_log.truncate_after(self.state.step)
+        else:
             (self.run_dir / "config.yaml").write_text(config.to_yaml())
             if test and config.validation.before_training:
                 self.state.before = self.evaluate_on(self.data.test)
