@@ -45,6 +45,7 @@ from dmlkit.protocol.config import PRESETS_DIR
 from dmlkit.protocol.study import base_seed, requeue_interrupted
 from dmlkit.training import ConfigError, Trainer, TrainState, build_run_data, load_config
 
+ROOT = Path(__file__).resolve().parents[1]
 METHOD = "contrastive"
 TRAIN_DIGITS = set(range(5))
 TEST_DIGITS = set(range(5, 10))
@@ -716,3 +717,97 @@ def test_tune_refuses_a_misspelt_loss_option(
     path.write_text(yaml.safe_dump(config))
     assert main(["tune", str(path), "--out", str(tmp_path), "--trials", "1"]) == 2
     assert "pos_margn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["digits", "omniglot", *sorted(str(p) for p in (ROOT / "configs" / "bench").glob("*.yaml"))],
+)
+def test_every_shipped_benchmark_config_loads(source: str) -> None:
+    bench = load_bench_config(source)
+    for method, spec in bench.methods.items():
+        config = bench.run_config(method, {k: p.example() for k, p in spec.search.items()}, 0, 0)
+        # A method that names its loss gets that loss's options only, never the base config's.
+        assert config.loss.name == spec.config["loss"]["name"]
+        searched = {key.rsplit(".", 1)[-1] for key in spec.search if key.startswith("loss.")}
+        assert set(config.loss.options) <= searched | set(spec.config["loss"].get("options", {}))
+
+
+def test_a_folder_of_another_run_is_refused_never_read_back(tmp_path: Path) -> None:
+    bench = load_bench_config("digits", [*TINY, "protocol.trials=1", f"protocol.out={tmp_path}"])
+    tune(bench, METHOD, say=lambda _: None)
+    (trial,) = _load_study(tmp_path).get_trials()
+    # Another study in the same folder gets folders of its own.
+    other = load_bench_config(
+        "digits",
+        [*TINY, "protocol.trials=1", f"protocol.out={tmp_path}", "protocol.study_prefix=b-"],
+    )
+    assert trial_dir(other, METHOD, 0) != trial_dir(bench, METHOD, 0)
+    # A finished folder whose config differs from the run asked for is an error, not a result.
+    changed = {
+        **trial.params,
+        "loss.options.neg_margin": trial.params["loss.options.neg_margin"] + 0.1,
+    }
+    with pytest.raises(ConfigError, match=r"holds a different run.*neg_margin"):
+        run_fold(bench, METHOD, changed, 0, 0, trial_dir(bench, METHOD, 0) / "fold-0")
+    # The same config is read back.
+    outcome = run_fold(bench, METHOD, trial.params, 0, 0, trial_dir(bench, METHOD, 0) / "fold-0")
+    assert outcome.reused and outcome.best_validation == trial.user_attrs["fold_0"]
+
+
+def test_a_results_file_cut_off_mid_write_means_an_unfinished_run(tmp_path: Path) -> None:
+    bench = load_bench_config("digits", TINY)
+    params = {"loss.options.pos_margin": 0.0, "loss.options.neg_margin": 1.0}
+    first = run_fold(bench, METHOD, params, 0, 0, tmp_path)
+    (tmp_path / "results.json").write_text('{"best_validation": 0.')
+    again = run_fold(bench, METHOD, params, 0, 0, tmp_path)  # resumed from last.pt, finished
+    assert not again.reused and again.best_validation == first.best_validation
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == first.steps
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        ({"x": {"preset": "triplet", "config": {"train": {"seed": 3}}}}, "train.seed is set by"),
+        (
+            {
+                "x": {
+                    "preset": "triplet",
+                    "search": {"loss.options.margin": {"low": 0, "high": 1, "step": -0.1}},
+                }
+            },
+            "step must be positive",
+        ),
+        (
+            {
+                "x": {
+                    "preset": "triplet",
+                    "search": {"loss.options.margin": {"low": 0.5, "high": 3, "int": True}},
+                }
+            },
+            "integer low",
+        ),
+        (
+            {
+                "x": {
+                    "preset": "triplet",
+                    "search": {"loss.options.margin": {"low": 0, "high": 1, "log": "false"}},
+                }
+            },
+            "expected true or false",
+        ),
+    ],
+)
+def test_method_settings_the_protocol_owns_or_cannot_sample_are_errors(
+    methods: dict[str, object], message: str
+) -> None:
+    values = {"training": {"data": {"name": "digits"}}, "methods": methods}
+    with pytest.raises(ConfigError, match=message):
+        bench_config_from_dict(values)
+
+
+def test_cli_paths_are_taken_literally(tmp_path: Path) -> None:
+    out = tmp_path / "runs #2"
+    args = ["tune", "digits", "--method", METHOD, "--trials", "1", "--out", str(out)]
+    assert main([*args, *_sets(TINY)]) == 0
+    assert (out / "study.db").is_file()

@@ -8,6 +8,7 @@ metrics of the held-out classes before and after training.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,15 +101,11 @@ def _bench_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     from .protocol import load_bench_config
 
     overrides = list(args.set)
-    for flag, key in (
-        ("trials", "trials"),
-        ("workers", "workers"),
-        ("storage", "storage"),
-        ("out", "out"),
-    ):
+    for flag in ("trials", "workers", "storage", "out"):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"protocol.{key}={value}")
+            # JSON is YAML: a path or URL stays the string it is ("#", digits and all).
+            overrides.append(f"protocol.{flag}={json.dumps(value)}")
     bench = load_bench_config(args.config, overrides)
     methods = args.method or list(bench.methods)
     unknown = [name for name in methods if name not in bench.methods]

@@ -35,11 +35,20 @@ from ..training import (
     build_run_data,
     embed_dataset,
     load_trained_model,
+    resolve_device,
     save_atomic,
 )
 from .config import TEST_METRICS, BenchConfig
 from .stats import Interval, confidence_interval
-from .study import Progress, base_seed, completed, open_study, print_line, run_fold
+from .study import (
+    Progress,
+    base_seed,
+    check_run_folder,
+    completed,
+    open_study,
+    print_line,
+    run_fold,
+)
 
 READINGS = ("separated", "concatenated")
 SHORT_NAMES = {
@@ -102,6 +111,7 @@ def _test_embeddings(bench: BenchConfig, job: RerunJob, threads: int | None = No
         torch.set_num_threads(threads)
     run_dir = job.run_dir(bench)
     path = run_dir / "test_embeddings.pt"
+    check_run_folder(bench.run_config(job.method, job.params, job.fold, job.seed(bench)), run_dir)
     if path.is_file():
         return path
     outcome = run_fold(bench, job.method, job.params, job.fold, job.seed(bench), run_dir)
@@ -110,7 +120,12 @@ def _test_embeddings(bench: BenchConfig, job: RerunJob, threads: int | None = No
     else:  # finished earlier, by a process that stopped before storing its embeddings
         config, model = load_trained_model(run_dir / "best.pt")
         test = build_run_data(config.data, config.train.seed).test
-        embeddings, labels = embed_dataset(model, test, batch_size=config.train.eval_batch_size)
+        embeddings, labels = embed_dataset(
+            model.to(resolve_device(config.train.device)),
+            test,
+            batch_size=config.train.eval_batch_size,
+            device=resolve_device(config.train.device),
+        )
     save_atomic({"embeddings": embeddings, "labels": torch.as_tensor(labels)}, path)
     return path
 

@@ -47,6 +47,8 @@ SELECTION_METRIC = "mean_average_precision_at_r"
 TEST_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 # Settings the protocol decides for every run; a method or a search space may not change them.
+REPLACED = ("loss", "miner")  # method sections that replace the base config's, not merge
+
 PROTOCOL_KEYS = (
     "data.val_classes",
     "data.cv_folds",
@@ -94,6 +96,13 @@ class SearchParam:
             raise ConfigError(f"search {name!r}: a log-scale range needs low > 0, got {self.low}")
         if self.log and self.step is not None:
             raise ConfigError(f"search {name!r}: step cannot be combined with log")
+        if self.step is not None and not self.step > 0:
+            raise ConfigError(f"search {name!r}: step must be positive, got {self.step}")
+        if self.int:
+            values = {"low": self.low, "high": self.high, "step": self.step or 1}
+            for key, value in values.items():
+                if value != int(value):
+                    raise ConfigError(f"search {name!r}: an integer range needs an integer {key}")
 
     def suggest(self, trial: Any, name: str) -> Any:
         """Ask an Optuna trial for this parameter's value."""
@@ -138,9 +147,11 @@ class ProtocolConfig:
         fold_seed: Seed of the class shuffle that forms the folds; fixed for a study.
         trials: Completed search trials per method (the paper: 50).
         startup_trials: Random trials before TPE starts modelling (Optuna's default 10).
-        sampler_seed: Seed of the TPE sampler (worker ``w`` uses ``sampler_seed + w``).
+        sampler_seed: Seed of the TPE sampler. Worker ``w`` of a session that finds ``m`` trials
+            in the study seeds it with ``sampler_seed + 10000·w + m``, so a resumed study does
+            not draw its start-up points again; give each machine its own value.
         reruns: Times the best hyperparameters are trained again (every fold) for the test
-            results and their confidence intervals.
+            results and their confidence intervals; at least 2.
         patience: Validations without a better validation MAP@R before a run stops (the paper:
             9, validating every 2 epochs).
         confidence: Coverage of the reported confidence intervals.
@@ -224,7 +235,7 @@ class BenchConfig:
         Raises:
             ConfigError: A value the training config rejects.
         """
-        values = _merged(self.training, self.methods[method].config)
+        values = self.method_training(method)
         for key, value in params.items():
             set_config_key(values, key, value)
         protocol = self.protocol
@@ -244,6 +255,19 @@ class BenchConfig:
             set_config_key(values, key, value)
         return config_from_dict(values)
 
+    def method_training(self, method: str) -> dict[str, Any]:
+        """The base training config with a method's config applied.
+
+        A method that names its ``loss`` or ``miner`` replaces that whole section, so that the
+        base config's options for another loss never leak into it; other sections merge.
+        """
+        update = self.methods[method].config
+        merged = _merged(self.training, {k: v for k, v in update.items() if k not in REPLACED})
+        for key in REPLACED:
+            if key in update:
+                merged[key] = copy.deepcopy(update[key])
+        return merged
+
     def fingerprint(self, method: str) -> str:
         """Identifies what a method's trials mean: base config, method and folds.
 
@@ -251,7 +275,7 @@ class BenchConfig:
         """
         spec = self.methods[method]
         described = {
-            "training": _without_runtime(_merged(self.training, spec.config)),
+            "training": _changed_settings(self.method_training(method)),
             "search": {key: dataclasses.asdict(param) for key, param in spec.search.items()},
             "folds": self.protocol.folds,
             "fold_seed": self.protocol.fold_seed,
@@ -261,18 +285,26 @@ class BenchConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _without_runtime(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A training config flattened to dotted keys, without the settings that never change
-    results (those a resumed run may change)."""
+def _changed_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A training config as the dotted settings that differ from the defaults and change
+    results: checked and typed (``1e-3`` and ``1.0e-3`` alike), and stable when later versions
+    add settings with defaults."""
+    checked = _flat(config_from_dict(values).to_dict())
+    defaults = _flat(Config().to_dict())
+    return {
+        key: value
+        for key, value in checked.items()
+        if value != defaults.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    }
+
+
+def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        dotted = prefix + str(key)
-        if dotted.startswith(RESUMABLE_CHANGES):
-            continue
-        if isinstance(value, Mapping) and dotted.count(".") < 1:
-            flat.update(_without_runtime(value, dotted + "."))
+        if isinstance(value, Mapping) and not prefix.endswith("options."):
+            flat.update(_flat(value, f"{prefix}{key}."))
         else:
-            flat[dotted] = value
+            flat[prefix + str(key)] = value
     return flat
 
 
@@ -314,23 +346,10 @@ def bench_presets() -> list[str]:
 
 def _search(values: Any, where: str) -> dict[str, SearchParam]:
     search: dict[str, SearchParam] = {}
-    allowed = [f.name for f in dataclasses.fields(SearchParam)]
     for key, spec in _mapping(values, where).items():
         if spec is None:
             continue
-        spec = _mapping(spec, f"{where}.{key}")
-        for name in spec:
-            if name not in allowed:
-                raise unknown_key_error(f"{where}.{key}.", str(name), allowed)
-        if "choices" in spec:
-            spec["choices"] = tuple(spec["choices"])
-        for bound in ("low", "high", "step"):
-            if isinstance(spec.get(bound), str):  # YAML 1.1 reads 1e-4 (no dot) as text
-                try:
-                    spec[bound] = float(spec[bound])
-                except ValueError:
-                    raise ConfigError(f"{where}.{key}.{bound}: not a number") from None
-        param = SearchParam(**spec)
+        param = dataclass_from_mapping(SearchParam, spec, f"{where}.{key}.")
         param.check(f"{where}.{key}")
         search[str(key)] = param
     return search
@@ -362,6 +381,9 @@ def _method(name: str, entry: Any, presets: Mapping[str, Any]) -> MethodSpec:
     for key in search:
         if key in PROTOCOL_KEYS:
             raise ConfigError(f"methods.{name}.search: {key} is set by the protocol")
+    for key in _flat(config):
+        if key in PROTOCOL_KEYS:
+            raise ConfigError(f"methods.{name}.config: {key} is set by the protocol")
     description = str(entry.get("description", base.get("description", "")))
     return MethodSpec(name, config, search, description)
 
@@ -372,7 +394,7 @@ def _protocol(values: Any) -> ProtocolConfig:
         "folds": 2,
         "trials": 0,
         "startup_trials": 0,
-        "reruns": 1,
+        "reruns": 2,  # a confidence interval needs two
         "patience": 1,
         "workers": 1,
         "heartbeat_interval": 1,
@@ -388,6 +410,15 @@ def _protocol(values: Any) -> ProtocolConfig:
     if protocol.grace_period <= protocol.heartbeat_interval:
         raise ConfigError("protocol.grace_period must exceed protocol.heartbeat_interval")
     return protocol
+
+
+def _training_path(text: str, base_dir: Path | None) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {str(path)!r} not found")
+    return path
 
 
 def bench_config_from_dict(
@@ -409,12 +440,7 @@ def bench_config_from_dict(
             raise unknown_key_error("", str(key), sections)
     training = values.get("training")
     if isinstance(training, str):
-        path = Path(training).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        if not path.is_file():
-            raise FileNotFoundError(f"training config {str(path)!r} not found")
-        training = _yaml_file(path)
+        training = _yaml_file(_training_path(training, base_dir))
     training = _mapping(training, "training")
     config_from_dict(training)  # the base must be valid on its own
     presets = method_presets()
@@ -489,10 +515,11 @@ def load_bench_config(source: str | Path, overrides: Sequence[str] = ()) -> Benc
         if section == "protocol":
             values["protocol"] = {**_mapping(values.get("protocol"), "protocol"), rest: value}
         else:
+            if rest in PROTOCOL_KEYS:
+                raise ConfigError(f"override {override!r}: {rest} is set by the protocol")
             training = values.get("training")
             if isinstance(training, str):
-                base = Path(training) if Path(training).is_absolute() else path.parent / training
-                training = _yaml_file(base)
+                training = _yaml_file(_training_path(training, path.parent))
             training = _mapping(training, "training")
             set_config_key(training, rest, value)
             values["training"] = training

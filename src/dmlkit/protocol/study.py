@@ -20,6 +20,7 @@ import json
 import math
 import multiprocessing
 import statistics
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,10 +29,19 @@ from typing import Any
 
 import optuna
 import torch
+import yaml
 from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from ..training import ConfigError, Trainer, TrainResult, build_run_data, config_from_dict
+from ..training import (
+    Config,
+    ConfigError,
+    Trainer,
+    TrainResult,
+    build_run_data,
+    config_differences,
+    config_from_dict,
+)
 from .config import BenchConfig
 
 Progress = Callable[[str], None]
@@ -74,20 +84,48 @@ class FoldOutcome:
     trainer: Trainer | None
 
 
+def check_run_folder(config: Config, run_dir: Path) -> None:
+    """Refuse a folder that holds a different run than ``config`` describes.
+
+    Raises:
+        ConfigError: Its ``config.yaml`` differs in a setting that changes results (a folder
+            left by another study, or by this one before its config changed).
+    """
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    changed = config_differences(yaml.safe_load(saved.read_text()) or {}, config)
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds a different run (its config differs in {', '.join(changed)}); "
+            "remove it or choose another protocol.out"
+        )
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    """A run's results.json, or None while it has not finished (or was cut off writing it)."""
+    try:
+        summary = json.loads((run_dir / "results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def run_fold(
     bench: BenchConfig, method: str, params: Mapping[str, Any], fold: int, seed: int, run_dir: Path
 ) -> FoldOutcome:
     """Train one fold's model, or read it back when that run has already finished.
 
-    A run cut off before it finished resumes exactly from its last checkpoint.
+    A run cut off before it finished resumes exactly from its last checkpoint. A folder holding
+    a run of another config is refused, never read back.
     """
-    results = run_dir / "results.json"
-    if results.is_file():
-        summary = json.loads(results.read_text())
+    config = bench.run_config(method, params, fold, seed, run_dir)
+    check_run_folder(config, run_dir)
+    summary = _finished(run_dir)
+    if summary is not None:
         return FoldOutcome(
             summary["best_validation"], summary["steps"], summary["stopped_early"], True, None
         )
-    config = bench.run_config(method, params, fold, seed, run_dir)
     trainer = Trainer(config, run_dir)
     result: TrainResult = trainer.fit(resume=(run_dir / "last.pt").is_file(), test=False)
     if result.best_validation is None or not math.isfinite(result.best_validation):
@@ -203,7 +241,7 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
 
 def trial_dir(bench: BenchConfig, method: str, number: int) -> Path:
     """The folder of a trial's fold runs."""
-    return bench.out / "tune" / method / f"trial-{number:04d}"
+    return bench.out / "tune" / bench.study_name(method) / f"trial-{number:04d}"
 
 
 def _objective(bench: BenchConfig, method: str, say: Progress) -> Callable[[optuna.Trial], float]:
@@ -286,9 +324,11 @@ def tune_worker(
 
     Several workers, in this process's children or on other machines sharing the storage, may
     run at once. A worker starts a trial only while finished and running trials together fall
-    short of ``protocol.trials`` (or a trial waits to be continued), so the study ends with
-    exactly that many unless a running trial fails; it also stops after twice that many
-    attempts of its own, so a search whose every trial fails ends.
+    short of ``protocol.trials`` (or a trial waits to be continued); otherwise it waits for the
+    running ones, which finish or, if their worker died, are queued again after the grace
+    period. The study so ends with that many finished trials (rarely one more, when two workers
+    find it one short at the same instant). A worker also stops after twice that many attempts
+    of its own, so a search whose every trial fails ends.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -296,17 +336,23 @@ def tune_worker(
     study = open_study(bench, method, worker)
     target = target_trials(bench, method)
     objective = _objective(bench, method, say)
-    for _ in range(2 * target):
+    attempts = 0
+    while attempts < 2 * target:
         with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             fail_stale_trials(study)  # a killed worker's trial is failed and queued again first
         states = [trial.state for trial in study.get_trials(deepcopy=False)]
         done = states.count(TrialState.COMPLETE)
-        if done >= target or (
-            done + states.count(TrialState.RUNNING) >= target and TrialState.WAITING not in states
-        ):
+        if done >= target:
             return
+        if done + states.count(TrialState.RUNNING) >= target and TrialState.WAITING not in states:
+            # The running trials decide: they finish, or their worker died and they are queued
+            # again once their heartbeat is older than the grace period.
+            time.sleep(bench.protocol.heartbeat_interval)
+            continue
         study.optimize(objective, n_trials=1, catch=(TrialFailedError,))
+        attempts += 1
+    say(f"[{method}] stopping after {attempts} attempts: {done} of {target} trials finished")
 
 
 def _worker_entry(bench: BenchConfig, method: str, worker: int, threads: int) -> None:

@@ -7,8 +7,9 @@
 - :func:`load_trained_model` and :func:`embed_dataset` use a finished run.
 """
 
-from .checkpoint import load_checkpoint, save_atomic, seed_everything
+from .checkpoint import load_checkpoint, save_atomic, seed_everything, write_text_atomic
 from .config import (
+    RESUMABLE_CHANGES,
     Config,
     ConfigError,
     DataConfig,
@@ -24,13 +25,14 @@ from .config import (
     TransformConfig,
     ValidationConfig,
     apply_override,
+    config_differences,
     config_from_dict,
     load_config,
     set_config_key,
 )
 from .inference import embed_dataset, load_trained_model
 from .run_data import RunData, build_run_data, shared_data_dir, split_dataset
-from .trainer import RESUMABLE_CHANGES, Trainer, TrainResult, TrainState
+from .trainer import Trainer, TrainResult, TrainState, resolve_device
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -54,14 +56,17 @@ __all__ = [
     "ValidationConfig",
     "apply_override",
     "build_run_data",
+    "config_differences",
     "config_from_dict",
     "embed_dataset",
     "load_checkpoint",
     "load_config",
     "load_trained_model",
+    "resolve_device",
     "save_atomic",
     "seed_everything",
     "set_config_key",
     "shared_data_dir",
     "split_dataset",
+    "write_text_atomic",
 ]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -27,12 +28,25 @@ def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
     Returns:
         The destination path.
     """
+    return _write_atomic(path, lambda file: torch.save(payload, file))
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write UTF-8 text to ``path`` atomically (a reader sees the old file or the whole new one).
+
+    Returns:
+        The destination path.
+    """
+    return _write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def _write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

@@ -29,6 +29,16 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names it."""
 
 
+# Settings that change how a run is carried out, never its results: a resumed run may change them.
+RESUMABLE_CHANGES = (
+    "logging.",
+    "data.num_workers",
+    "train.device",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+)
+
+
 @dataclass
 class TransformConfig:
     """Image preprocessing (image-file datasets only; array datasets use ``DataConfig.image_size``).
@@ -520,6 +530,36 @@ def _check_ranges(config: Config) -> None:
             f"{config.ddtas.meta_samples}: a meta batch without positive pairs has a zero meta "
             "loss, so every step would be skipped"
         )
+
+
+def _with_defaults(values: Any, defaults: Any) -> Any:
+    """``values`` with keys missing from it (at any depth) taken from ``defaults``."""
+    if not (isinstance(values, dict) and isinstance(defaults, dict)):
+        return values
+    merged = {key: _with_defaults(values.get(key, item), item) for key, item in defaults.items()}
+    return {**values, **merged}
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def config_differences(saved: Mapping[str, Any], config: Config) -> list[str]:
+    """The dotted keys where a run's saved config (``Config.to_dict()`` of an earlier run) and
+    ``config`` differ in a way that changes results.
+
+    Settings added after the run was written read as their defaults, and the
+    :data:`RESUMABLE_CHANGES` are ignored.
+    """
+    filled = _with_defaults(dict(saved), Config().to_dict())
+    return [
+        key
+        for key in _differences(filled, config.to_dict())
+        if not key.startswith(RESUMABLE_CHANGES)
+    ]
 
 
 def _yaml(text: str, where: str) -> Any:

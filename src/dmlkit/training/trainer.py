@@ -39,8 +39,15 @@ from .builders import (
     lr_factor,
     parameter_groups,
 )
-from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
-from .config import Config, ConfigError
+from .checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+    write_text_atomic,
+)
+from .config import Config, ConfigError, config_differences
 from .inference import embed_dataset
 from .logs import CSVLog, TensorBoardLog, progress_bar
 from .run_data import RunData, build_run_data
@@ -160,17 +167,8 @@ def resolve_device(name: str) -> torch.device:
 # Metric families whose entries are named by cut-off (recall_at_k → recall_at_1, recall_at_2, …).
 _FAMILIES = {"recall_at_k": "recall_at_", "precision_at_k": "precision_at_"}
 
+
 # Settings a resumed run may change: they do not alter what is computed.
-# Settings that change how a run is carried out, never its results: a resumed run may change them.
-RESUMABLE_CHANGES = (
-    "logging.",
-    "data.num_workers",
-    "train.device",
-    "train.eval_batch_size",
-    "train.checkpoint_every",
-)
-
-
 def _check_selection_metric(metric: str, metrics: Sequence[str]) -> None:
     computed = [name for name in metrics if name not in _FAMILIES]
     families = [_FAMILIES[name] for name in metrics if name in _FAMILIES]
@@ -178,21 +176,6 @@ def _check_selection_metric(metric: str, metrics: Sequence[str]) -> None:
         raise ConfigError(
             f"validation.metric {metric!r} is not among validation.metrics {list(metrics)}"
         )
-
-
-def _with_defaults(values: Any, defaults: Any) -> Any:
-    """``values`` with keys missing from it (at any depth) taken from ``defaults``."""
-    if not (isinstance(values, dict) and isinstance(defaults, dict)):
-        return values
-    merged = {key: _with_defaults(values.get(key, item), item) for key, item in defaults.items()}
-    return {**values, **merged}
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
 
 
 class Trainer:
@@ -394,18 +377,12 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         payload = load_checkpoint(path)
-        # Settings added after the run was written read as their defaults.
-        saved = _with_defaults(payload["config"], Config().to_dict())
-        changed = [
-            key
-            for key in _differences(saved, self.config.to_dict())
-            if not key.startswith(RESUMABLE_CHANGES)
-        ]
+        changed = config_differences(payload["config"], self.config)
         if changed:
             raise ConfigError(
                 f"cannot resume {path}: the config differs from the run's in {', '.join(changed)}; "
                 "resume with the run's own config.yaml (only logging, data.num_workers, "
-                "train.device and train.eval_batch_size may change)"
+                "train.device, train.eval_batch_size and train.checkpoint_every may change)"
             )
         self.model.load_state_dict(payload["model"])
         self.loss.load_state_dict(payload["loss"])
@@ -621,5 +598,6 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             "images_per_second": result.images_per_second,
         }
-        (self.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        # Atomic: the protocol reads a results.json as "this run finished".
+        write_text_atomic(json.dumps(summary, indent=2), self.run_dir / "results.json")
         return result
