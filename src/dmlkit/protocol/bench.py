@@ -48,6 +48,7 @@ from .study import (
     open_study,
     print_line,
     run_fold,
+    target_trials,
 )
 
 READINGS = ("separated", "concatenated")
@@ -210,6 +211,12 @@ def benchmark(
     methods = list(methods or bench.methods)
     workers = workers or bench.protocol.workers
     chosen = {method: best_trial_of(bench, method) for method in methods}
+    for method, (_, finished) in chosen.items():
+        if finished < target_trials(bench, method):
+            say(
+                f"[{method}] warning: only {finished} of {target_trials(bench, method)} trials "
+                "finished; re-running the best of those (run dmlkit tune to complete the search)"
+            )
     jobs = [
         RerunJob(method, trial.number, dict(trial.params), rerun, fold)
         for method, (trial, _) in chosen.items()
