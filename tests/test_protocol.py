@@ -43,7 +43,8 @@ from dmlkit.protocol import (
 from dmlkit.protocol import study as study_module
 from dmlkit.protocol.config import PRESETS_DIR
 from dmlkit.protocol.study import base_seed, requeue_interrupted
-from dmlkit.training import ConfigError, Trainer, TrainState, build_run_data, load_config
+from dmlkit.training import ConfigError, Trainer, build_run_data, load_config
+from run_helpers import StopTrainingError, log_without_timing, stop_at
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = "contrastive"
@@ -66,11 +67,6 @@ def _classes(dataset) -> set[int]:  # type: ignore[no-untyped-def]
 
 def _load_study(out: Path, method: str = METHOD) -> optuna.Study:
     return optuna.load_study(study_name=method, storage=f"sqlite:///{out / 'study.db'}")
-
-
-def _log_without_timing(path: Path) -> list[list[str]]:
-    """A training log's rows without the throughput column, which is wall-clock dependent."""
-    return [line.split(",")[:-1] for line in path.read_text().splitlines()]
 
 
 def _base(**methods: object) -> dict[str, object]:
@@ -300,7 +296,7 @@ def test_tune_resumes_after_a_killed_worker_without_losing_anything(
     assert continued.value == pytest.approx(
         statistics.fmean([continued.user_attrs["fold_0"], whole.best_validation])
     )
-    assert _log_without_timing(killed_dir / "fold-1" / "train.csv") == _log_without_timing(
+    assert log_without_timing(killed_dir / "fold-1" / "train.csv") == log_without_timing(
         tmp_path / "whole" / "train.csv"
     )
 
@@ -683,28 +679,16 @@ def test_a_resumed_study_samples_new_hyperparameters(tmp_path: Path) -> None:
     assert first.params != second.params
 
 
-class _StopError(Exception):
-    pass
-
-
-def _stop_at(step: int):  # type: ignore[no-untyped-def]
-    def callback(state: TrainState) -> None:
-        if state.step == step:
-            raise _StopError
-
-    return callback
-
-
 def test_a_fold_restarted_before_its_first_checkpoint_logs_each_step_once(tmp_path: Path) -> None:
     bench = load_bench_config("digits", [*FAST, "training.logging.log_every=1"])
     params = {"loss.options.pos_margin": 0.5, "loss.options.neg_margin": 1.0}
     run_dir = tmp_path / "fold-1"
     config = bench.run_config(METHOD, params, 1, 0, run_dir)
-    with pytest.raises(_StopError):
-        Trainer(config, run_dir, callbacks=[_stop_at(3)]).fit(test=False)
+    with pytest.raises(StopTrainingError):
+        Trainer(config, run_dir, callbacks=[stop_at(3)]).fit(test=False)
     assert not (run_dir / "last.pt").exists()
     outcome = run_fold(bench, METHOD, params, 1, 0, run_dir)
-    steps = [int(row[0]) for row in _log_without_timing(run_dir / "train.csv")[1:]]
+    steps = [int(row[0]) for row in log_without_timing(run_dir / "train.csv")[1:]]
     assert steps == list(range(1, outcome.steps + 1))
 
 

@@ -23,11 +23,11 @@ from dmlkit.training import (
     Config,
     ConfigError,
     Trainer,
-    TrainState,
     load_checkpoint,
     load_config,
     save_atomic,
 )
+from run_helpers import StopTrainingError, log_without_timing, stop_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,23 +43,6 @@ FAST = [
 
 def _config(*overrides: str) -> Config:
     return load_config(None, [*FAST, *overrides])
-
-
-class _InterruptError(Exception):
-    pass
-
-
-def _interrupt_at(step: int):  # type: ignore[no-untyped-def]
-    def callback(state: TrainState) -> None:
-        if state.step == step:
-            raise _InterruptError
-
-    return callback
-
-
-def _log_without_timing(path: Path) -> list[list[str]]:
-    """The training log's rows without the throughput column, which is wall-clock dependent."""
-    return [line.split(",")[:-1] for line in path.read_text().splitlines()]
 
 
 def _same_state(a: Path, b: Path) -> None:
@@ -110,23 +93,23 @@ def test_same_seed_same_numbers_and_training_changes_the_model(tmp_path: Path) -
     _same_state(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
     assert first.before != first.after
     assert first.steps == second.steps > 0
-    log = _log_without_timing(tmp_path / "a" / "train.csv")
-    assert log == _log_without_timing(tmp_path / "b" / "train.csv")
+    log = log_without_timing(tmp_path / "a" / "train.csv")
+    assert log == log_without_timing(tmp_path / "b" / "train.csv")
 
 
-@pytest.mark.parametrize("stop_at", [1, 4, 7])
-def test_resume_after_interruption_is_exact(tmp_path: Path, stop_at: int) -> None:
+@pytest.mark.parametrize("step", [1, 4, 7])
+def test_resume_after_interruption_is_exact(tmp_path: Path, step: int) -> None:
     whole = Trainer(_config(), tmp_path / "whole").fit()
     run = tmp_path / "cut"
     cut = _config("train.checkpoint_every=1")
-    with pytest.raises(_InterruptError):
-        Trainer(cut, run, callbacks=[_interrupt_at(stop_at)]).fit()
-    assert load_checkpoint(run / "last.pt")["state"]["step"] == stop_at
+    with pytest.raises(StopTrainingError):
+        Trainer(cut, run, callbacks=[stop_at(step)]).fit()
+    assert load_checkpoint(run / "last.pt")["state"]["step"] == step
     resumed = Trainer(cut, run).fit(resume=True)
     assert resumed.after == whole.after
     assert resumed.before == whole.before
     _same_state(tmp_path / "whole" / "last.pt", run / "last.pt")
-    assert _log_without_timing(run / "train.csv") == _log_without_timing(
+    assert log_without_timing(run / "train.csv") == log_without_timing(
         tmp_path / "whole" / "train.csv"
     )
 
@@ -170,8 +153,8 @@ def test_augmentation_does_not_depend_on_workers_or_restarts(
 ) -> None:
     serial = Trainer(_folder_config(image_folder), tmp_path / "serial").fit()
     workers = _folder_config(image_folder, "data.num_workers=2", "train.checkpoint_every=1")
-    with pytest.raises(_InterruptError):
-        Trainer(workers, tmp_path / "workers", callbacks=[_interrupt_at(3)]).fit()
+    with pytest.raises(StopTrainingError):
+        Trainer(workers, tmp_path / "workers", callbacks=[stop_at(3)]).fit()
     resumed = Trainer(workers, tmp_path / "workers").fit(resume=True)
     assert resumed.after == serial.after
     _same_state(tmp_path / "serial" / "last.pt", tmp_path / "workers" / "last.pt")
@@ -235,8 +218,8 @@ def test_tensorboard_events_are_not_duplicated_by_a_resume(tmp_path: Path) -> No
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = _config("logging.tensorboard=true", "train.checkpoint_every=5")
-    with pytest.raises(_InterruptError):
-        Trainer(config, tmp_path, callbacks=[_interrupt_at(8)]).fit()  # checkpoint at step 5
+    with pytest.raises(StopTrainingError):
+        Trainer(config, tmp_path, callbacks=[stop_at(8)]).fit()  # checkpoint at step 5
     result = Trainer(config, tmp_path).fit(resume=True)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
@@ -327,8 +310,8 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_a_used_folder(
     tmp_path: Path,
 ) -> None:
     config = _config("train.checkpoint_every=1")
-    with pytest.raises(_InterruptError):
-        Trainer(config, tmp_path, callbacks=[_interrupt_at(2)]).fit()
+    with pytest.raises(StopTrainingError):
+        Trainer(config, tmp_path, callbacks=[stop_at(2)]).fit()
     with pytest.raises(ConfigError, match=r"differs from the run's in optimizer\.lr"):
         Trainer(_config("train.checkpoint_every=1", "optimizer.lr=0.5"), tmp_path).fit(True)
     with pytest.raises(ConfigError, match="already holds a run"):

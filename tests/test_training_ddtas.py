@@ -14,8 +14,9 @@ import torch
 from dmlkit.cli import main
 from dmlkit.ddtas import DDTAS
 from dmlkit.miners import ATASMSMiner
-from dmlkit.training import ConfigError, Trainer, TrainState, load_checkpoint, load_config
+from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
 from dmlkit.viz import plot_training_log
+from run_helpers import StopTrainingError, stop_at
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -30,18 +31,6 @@ FAST = [
     "miner.name=ATASMSMiner",
 ]
 DDTAS_ON = [*FAST, "method=ddtas"]
-
-
-class _InterruptError(Exception):
-    pass
-
-
-def _interrupt_at(step: int):  # type: ignore[no-untyped-def]
-    def callback(state: TrainState) -> None:
-        if state.step == step:
-            raise _InterruptError
-
-    return callback
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -104,14 +93,14 @@ def test_plot_of_a_standard_run_and_of_a_missing_log(tmp_path: Path) -> None:
         plot_training_log(tmp_path / "nothing")
 
 
-@pytest.mark.parametrize("stop_at", [2, 5])
-def test_resume_with_the_otg_is_exact(tmp_path: Path, stop_at: int) -> None:
+@pytest.mark.parametrize("step", [2, 5])
+def test_resume_with_the_otg_is_exact(tmp_path: Path, step: int) -> None:
     """The meta batches continue where they stopped: a resumed run equals an uninterrupted one."""
     whole = Trainer(load_config(None, DDTAS_ON), tmp_path / "whole").fit()
     cut = load_config(None, [*DDTAS_ON, "train.checkpoint_every=1"])
     run = tmp_path / "cut"
-    with pytest.raises(_InterruptError):
-        Trainer(cut, run, callbacks=[_interrupt_at(stop_at)]).fit()
+    with pytest.raises(StopTrainingError):
+        Trainer(cut, run, callbacks=[stop_at(step)]).fit()
     resumed = Trainer(cut, run).fit(resume=True)
     assert resumed.after == whole.after
     _same_weights(tmp_path / "whole" / "last.pt", run / "last.pt")
