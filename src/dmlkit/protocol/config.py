@@ -392,7 +392,7 @@ def _protocol(values: Any) -> ProtocolConfig:
     protocol = dataclass_from_mapping(ProtocolConfig, values, "protocol.")
     minimum = {
         "folds": 2,
-        "trials": 0,
+        "trials": 1,
         "startup_trials": 0,
         "reruns": 2,  # a confidence interval needs two
         "patience": 1,

@@ -352,7 +352,8 @@ def tune_worker(
             continue
         study.optimize(objective, n_trials=1, catch=(TrialFailedError,))
         attempts += 1
-    say(f"[{method}] stopping after {attempts} attempts: {done} of {target} trials finished")
+    finished = len(completed(study))
+    say(f"[{method}] stopping after {attempts} attempts: {finished} of {target} trials finished")
 
 
 def _worker_entry(bench: BenchConfig, method: str, worker: int, threads: int) -> None:
