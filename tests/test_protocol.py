@@ -627,7 +627,7 @@ def test_cli_refuses_bad_configs_and_a_changed_search_space(
         (["tune", "digits", "--set", "protocol.trails=3", *out], "unknown key 'protocol.trails'"),
         (["bench", "digits", "--method", "nope", *out], "--method nope: not in the config"),
         (["tune", str(tmp_path / "missing.yaml"), *out], "missing.yaml"),
-        (["tune", "digits", "--trials", "-1", *out], "protocol.trials must be at least 0"),
+        (["tune", "digits", "--trials", "0", *out], "protocol.trials must be at least 1"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err
