@@ -8,22 +8,13 @@ import pytest
 import torch
 
 import dmlkit.functional as F
+from ddtas_spec import T2_LABELS, T2_S
 from dmlkit.functional.mining import tolerances_from_ratio
 from dmlkit.losses import SoftContrastiveLoss
 from dmlkit.miners import ASMSMiner, ATASMSMiner, MultiSimilarityMiner
 
 T1_LABELS = torch.tensor([0, 0, 1, 1])
 T1_UPPER = {(0, 1): 0.50, (0, 2): 0.55, (0, 3): 0.20, (1, 2): 0.45, (1, 3): 0.48, (2, 3): 0.70}
-
-T2_LABELS = torch.tensor([0, 0, 0, 1, 1, 1])
-T2_S = [
-    [1, 0.50, 0.73, 0.61, 0.493, 0.45],
-    [0.50, 1, 0.67, 0.55, 0.47, 0.41],
-    [0.73, 0.67, 1, 0.58, 0.62, 0.60],
-    [0.61, 0.55, 0.58, 1, 0.66, 0.52],
-    [0.493, 0.47, 0.62, 0.66, 1, 0.71],
-    [0.45, 0.41, 0.60, 0.52, 0.71, 1],
-]
 
 
 def _sim_from_upper(n: int, upper: dict[tuple[int, int], float]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from conftest import assert_close
+from ddtas_spec import T2_LABELS, T2_S
 from dmlkit.ddtas import DDTAS, DegenerateThresholdsError, MinedPairs, OTGSettings
 from dmlkit.ddtas.otg import (
     closed_form_scores,
@@ -41,16 +42,6 @@ F64 = torch.float64
 # test_pair_loss_float64_keeps_float64_constants and the T7 exactness tests). Float64
 # comparisons whose subject is something else allow for it with this relative tolerance.
 RTOL = 1e-7
-
-T2_LABELS = torch.tensor([0, 0, 0, 1, 1, 1])
-T2_S = [
-    [1, 0.50, 0.73, 0.61, 0.493, 0.45],
-    [0.50, 1, 0.67, 0.55, 0.47, 0.41],
-    [0.73, 0.67, 1, 0.58, 0.62, 0.60],
-    [0.61, 0.55, 0.58, 1, 0.66, 0.52],
-    [0.493, 0.47, 0.62, 0.66, 1, 0.71],
-    [0.45, 0.41, 0.60, 0.52, 0.71, 1],
-]
 
 
 def _sigmoid(z: float) -> float:
