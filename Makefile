@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup train demo test lint bench bench-eval bench-train bench-ddtas bench-protocol
+.PHONY: setup train demo test test-umap lint bench bench-eval bench-train bench-ddtas bench-protocol
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,12 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
 
+# UMAP's first fit costs about 40 s of numba JIT in every process: its tests run apart, in one.
 test: lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q -m "not umap"
+
+test-umap: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m umap
 
 bench: setup
 	$(BIN)/python benchmarks/losses.py

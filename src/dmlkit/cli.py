@@ -1,4 +1,5 @@
-"""The ``dmlkit`` command: ``train``, ``evaluate``, ``embed``, ``tune`` and ``bench``.
+"""The ``dmlkit`` command: ``train``, ``evaluate``, ``embed``, ``sweep``, ``tune``, ``bench`` and
+``report``.
 
 ``dmlkit train`` with no argument trains the built-in default (a small ConvNet on scikit-learn's
 digits, training on digits 0–4 and testing on the unseen digits 5–9) and prints the retrieval
@@ -97,6 +98,40 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .protocol.sweep import parse_values, run_sweep, sweep_markdown, write_sweep_results
+    from .viz.sweep import plot_sweep
+
+    config = load_config(args.config, args.set)
+    values = parse_values(args.values)
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.param}"
+    result = run_sweep(config, args.param, values, out, seeds=args.seeds)
+    paths = write_sweep_results(result)
+    plot = plot_sweep(result, smoothing=args.smooth)
+    print("\n" + sweep_markdown(result))
+    print(f"Results: {', '.join(str(p) for p in paths.values())}; plot: {plot}")
+    print(f"HTML report: dmlkit report {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .viz.report import ReportOptions, write_report
+
+    options = ReportOptions(
+        checkpoint=args.checkpoint,
+        queries=tuple(args.query),
+        worst=args.worst,
+        k=args.k,
+        max_points=args.max_points,
+        projection=args.projection,
+        smoothing=args.smooth,
+        embeddings=not args.no_embeddings,
+    )
+    path = write_report(args.folder, args.out, options, say=lambda line: print(line, flush=True))
+    print(f"Report: {path}")
+    return 0
+
+
 def _bench_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     from .protocol import load_bench_config
 
@@ -149,7 +184,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmlkit",
-        description="Deep metric learning: train, evaluate, embed, tune and benchmark.",
+        description="Deep metric learning: train, evaluate, embed, sweep, tune, benchmark and "
+        "report.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -189,6 +225,38 @@ def _parser() -> argparse.ArgumentParser:
             )
         command.set_defaults(handler=handler)
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="train once per value of one hyperparameter and plot the final metrics and curves",
+        description="Hyperparameter sensitivity: train the config once per value (and seed) of "
+        "one setting, then tabulate the final test metrics and plot them with the loss curves. "
+        "Finished runs are read back and cut-off runs resume, so a sweep can be re-started.",
+    )
+    sweep.add_argument("config", nargs="?", help="YAML training config; default: digits")
+    sweep.add_argument(
+        "--param",
+        required=True,
+        metavar="KEY",
+        help="the dotted config key to vary, e.g. loss.options.margin",
+    )
+    sweep.add_argument(
+        "--values",
+        required=True,
+        metavar="SPEC",
+        help="START:STOP:STEP (STOP included), e.g. 0.4:1.0:0.1, or a list, e.g. 0.1,0.3,1",
+    )
+    sweep.add_argument("--seeds", type=int, default=1, help="runs per value (seed, seed+1, ...)")
+    sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set loss.name=CircleLoss (repeatable)",
+    )
+    sweep.add_argument("--out", help="output folder (default: runs/sweep-<KEY>)")
+    sweep.add_argument("--smooth", type=int, help="moving-average window of the loss curves")
+    sweep.set_defaults(handler=_sweep)
+
     for name, handler, summary in (
         (
             "tune",
@@ -222,6 +290,45 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--storage", help="Optuna storage URL (default: SQLite in --out)")
         command.add_argument("--out", help="output folder (default: runs/bench-<config name>)")
         command.set_defaults(handler=handler)
+
+    report = commands.add_parser(
+        "report",
+        help="write one self-contained HTML page for a run, a sweep or a benchmark",
+        description="Write <FOLDER>/report.html: metrics tables and embedded plots (training "
+        "curves; for a run or benchmark also UMAP maps of the embeddings and retrieval grids of "
+        "chosen and of the worst queries; for a sweep the metrics against the swept value).",
+    )
+    report.add_argument("folder", help="a run folder, a sweep folder or a benchmark folder")
+    report.add_argument("--out", help="HTML file (default: <FOLDER>/report.html)")
+    report.add_argument(
+        "--checkpoint", default="best.pt", help="a run's checkpoint to embed with (default best.pt)"
+    )
+    report.add_argument(
+        "--query",
+        type=int,
+        action="append",
+        default=[],
+        metavar="INDEX",
+        help="show this test item's retrieval results (repeatable)",
+    )
+    report.add_argument("--worst", type=int, default=6, help="worst queries shown (default 6)")
+    report.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
+    report.add_argument(
+        "--max-points", type=int, default=2000, help="points per embedding map (default 2000)"
+    )
+    report.add_argument(
+        "--projection",
+        choices=("auto", "umap", "pca"),
+        default="auto",
+        help="2-D projection of the maps (auto: UMAP, or PCA without umap-learn)",
+    )
+    report.add_argument("--smooth", type=int, help="moving-average window of the curves")
+    report.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="skip the maps and retrieval grids (no model or data needed)",
+    )
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -234,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, ImportError, ValueError) as error:
         print(f"dmlkit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -11,10 +11,19 @@
   normalised embeddings joined).
 
 ``dmlkit tune CONFIG`` runs the search, ``dmlkit bench CONFIG`` the search and the test re-runs;
-see :mod:`dmlkit.protocol.config` for the config file.
+see :mod:`dmlkit.protocol.config` for the config file. ``dmlkit sweep`` (:mod:`.sweep`) trains a
+config once per value of one hyperparameter, for sensitivity plots.
 """
 
-from .bench import MethodResult, benchmark, rerun_scores, results_markdown, write_results
+from .bench import (
+    MethodResult,
+    benchmark,
+    concatenated_test_embeddings,
+    rerun_dir,
+    rerun_scores,
+    results_markdown,
+    write_results,
+)
 from .config import (
     TEST_METRICS,
     BenchConfig,
@@ -28,6 +37,15 @@ from .config import (
 )
 from .stats import Interval, confidence_interval
 from .study import completed, open_study, run_fold, trial_dir, tune, tune_worker
+from .sweep import (
+    SweepResult,
+    SweepRun,
+    load_sweep,
+    parse_values,
+    run_sweep,
+    sweep_markdown,
+    write_sweep_results,
+)
 
 __all__ = [
     "TEST_METRICS",
@@ -37,19 +55,28 @@ __all__ = [
     "MethodSpec",
     "ProtocolConfig",
     "SearchParam",
+    "SweepResult",
+    "SweepRun",
     "bench_config_from_dict",
     "bench_presets",
     "benchmark",
     "completed",
+    "concatenated_test_embeddings",
     "confidence_interval",
     "load_bench_config",
+    "load_sweep",
     "method_presets",
     "open_study",
+    "parse_values",
+    "rerun_dir",
     "rerun_scores",
     "results_markdown",
     "run_fold",
+    "run_sweep",
+    "sweep_markdown",
     "trial_dir",
     "tune",
     "tune_worker",
     "write_results",
+    "write_sweep_results",
 ]

@@ -75,10 +75,19 @@ class RerunJob:
 
     def run_dir(self, bench: BenchConfig) -> Path:
         """Keyed by the trial too: a later, better trial must not read these runs back."""
-        trial = f"trial-{self.trial:04d}"
-        return (
-            bench.out / "bench" / self.method / trial / f"rerun-{self.rerun}" / f"fold-{self.fold}"
-        )
+        return rerun_dir(bench.out, self.method, self.trial, self.rerun) / f"fold-{self.fold}"
+
+
+def rerun_dir(out: Path, method: str, trial: int, rerun: int) -> Path:
+    """The folder of one re-run of a trial's hyperparameters, holding a ``fold-K`` run per fold.
+
+    Args:
+        out: The benchmark's output folder.
+        method: The method's name.
+        trial: The trial whose hyperparameters are re-run.
+        rerun: The re-run's number, from 0.
+    """
+    return out / "bench" / method / f"trial-{trial:04d}" / f"rerun-{rerun}"
 
 
 @dataclass(frozen=True)
@@ -163,15 +172,36 @@ def rerun_scores(paths: Sequence[Path]) -> dict[str, dict[str, float]]:
     Returns:
         ``{"separated": metrics, "concatenated": metrics}``.
     """
+    stored, labels = _stored_test_embeddings(paths)
+    per_fold = [_scores(embeddings, labels) for embeddings in stored]
+    separated = {m: statistics.fmean(scores[m] for scores in per_fold) for m in TEST_METRICS}
+    return {"separated": separated, "concatenated": _scores(_concatenated(stored), labels)}
+
+
+def _stored_test_embeddings(paths: Sequence[Path]) -> tuple[list[Tensor], Tensor]:
     stored = [torch.load(path, map_location="cpu", weights_only=True) for path in paths]
     labels = stored[0]["labels"]
     for item, path in zip(stored, paths, strict=True):
         if not torch.equal(item["labels"], labels):
             raise ValueError(f"{path}: its test items differ from the other folds'")
-    per_fold = [_scores(item["embeddings"], labels) for item in stored]
-    separated = {m: statistics.fmean(scores[m] for scores in per_fold) for m in TEST_METRICS}
-    joined = torch.cat([F.normalize(item["embeddings"].float(), dim=1) for item in stored], dim=1)
-    return {"separated": separated, "concatenated": _scores(joined, labels)}
+    return [item["embeddings"] for item in stored], labels
+
+
+def _concatenated(per_fold: Sequence[Tensor]) -> Tensor:
+    return torch.cat([F.normalize(embeddings.float(), dim=1) for embeddings in per_fold], dim=1)
+
+
+def concatenated_test_embeddings(paths: Sequence[Path]) -> tuple[Tensor, Tensor]:
+    """A re-run's test embeddings as the protocol's concatenated reading sees them.
+
+    Args:
+        paths: One ``test_embeddings.pt`` per fold, all of the same test items in one order.
+
+    Returns:
+        The folds' L2-normalised embeddings concatenated, ``(N, folds × D)``, and the labels.
+    """
+    stored, labels = _stored_test_embeddings(paths)
+    return _concatenated(stored), labels
 
 
 def best_trial_of(bench: BenchConfig, method: str) -> tuple[FrozenTrial, int]:

@@ -36,6 +36,7 @@ from ..training import (
     RESUMABLE_CHANGES,
     Config,
     ConfigError,
+    check_selection_metric,
     config_from_dict,
     set_config_key,
 )
@@ -455,7 +456,7 @@ def bench_config_from_dict(
             config = bench.run_config(method, example, fold=0, seed=0)
         except ConfigError as error:
             raise ConfigError(f"methods.{method}: {error}") from None
-        _check_buildable(config, f"methods.{method}")
+        check_buildable(config, f"methods.{method}")
         if config.validation.every == 0:
             raise ConfigError(
                 "training.validation.every must be positive: the protocol early-stops on "
@@ -466,10 +467,11 @@ def bench_config_from_dict(
     return bench
 
 
-def _check_buildable(config: Config, where: str) -> None:
-    """Build the run's loss and miner (and DDTAS), so a misspelt class or option is an error
-    now rather than a failure of every trial."""
+def check_buildable(config: Config, where: str) -> None:
+    """Build the run's loss and miner (and DDTAS), and check its validation metric, so a
+    misspelt class or option is an error now rather than a failure of every run."""
     try:
+        check_selection_metric(config.validation.metric, config.validation.metrics)
         loss = build_loss(config.loss)
         miner = build_miner(config.miner)
         if config.method == "ddtas":

@@ -102,7 +102,7 @@ def check_run_folder(config: Config, run_dir: Path) -> None:
         )
 
 
-def _finished(run_dir: Path) -> dict[str, Any] | None:
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     """A run's results.json, or None while it has not finished (or was cut off writing it)."""
     try:
         summary = json.loads((run_dir / "results.json").read_text())
@@ -121,7 +121,7 @@ def run_fold(
     """
     config = bench.run_config(method, params, fold, seed, run_dir)
     check_run_folder(config, run_dir)
-    summary = _finished(run_dir)
+    summary = finished_summary(run_dir)
     if summary is not None:
         return FoldOutcome(
             summary["best_validation"], summary["steps"], summary["stopped_early"], True, None

@@ -32,7 +32,7 @@ from .config import (
 )
 from .inference import embed_dataset, load_trained_model
 from .run_data import RunData, build_run_data, shared_data_dir, split_dataset
-from .trainer import Trainer, TrainResult, TrainState, resolve_device
+from .trainer import Trainer, TrainResult, TrainState, check_selection_metric, resolve_device
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -56,6 +56,7 @@ __all__ = [
     "ValidationConfig",
     "apply_override",
     "build_run_data",
+    "check_selection_metric",
     "config_differences",
     "config_from_dict",
     "embed_dataset",

@@ -169,7 +169,13 @@ _FAMILIES = {"recall_at_k": "recall_at_", "precision_at_k": "precision_at_"}
 
 
 # Settings a resumed run may change: they do not alter what is computed.
-def _check_selection_metric(metric: str, metrics: Sequence[str]) -> None:
+def check_selection_metric(metric: str, metrics: Sequence[str]) -> None:
+    """Refuse a best-checkpoint metric that validation does not compute.
+
+    Raises:
+        ConfigError: ``metric`` is neither in ``metrics`` nor of a family listed there
+            (``recall_at_k`` computes every ``recall_at_K``).
+    """
     computed = [name for name in metrics if name not in _FAMILIES]
     families = [_FAMILIES[name] for name in metrics if name in _FAMILIES]
     if metric not in computed and not any(metric.startswith(f) for f in families):
@@ -272,7 +278,7 @@ class Trainer:
         if config.optimizer.backbone_lr == 0:
             # A frozen backbone must not drift through its BatchNorm statistics either.
             self.model.freeze_bn = True
-        _check_selection_metric(config.validation.metric, config.validation.metrics)
+        check_selection_metric(config.validation.metric, config.validation.metrics)
 
     def _seeded_loader(
         self, sampler: PKSampler, seed: int

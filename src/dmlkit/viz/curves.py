@@ -6,6 +6,13 @@ import csv
 import math
 from pathlib import Path
 
+from .smoothing import auto_window, moving_average
+
+# How visible the raw curve stays behind its moving average.
+_RAW_ALPHA = 0.25
+
+_Lines = dict[str, tuple[list[float], list[float]]]
+
 # (title, columns, log scale): a panel is drawn when at least one of its columns has values.
 _PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("training loss", ("loss",), False),
@@ -19,14 +26,16 @@ _PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 )
 
 
-def _read(path: Path) -> list[dict[str, str]]:
+def read_log(path: Path) -> list[dict[str, str]]:
+    """The rows of a run's CSV log (``train.csv``, ``validation.csv``); none when it is absent."""
     if not path.is_file():
         return []
     with path.open(newline="") as file:
         return list(csv.DictReader(file))
 
 
-def _series(rows: list[dict[str, str]], column: str) -> tuple[list[float], list[float]]:
+def log_series(rows: list[dict[str, str]], column: str) -> tuple[list[float], list[float]]:
+    """The steps and finite values of one column of a log; empty cells and NaN are left out."""
     steps, values = [], []
     for row in rows:
         text = row.get(column, "")
@@ -38,46 +47,68 @@ def _series(rows: list[dict[str, str]], column: str) -> tuple[list[float], list[
     return steps, values
 
 
-def plot_training_log(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def plot_training_log(
+    run_dir: str | Path, out: str | Path | None = None, *, smoothing: int | None = None
+) -> Path:
     """Plot a run's training log: loss, mined pairs and, when logged, DDTAS's thresholds
     (AT-ASMS tolerances, ratio, OTG weights), plus the validation metrics.
+
+    Per-step training curves are noisy: each is drawn as a centred moving average
+    (:func:`~dmlkit.viz.smoothing.moving_average`) over its raw values, drawn faint in the same
+    colour. The validation metrics, a few points, are drawn raw with markers.
 
     Args:
         run_dir: A run folder holding ``train.csv`` (and ``validation.csv`` when validated).
         out: The PNG to write; ``<run_dir>/training.png`` when None.
+        smoothing: Moving-average window, in logged steps; 1 draws the raw curves only; None
+            picks :func:`~dmlkit.viz.smoothing.auto_window` of the number of logged steps.
 
     Returns:
         The PNG's path.
 
     Raises:
         FileNotFoundError: The run folder has no ``train.csv``.
+        ValueError: ``smoothing`` is not None or an integer of at least 1.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if smoothing is not None and (
+        isinstance(smoothing, bool) or not isinstance(smoothing, int) or smoothing < 1
+    ):
+        raise ValueError(f"smoothing must be None or an integer of at least 1, got {smoothing!r}")
     run_dir = Path(run_dir)
-    rows = _read(run_dir / "train.csv")
+    rows = read_log(run_dir / "train.csv")
     if not rows:
         raise FileNotFoundError(f"{run_dir / 'train.csv'} is missing or empty: nothing to plot")
-    panels = []
+    window = smoothing if smoothing is not None else auto_window(len(rows))
+    # (title, lines, log scale, moving-average window or None for raw with markers)
+    panels: list[tuple[str, _Lines, bool, int | None]] = []
     for title, columns, log_scale in _PANELS:
-        lines = {c: _series(rows, c) for c in columns}
+        lines = {c: log_series(rows, c) for c in columns}
         lines = {c: line for c, line in lines.items() if line[0]}
         if title.startswith("mined") and len(lines) > 1:
             lines.pop("mined", None)  # the total repeats the two sides
         if lines:
-            panels.append((title, lines, log_scale))
-    validation = _read(run_dir / "validation.csv")
+            panels.append((title, lines, log_scale, window))
+    validation = read_log(run_dir / "validation.csv")
     if validation:
         metrics = [k for k in validation[0] if k not in ("step", "epoch")]
-        panels.append(("validation", {m: _series(validation, m) for m in metrics}, False))
+        panels.append(("validation", {m: log_series(validation, m) for m in metrics}, False, None))
     n_rows = math.ceil(len(panels) / 2)
     figure, axes = plt.subplots(n_rows, 2, figsize=(11, 3.0 * n_rows), squeeze=False)
-    for axis, (title, lines, log_scale) in zip(axes.flat, panels, strict=False):
+    for axis, (title, lines, log_scale, panel_window) in zip(axes.flat, panels, strict=False):
         for name, (steps, values) in lines.items():
-            axis.plot(steps, values, label=name, linewidth=1.2)
+            if panel_window is None:
+                axis.plot(steps, values, label=name, linewidth=1.2, marker="o", markersize=3)
+            elif panel_window == 1:
+                axis.plot(steps, values, label=name, linewidth=1.2)
+            else:
+                (raw,) = axis.plot(steps, values, linewidth=0.8, alpha=_RAW_ALPHA)
+                smoothed = moving_average(values, panel_window)
+                axis.plot(steps, smoothed, label=name, linewidth=1.2, color=raw.get_color())
         if log_scale and any(v > 0 for _, values in lines.values() for v in values):
             axis.set_yscale("log", nonpositive="mask")  # zero weights leave gaps
         axis.set_title(title, fontsize=10)
@@ -87,9 +118,15 @@ def plot_training_log(run_dir: str | Path, out: str | Path | None = None) -> Pat
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
-    figure.suptitle(run_dir.name, fontsize=11)
+    smoothed_note = (
+        f" (training curves: moving average of {window} logged steps, raw values faint)"
+        if window > 1
+        else ""
+    )
+    figure.suptitle(run_dir.name + smoothed_note, fontsize=11)
     figure.tight_layout()
     path = Path(out) if out is not None else run_dir / "training.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path

@@ -1,0 +1,267 @@
+"""``dmlkit report``: self-contained HTML pages for a run, a sweep and a benchmark.
+
+The pages are checked as documents (well-formed, every picture an embedded valid PNG, nothing
+fetched from elsewhere, the numbers those of the run's files) and, where Debian's Chromium is
+installed, rendered headless: the screenshot must show the embedded plots.
+"""
+
+from __future__ import annotations
+
+import base64
+import colorsys
+import html.parser
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmlkit.cli import main
+from dmlkit.training import Trainer, load_config
+from dmlkit.viz.report import ReportOptions, render_html, report_kind, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+# Digits 0-4 train, 5-9 test (8×8 images): a run of two epochs takes about a second.
+RUN = [
+    "train.epochs=2",
+    "logging.progress=false",
+    "logging.log_every=1",
+    "validation.every=1",
+]
+# A benchmark of one trial and two re-runs of two folds: a few seconds.
+BENCH = [
+    "training.train.epochs=1",
+    "training.validation.every=1",
+    "training.train.max_steps=3",
+    "training.logging.log_every=1",
+    "protocol.reruns=2",
+]
+# No UMAP in the fast tests: its first fit costs about 40 s of JIT compilation.
+FAST_OPTIONS = ReportOptions(projection="pca", worst=3, k=4, max_points=300)
+
+
+class _Page(html.parser.HTMLParser):
+    """Collects the tags, images, links and text of a page, and checks the nesting."""
+
+    VOID = frozenset({"meta", "img", "br", "hr", "link", "input"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+        self.tags: list[str] = []
+        self.images: list[str] = []
+        self.references: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        values = dict(attrs)
+        if tag == "img":
+            self.images.append(values.get("src") or "")
+        for name in ("href", "src"):
+            if name in values and tag != "img":
+                self.references.append(values[name] or "")
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes {self.open[-1:]}"
+        self.open.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _parse(path: Path) -> _Page:
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    page = _Page()
+    page.feed(text)
+    page.close()
+    assert page.open == [], f"unclosed tags: {page.open}"
+    assert not page.references, f"the page refers to other files: {page.references}"
+    for source in page.images:
+        assert source.startswith("data:image/png;base64,"), source[:60]
+        data = base64.b64decode(source.split(",", 1)[1], validate=True)
+        assert data[:8] == PNG
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    return page
+
+
+def _train_run(folder: Path) -> Path:
+    Trainer(load_config(None, RUN), run_dir=folder).fit()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train_run(tmp_path_factory.mktemp("report") / "run")
+
+
+def test_run_report_is_one_valid_page_with_the_runs_numbers(run_dir: Path) -> None:
+    options = ReportOptions(
+        projection="pca", worst=3, k=4, max_points=300, queries=(0, 7), smoothing=3
+    )
+    lines: list[str] = []
+    path = write_report(run_dir, options=options, say=lines.append)
+    assert path == run_dir / "report.html"
+    page = _parse(path)
+    text = " ".join(page.text)
+    # Curves, the maps, the chosen and the worst queries' grids.
+    assert len(page.images) == 4
+    for name in ("training.png", "embeddings.png", "retrieval_chosen.png", "retrieval_worst.png"):
+        assert (run_dir / "plots" / name).read_bytes()[:8] == PNG
+    after = json.loads((run_dir / "results.json").read_text())["after"]
+    assert f"{after['mean_average_precision_at_r']:.4f}" in text
+    assert f"{after['precision_at_1']:.4f}" in text
+    assert any("embedding" in line for line in lines)
+    assert "loss:" in text  # the folded config
+
+
+def test_report_without_embeddings_needs_no_model(run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "copy"
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("*.pt", "plots", "*.html"))
+    page = _parse(write_report(folder, options=ReportOptions(embeddings=False)))
+    assert len(page.images) == 1  # the curves only
+    page = _parse(write_report(folder, options=FAST_OPTIONS))
+    assert "no model" in " ".join(page.text)
+
+
+def test_report_refuses_what_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        report_kind(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="is not a training run"):
+        report_kind(tmp_path)
+    (tmp_path / "results.json").write_text("{oops")
+    (tmp_path / "sweep.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        report_kind(tmp_path)
+
+
+def test_report_options_are_checked(run_dir: Path) -> None:
+    with pytest.raises(ValueError, match="worst must be >= 0"):
+        ReportOptions(worst=-1)
+    with pytest.raises(ValueError, match="smoothing must be >= 1"):
+        ReportOptions(smoothing=0)
+    with pytest.raises(ValueError, match=r"query indices \[100000\] are outside"):
+        options = ReportOptions(projection="pca", queries=(100000,))
+        write_report(run_dir, run_dir / "bad.html", options)
+
+
+def test_cli_report_and_its_errors(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "page.html"
+    args = ["report", str(run_dir), "--out", str(out), "--projection", "pca", "--worst", "2"]
+    assert main([*args, "--query", "3", "--max-points", "200"]) == 0
+    assert f"Report: {out}" in capsys.readouterr().out
+    assert len(_parse(out).images) == 4
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("dmlkit report: error:") and error.count("\n") == 1
+
+
+def test_render_html_escapes_text(tmp_path: Path) -> None:
+    from dmlkit.viz.report import Section, Table
+
+    page = render_html(
+        "<script>x</script>",
+        [Section("a & b", paragraphs=["1 < 2"], tables=[Table(["<h>"], [["<td>"]])])],
+    )
+    path = tmp_path / "page.html"
+    path.write_text(page)
+    parsed = _parse(path)
+    assert "script" not in parsed.tags
+    assert "<script>x</script>" in " ".join(parsed.text)
+
+
+def test_bench_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sets = [arg for override in BENCH for arg in ("--set", override)]
+    assert main(["bench", "digits", "--out", str(tmp_path), "--trials", "1", *sets]) == 0
+    capsys.readouterr()
+    page = _parse(write_report(tmp_path, options=FAST_OPTIONS))
+    text = " ".join(page.text)
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = results["methods"]
+    for method in methods:
+        summary = method["summary"]["concatenated"]["mean_average_precision_at_r"]
+        assert f"{summary['mean']:.4f} ± {summary['half_width']:.4f}" in text
+        assert method["method"] in text
+    # Per method: search history, curves, embedding map, worst queries.
+    assert len(page.images) == 4 * len(methods)
+
+
+def test_sweep_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sets = [arg for override in ["train.max_steps=4", "logging.progress=false"] for arg in
+            ("--set", override)]  # fmt: skip
+    args = ["sweep", "--param", "loss.options.base", "--values", "0.4,0.6", "--out", str(tmp_path)]
+    assert main([*args, *sets]) == 0
+    capsys.readouterr()
+    page = _parse(write_report(tmp_path, options=FAST_OPTIONS))
+    text = " ".join(page.text)
+    assert "loss.options.base" in text
+    assert "0.4" in text and "0.6" in text
+    assert len(page.images) == 1
+
+
+# ------------------------------------------------------------------------------ in a browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _screenshot(page: Path, out: Path, profile: Path) -> np.ndarray:
+    """Render a page in headless Chromium and return the screenshot's RGB pixels."""
+    assert CHROMIUM is not None
+    # Flags as the machine notes give them: no sandbox as root, and no background networking
+    # (the machine's closed network refuses Chromium's own connections).
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--screenshot={out}",
+        "--window-size=1280,2400",
+        page.as_uri(),
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=180)
+    with Image.open(out) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _coloured_fraction(pixels: np.ndarray) -> float:
+    """Fraction of pixels with a clear colour: plot lines, points and frames, not text."""
+    sample = pixels[::4, ::4].reshape(-1, 3) / 255.0
+    saturation = np.array([colorsys.rgb_to_hsv(*rgb)[1] for rgb in sample])
+    return float(np.mean(saturation > 0.35))
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (apt-get install chromium); the report's "
+    "browser rendering is not checked here",
+)
+def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    path = write_report(run_dir, tmp_path / "report.html", FAST_OPTIONS)
+    pixels = _screenshot(path, tmp_path / "shot.png", tmp_path / "profile")
+    assert pixels.shape[1] == 1280 and pixels.shape[0] >= 1000
+    # The same page with its images removed: only text and tables remain.
+    bare = tmp_path / "bare.html"
+    bare.write_text(re.sub(r"<img [^>]*>", "", path.read_text()))
+    text_only = _screenshot(bare, tmp_path / "bare.png", tmp_path / "profile-bare")
+    assert (pixels < 250).any(axis=2).mean() > 0.02, "the page rendered blank"
+    assert _coloured_fraction(text_only) < 0.002
+    assert _coloured_fraction(pixels) > 0.01, "the embedded plots did not render"
