@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup train demo test test-umap lint bench bench-eval bench-train bench-ddtas bench-protocol
+.PHONY: setup train demo test test-umap lint bench bench-eval bench-train bench-ddtas bench-protocol \
+	bench-sweep
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +53,17 @@ bench-protocol: setup
 	$(BIN)/dmlkit bench digits --out build/bench-digits
 	mkdir -p benchmarks/results/protocol_digits
 	cp build/bench-digits/results.* build/bench-digits/plots/*.png benchmarks/results/protocol_digits/
+
+# Margin sensitivity of the triplet and circle losses on CUB (cached MobileNetV2 features, a
+# linear head): 7 margins × 3 seeds each. Runs stay in build/; tables, plots and reports are kept.
+SWEEP := $(BIN)/dmlkit sweep configs/cub100_subset.yaml --values 0.4:1.0:0.1 --seeds 3 \
+	--set miner.name=null --set logging.progress=false
+bench-sweep: setup
+	$(SWEEP) --param loss.options.margin --set loss.name=TripletMarginLoss --out build/sweep-triplet
+	$(SWEEP) --param loss.options.m --set loss.name=CircleLoss --out build/sweep-circle
+	for name in triplet circle; do \
+	  $(BIN)/dmlkit report build/sweep-$$name && \
+	  mkdir -p benchmarks/results/sweep_cub100_$$name && \
+	  cp build/sweep-$$name/sweep.* build/sweep-$$name/report.html \
+	    build/sweep-$$name/plots/sweep.png benchmarks/results/sweep_cub100_$$name/ || exit 1; \
+	done

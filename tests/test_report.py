@@ -57,6 +57,12 @@ class _Page(html.parser.HTMLParser):
         self.images: list[str] = []
         self.references: list[str] = []
         self.text: list[str] = []
+        self.tables: list[list[list[str]]] = []
+
+    @property
+    def cell_rows(self) -> list[list[str]]:
+        """Every table row's cells, of every table."""
+        return [row for table in self.tables for row in table]
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append(tag)
@@ -66,6 +72,12 @@ class _Page(html.parser.HTMLParser):
         for name in ("href", "src"):
             if name in values and tag != "img":
                 self.references.append(values[name] or "")
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.tables[-1][-1].append("")
         if tag not in self.VOID:
             self.open.append(tag)
 
@@ -75,6 +87,8 @@ class _Page(html.parser.HTMLParser):
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        if self.open and self.open[-1] in ("td", "th"):
+            self.tables[-1][-1][-1] += data
 
 
 def _parse(path: Path) -> _Page:
@@ -117,9 +131,13 @@ def test_run_report_is_one_valid_page_with_the_runs_numbers(run_dir: Path) -> No
     assert len(page.images) == 4
     for name in ("training.png", "embeddings.png", "retrieval_chosen.png", "retrieval_worst.png"):
         assert (run_dir / "plots" / name).read_bytes()[:8] == PNG
-    after = json.loads((run_dir / "results.json").read_text())["after"]
-    assert f"{after['mean_average_precision_at_r']:.4f}" in text
-    assert f"{after['precision_at_1']:.4f}" in text
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = {row[0]: row[1:] for row in page.cell_rows}
+    for name, label in (("precision_at_1", "P@1"), ("mean_average_precision_at_r", "MAP@R")):
+        before, after = results["before"][name], results["after"][name]
+        assert rows[label] == [f"{before:.4f}", f"{after:.4f}"]
+    assert rows["steps"] == [str(results["steps"])]
+    assert rows["query"] == ["class", "MAP@R"] and "0" in rows and "7" in rows
     assert any("embedding" in line for line in lines)
     assert "loss:" in text  # the folded config
 
@@ -131,6 +149,34 @@ def test_report_without_embeddings_needs_no_model(run_dir: Path, tmp_path: Path)
     assert len(page.images) == 1  # the curves only
     page = _parse(write_report(folder, options=FAST_OPTIONS))
     assert "no model" in " ".join(page.text)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint .*nope\.pt"):
+        write_report(run_dir, run_dir / "x.html", ReportOptions(checkpoint="nope.pt"))
+
+
+def test_report_of_a_run_cut_off_before_its_first_log_row(run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "cut"
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("*.html", "plots"))
+    (folder / "train.csv").write_text("step,epoch,loss,lr,images_per_second\n")
+    (folder / "results.json").unlink()
+    page = _parse(write_report(folder, options=FAST_OPTIONS))
+    text = " ".join(page.text)
+    assert "No training curves" in text and "has not finished" in text
+    assert len(page.images) == 2  # the maps and the worst queries; no curves
+    (folder / "train.csv").unlink()
+    assert report_kind(folder) == "run"  # config.yaml and its checkpoints
+
+
+def test_report_with_worst_zero_and_a_page_elsewhere(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pages" / "mine.html"
+    options = ReportOptions(projection="pca", worst=0, queries=(2,), k=3)
+    page = _parse(write_report(run_dir, out, options))
+    assert len(page.images) == 3  # curves, maps, the chosen query
+    assert sorted(p.name for p in (tmp_path / "pages" / "mine_plots").iterdir()) == [
+        "embeddings.png",
+        "retrieval_chosen.png",
+        "training.png",
+    ]
+    assert out.stat().st_mode & 0o777 == 0o644
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path: Path) -> None:
@@ -146,13 +192,30 @@ def test_report_refuses_what_is_not_a_run(tmp_path: Path) -> None:
 
 
 def test_report_options_are_checked(run_dir: Path) -> None:
-    with pytest.raises(ValueError, match="worst must be >= 0"):
-        ReportOptions(worst=-1)
-    with pytest.raises(ValueError, match="smoothing must be >= 1"):
-        ReportOptions(smoothing=0)
+    for options, message in (
+        ({"worst": -1}, r"worst must be in \[0, 50\]"),
+        ({"k": 21}, r"k must be in \[1, 20\]"),
+        ({"queries": tuple(range(51))}, "at most 50 queries"),
+        ({"smoothing": 0}, "smoothing must be at least 1"),
+        ({"max_points": 2}, "max_points must be at least 3"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ReportOptions(**options)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"query indices \[100000\] are outside"):
         options = ReportOptions(projection="pca", queries=(100000,))
         write_report(run_dir, run_dir / "bad.html", options)
+    tiny = run_dir.parent / "tiny-test-set"
+    with pytest.raises(ValueError, match="k=20 neighbours, but the test set has only 5 items"):
+        from dmlkit.viz.report import _retrieval_section
+
+        _retrieval_section(
+            object(),  # type: ignore[arg-type]
+            np.eye(5, dtype=np.float32),
+            np.arange(5),
+            tiny,
+            ReportOptions(k=20),
+            lambda _line: None,
+        )
 
 
 def test_cli_report_and_its_errors(

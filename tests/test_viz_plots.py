@@ -95,9 +95,10 @@ def test_constant_series_stays_constant_to_the_edges() -> None:
 @pytest.mark.parametrize(
     ("window", "expected"),
     [
-        (3, [3 / 2, 7 / 3, 14 / 3, 28 / 3, 24 / 2]),
-        # Even window: one more point on the right than on the left.
-        (4, [7 / 3, 15 / 4, 30 / 4, 28 / 3, 24 / 2]),
+        # Near the edges the window shrinks symmetrically: the ends are their own average.
+        (3, [1, 7 / 3, 14 / 3, 28 / 3, 16]),
+        # Even window: one more point on the right than on the left, where there is room.
+        (4, [1, 7 / 3, 30 / 4, 28 / 3, 16]),
     ],
 )
 def test_moving_average_by_hand(window: int, expected: list[float]) -> None:
@@ -106,12 +107,19 @@ def test_moving_average_by_hand(window: int, expected: list[float]) -> None:
     np.testing.assert_allclose(result, expected, rtol=1e-14)
 
 
-def test_linear_series_unchanged_in_the_interior() -> None:
+def test_linear_series_unchanged_up_to_the_edges() -> None:
     values = 3.0 * np.arange(50) + 2.0
-    result = moving_average(values, 7)
-    np.testing.assert_allclose(result[3:-3], values[3:-3], rtol=1e-12)
-    assert result[0] == pytest.approx(np.mean(values[:4]))  # a shorter window at the edge
-    assert result[-1] == pytest.approx(np.mean(values[-4:]))
+    np.testing.assert_allclose(moving_average(values, 7), values, rtol=1e-12)
+
+
+def test_the_steep_start_of_a_loss_curve_is_kept() -> None:
+    steps = np.arange(1000)
+    loss = 2.0 * np.exp(-steps / 100) + 0.2
+    smoothed = moving_average(loss, 41)
+    assert smoothed[0] == loss[0]
+    # A window cut on one side only (the first 21 points) would start far below the curve.
+    assert np.mean(loss[:21]) < loss[0] - 0.15
+    assert abs(smoothed[5] - loss[5]) < 0.002
 
 
 def test_non_finite_values_are_ignored() -> None:
@@ -130,8 +138,8 @@ def test_window_one_is_the_identity() -> None:
     np.testing.assert_array_equal(result, values.astype(np.float64))
 
 
-def test_window_longer_than_the_series_averages_everything() -> None:
-    np.testing.assert_allclose(moving_average([1.0, 2.0, 3.0], 10), [2.0, 2.0, 2.0])
+def test_window_longer_than_the_series() -> None:
+    np.testing.assert_allclose(moving_average([1.0, 2.0, 4.0], 10), [1.0, 7 / 3, 4.0])
     assert moving_average([], 5).shape == (0,)
 
 
@@ -296,8 +304,28 @@ def test_embedding_maps(
     assert len({to_hex(c) for c in scatter.get_facecolors()}) == len(np.unique(many_classes))
     legend = right.get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["zero", "one", "2", "3", "4"]
-    tab10 = [to_hex(c) for c in matplotlib.colormaps["tab10"].colors[:5]]
-    assert [to_hex(c.get_facecolors()[0]) for c in right.collections] == tab10
+    # Classes 0-4 are in both panels and keep their colours: the right panel's five are among
+    # the left panel's thirty.
+    right_colours = {to_hex(c.get_facecolors()[0]) for c in right.collections}
+    assert len(right_colours) == 5
+    assert right_colours <= {to_hex(c) for c in scatter.get_facecolors()}
+
+
+def test_embedding_maps_give_disjoint_classes_distinct_colours(
+    tmp_path: Path, closed_figures: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embedding_map, "umap_available", lambda: False)
+    rng = np.random.default_rng(6)
+    train_labels, test_labels = np.arange(100) % 5, 5 + np.arange(100) % 5
+    panels = [
+        EmbeddingPanel("training classes", rng.normal(size=(100, 4)), train_labels),
+        EmbeddingPanel("held-out classes", rng.normal(size=(100, 4)), test_labels),
+    ]
+    plot_embedding_maps(panels, tmp_path / "map.png")
+    (figure,) = closed_figures
+    colours = [[to_hex(c.get_facecolors()[0]) for c in axis.collections] for axis in figure.axes]
+    tab10 = [to_hex(c) for c in matplotlib.colormaps["tab10"].colors]
+    assert colours == [tab10[:5], tab10[5:]]
 
 
 def test_embedding_map_subsample_is_seeded(

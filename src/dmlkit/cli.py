@@ -69,6 +69,7 @@ def _train(args: argparse.Namespace) -> int:
         from .viz import plot_training_log
 
         print(f"Training curves: {plot_training_log(trainer.run_dir)}")
+    print(f"HTML report (curves, embedding maps, retrieval grids): dmlkit report {trainer.run_dir}")
     return 0
 
 
@@ -99,17 +100,18 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .protocol.sweep import parse_values, run_sweep, sweep_markdown, write_sweep_results
+    from .protocol.sweep import parse_values, run_sweep, sweep_markdown
     from .viz.sweep import plot_sweep
 
+    if args.smooth is not None and args.smooth < 1:
+        raise ValueError(f"--smooth must be at least 1, got {args.smooth}")
     config = load_config(args.config, args.set)
     values = parse_values(args.values)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.param}"
     result = run_sweep(config, args.param, values, out, seeds=args.seeds)
-    paths = write_sweep_results(result)
-    plot = plot_sweep(result, smoothing=args.smooth)
+    plot = plot_sweep(result, out / "plots" / "sweep.png", smoothing=args.smooth)
     print("\n" + sweep_markdown(result))
-    print(f"Results: {', '.join(str(p) for p in paths.values())}; plot: {plot}")
+    print(f"Results: {out / 'sweep.md'}, sweep.csv, sweep.json; plot: {plot}")
     print(f"HTML report: dmlkit report {out}")
     return 0
 
@@ -126,6 +128,7 @@ def _report(args: argparse.Namespace) -> int:
         projection=args.projection,
         smoothing=args.smooth,
         embeddings=not args.no_embeddings,
+        device=args.device,
     )
     path = write_report(args.folder, args.out, options, say=lambda line: print(line, flush=True))
     print(f"Report: {path}")
@@ -301,7 +304,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("folder", help="a run folder, a sweep folder or a benchmark folder")
     report.add_argument("--out", help="HTML file (default: <FOLDER>/report.html)")
     report.add_argument(
-        "--checkpoint", default="best.pt", help="a run's checkpoint to embed with (default best.pt)"
+        "--checkpoint",
+        help="the run's checkpoint file to embed with (default: best.pt, else last.pt)",
+    )
+    report.add_argument(
+        "--device", default="auto", help="where to embed: auto (CUDA when available), cpu, cuda"
     )
     report.add_argument(
         "--query",
@@ -311,8 +318,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="INDEX",
         help="show this test item's retrieval results (repeatable)",
     )
-    report.add_argument("--worst", type=int, default=6, help="worst queries shown (default 6)")
-    report.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
+    report.add_argument(
+        "--worst", type=int, default=6, help="worst queries shown, 0 to 50 (default 6)"
+    )
+    report.add_argument(
+        "--k", type=int, default=5, help="neighbours per query, 1 to 20 (default 5)"
+    )
     report.add_argument(
         "--max-points", type=int, default=2000, help="points per embedding map (default 2000)"
     )

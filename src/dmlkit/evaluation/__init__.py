@@ -20,6 +20,7 @@ from .retrieval import (
     KNNBackend,
     RetrievalResult,
     evaluate,
+    metric_label,
 )
 
 __all__ = [
@@ -41,5 +42,6 @@ __all__ = [
     "clustering_scores",
     "evaluate",
     "faiss_available",
+    "metric_label",
     "metrics",
 ]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from optuna.trial import FrozenTrial
 from torch import Tensor
 
-from ..evaluation import evaluate
+from ..evaluation import evaluate, metric_label
 from ..training import (
     ConfigError,
     build_run_data,
@@ -52,11 +52,6 @@ from .study import (
 )
 
 READINGS = ("separated", "concatenated")
-SHORT_NAMES = {
-    "precision_at_1": "P@1",
-    "r_precision": "R-Precision",
-    "mean_average_precision_at_r": "MAP@R",
-}
 
 
 @dataclass(frozen=True)
@@ -350,7 +345,7 @@ def results_markdown(bench: BenchConfig, results: Sequence[MethodResult]) -> str
     """The results table in Markdown: one row per method, then each method's hyperparameters."""
     protocol = bench.protocol
     level = f"{protocol.confidence:.0%}"
-    names = [SHORT_NAMES[m] for m in TEST_METRICS]
+    names = [metric_label(m) for m in TEST_METRICS]
     lines = [
         f"Test classes, mean ± {level} confidence interval over {protocol.reruns} re-runs of the "
         f"best hyperparameters ({protocol.folds} folds each). Separated: each fold's model alone, "

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from ..evaluation import metric_label
 from ..training import (
     Config,
     ConfigError,
@@ -34,8 +35,7 @@ from ..training import (
     set_config_key,
     write_text_atomic,
 )
-from .bench import SHORT_NAMES
-from .config import check_buildable
+from .config import TEST_METRICS, check_buildable
 from .stats import Interval, confidence_interval
 from .study import check_run_folder, finished_summary, print_line
 
@@ -113,8 +113,8 @@ class SweepResult:
         """A metric's short name for tables and plots (``P@1``, ``Best val. MAP@R``)."""
         if metric == BEST_VALIDATION:
             selection = self.config.validation.metric
-            return f"Best val. {SHORT_NAMES.get(selection, selection)}"
-        return SHORT_NAMES.get(metric, metric)
+            return f"Best val. {metric_label(selection)}"
+        return metric_label(metric)
 
     def intervals(self, metric: str, level: float = 0.95) -> list[Interval | None]:
         """A metric per value: the mean over the seeds ± the confidence interval's half-width.
@@ -369,7 +369,7 @@ def run_sweep(
             assert summary is not None, "fit writes results.json"
         after = summary["after"]
         shown = ", ".join(
-            f"{SHORT_NAMES[name]} {after[name]:.4f}" for name in SHORT_NAMES if name in after
+            f"{metric_label(name)} {after[name]:.4f}" for name in TEST_METRICS if name in after
         )
         say(
             f"[{number}/{len(planned)}] {key}={value_text(run.value)} seed {run.seed}: "

@@ -17,6 +17,7 @@ _METHODS: tuple[ProjectionMethod, ...] = ("auto", "umap", "pca")
 # Panels with more classes than this get no legend: it would hide the map.
 _MAX_LEGEND_CLASSES = 20
 _UMAP_NEIGHBOURS = 15
+_UMAP_MIN_POINTS = 16
 
 
 def umap_available() -> bool:
@@ -62,11 +63,13 @@ def project_2d(
 
     Returns:
         The (N, 2) float64 coordinates and the method used, as a label for titles: ``"UMAP"``,
-        ``"PCA"`` or ``"PCA (umap-learn not installed)"`` when ``"auto"`` fell back.
+        ``"PCA"``, or ``"PCA (umap-learn not installed)"`` or ``"PCA (too few points for
+        UMAP)"`` when ``"auto"`` fell back.
 
     Raises:
-        ValueError: Bad embeddings (not 2-D, fewer than 3 points or 2 dimensions, NaN or Inf) or
-            an unknown method.
+        ValueError: Bad embeddings (not 2-D, fewer than 3 points or 2 dimensions, NaN or Inf),
+            ``method="umap"`` with fewer than 16 points (its spectral start needs more), or an
+            unknown method.
         ImportError: ``method="umap"`` without umap-learn.
     """
     if method not in _METHODS:
@@ -75,11 +78,18 @@ def project_2d(
     available = umap_available()
     if method == "umap" and not available:
         raise ImportError('UMAP maps need umap-learn: pip install "dmlkit[umap]"')
-    if method == "pca" or not available:
+    too_few = points.shape[0] < _UMAP_MIN_POINTS
+    if method == "umap" and too_few:
+        raise ValueError(
+            f"UMAP needs at least {_UMAP_MIN_POINTS} points, got {points.shape[0]}; use PCA"
+        )
+    if method == "pca" or not available or too_few:
         from sklearn.decomposition import PCA
 
         coordinates = PCA(n_components=2, svd_solver="full").fit_transform(points)
-        label = "PCA" if method == "pca" else "PCA (umap-learn not installed)"
+        label = "PCA"
+        if method == "auto":
+            label += " (too few points for UMAP)" if too_few else " (umap-learn not installed)"
         return np.asarray(coordinates, dtype=np.float64), label
     import umap
 
@@ -130,10 +140,10 @@ def _draw_panel(
     labels: np.ndarray,
     title: str,
     class_names: Mapping[int, str] | None,
-    rng: np.random.Generator,
+    colour_of: Mapping[int, np.ndarray],
 ) -> None:
     classes, class_ids = np.unique(labels, return_inverse=True)
-    colours = _class_colours(len(classes), rng)
+    colours = np.stack([colour_of[int(label)] for label in classes])
     # Smaller dots as the map fills up, so dense clusters stay readable.
     size = float(np.clip(3000 / len(labels), 1.5, 20.0))
     if len(classes) <= _MAX_LEGEND_CLASSES:
@@ -178,7 +188,8 @@ def plot_embedding_maps(
     Each panel is projected on its own (:func:`project_2d`), so e.g. training and held-out
     classes each fill their map. A panel of more than ``max_points`` items shows a seeded random
     subsample, stated in its title. Colours come from tab10 or tab20 up to 20 classes (with a
-    legend), beyond that from a spread colormap in a seeded shuffled order (without legend).
+    legend), beyond that from a spread colormap in a seeded shuffled order (without legend); a
+    class has one colour in every panel, and classes of different panels different colours.
 
     Args:
         panels: The panels, drawn left to right.
@@ -225,12 +236,17 @@ def plot_embedding_maps(
         else:
             count = f"{total:,} points"
         coordinates, used = project_2d(points, method, seed)
-        drawn.append((coordinates, labels, f"{panel.title}\n{used}, {count}", rng))
+        drawn.append((coordinates, labels, f"{panel.title}\n{used}, {count}"))
+    # One colour per class across all panels: side by side, two panels' different classes
+    # must not look alike.
+    classes = np.unique(np.concatenate([labels for _, labels, _ in drawn]))
+    colours = _class_colours(len(classes), np.random.default_rng(seed))
+    colour_of = {int(label): colour for label, colour in zip(classes, colours, strict=True)}
     figure, axes = plt.subplots(
         1, len(drawn), figsize=(6.0 * len(drawn), 5.0), squeeze=False, layout="constrained"
     )
-    for axis, (coordinates, labels, title, rng) in zip(axes.flat, drawn, strict=True):
-        _draw_panel(axis, coordinates, labels, title, class_names, rng)
+    for axis, (coordinates, labels, title) in zip(axes.flat, drawn, strict=True):
+        _draw_panel(axis, coordinates, labels, title, class_names, colour_of)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

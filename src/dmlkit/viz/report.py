@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..data import LabelledDataset, subset
+from ..evaluation import metric_label
 from ..training import (
     build_run_data,
     config_from_dict,
@@ -46,17 +47,10 @@ from .embedding_map import EmbeddingPanel, plot_embedding_maps
 from .retrieval_grid import item_image, plot_retrieval_grid, retrieval_lists, worst_queries
 
 ReportKind = Literal["run", "sweep", "bench"]
+# A retrieval grid is one figure: beyond these it is no longer a picture one can read.
+MAX_NEIGHBOURS = 20
+MAX_GRID_ROWS = 50
 Say = Callable[[str], None]
-
-_METRIC_NAMES = {
-    "precision_at_1": "P@1",
-    "r_precision": "R-Precision",
-    "mean_average_precision_at_r": "MAP@R",
-    "mean_average_precision": "MAP",
-    "mean_reciprocal_rank": "MRR",
-    "NMI": "NMI",
-    "AMI": "AMI",
-}
 
 
 @dataclass(frozen=True)
@@ -64,18 +58,20 @@ class ReportOptions:
     """What a report shows.
 
     Attributes:
-        checkpoint: The run's checkpoint that embeds the data (``best.pt``, else ``last.pt``).
+        checkpoint: The run's checkpoint file that embeds the data; None: ``best.pt``, or
+            ``last.pt`` when the run kept no best checkpoint (it was not validated).
         queries: Test-item indices whose retrieval results are shown, besides the worst ones.
-        worst: How many of the worst queries (lowest MAP@R) to show.
+        worst: How many of the worst queries (lowest MAP@R) to show; 0 for none.
         k: Neighbours shown per query.
         max_points: At most this many points per embedding map (a seeded subsample beyond).
         projection: ``auto`` (UMAP, or PCA without umap-learn), ``umap`` or ``pca``.
         smoothing: Moving-average window of the training curves; None chooses one.
         embeddings: False skips what needs the model and the data (maps and retrieval grids).
+        device: Where the model embeds the data: ``auto`` (CUDA when available), ``cpu``, ...
         seed: Seeds the subsamples and the projection.
     """
 
-    checkpoint: str = "best.pt"
+    checkpoint: str | None = None
     queries: tuple[int, ...] = ()
     worst: int = 6
     k: int = 5
@@ -83,16 +79,23 @@ class ReportOptions:
     projection: Literal["auto", "umap", "pca"] = "auto"
     smoothing: int | None = None
     embeddings: bool = True
+    device: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.worst < 0 or self.k < 1 or self.max_points < 3:
-            raise ValueError(
-                f"report options: worst must be >= 0, k >= 1 and max_points >= 3; got worst="
-                f"{self.worst}, k={self.k}, max_points={self.max_points}"
-            )
+        problems = []
+        if not 0 <= self.worst <= MAX_GRID_ROWS:
+            problems.append(f"worst must be in [0, {MAX_GRID_ROWS}], got {self.worst}")
+        if len(self.queries) > MAX_GRID_ROWS:
+            problems.append(f"at most {MAX_GRID_ROWS} queries, got {len(self.queries)}")
+        if not 1 <= self.k <= MAX_NEIGHBOURS:
+            problems.append(f"k must be in [1, {MAX_NEIGHBOURS}], got {self.k}")
+        if self.max_points < 3:
+            problems.append(f"max_points must be at least 3, got {self.max_points}")
         if self.smoothing is not None and self.smoothing < 1:
-            raise ValueError(f"report options: smoothing must be >= 1, got {self.smoothing}")
+            problems.append(f"smoothing must be at least 1, got {self.smoothing}")
+        if problems:
+            raise ValueError("report options: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -138,11 +141,12 @@ def report_kind(folder: str | Path) -> ReportKind:
     results = folder / "results.json"
     if results.is_file() and "methods" in _read_json(results):
         return "bench"
-    if (folder / "config.yaml").is_file() and (folder / "train.csv").is_file():
+    run_files = ("train.csv", "results.json", "last.pt", "best.pt")
+    if (folder / "config.yaml").is_file() and any((folder / f).is_file() for f in run_files):
         return "run"
     raise ValueError(
-        f"{folder} is not a training run (config.yaml and train.csv), a sweep (sweep.json) or a "
-        "benchmark (results.json of dmlkit bench)"
+        f"{folder} is not a training run (config.yaml with train.csv, results.json or a "
+        "checkpoint), a sweep (sweep.json) or a benchmark (results.json of dmlkit bench)"
     )
 
 
@@ -153,6 +157,9 @@ def write_report(
     say: Say | None = None,
 ) -> Path:
     """Write the HTML report of a training run, a sweep or a benchmark.
+
+    The page's PNGs are also written to a folder beside it: ``<folder>/plots`` for the default
+    page, ``<stem>_plots`` beside an ``out`` page.
 
     Args:
         folder: The run, sweep or benchmark folder.
@@ -171,33 +178,44 @@ def write_report(
     options = options or ReportOptions()
     say = say or (lambda _line: None)
     kind = report_kind(folder)
-    builders = {"run": _run_report, "sweep": _sweep_report, "bench": _bench_report}
-    title, sections = builders[kind](folder, options, say)
     path = Path(out) if out is not None else folder / "report.html"
+    plots = folder / "plots" if out is None else path.with_name(f"{path.stem}_plots")
+    builders = {"run": _run_report, "sweep": _sweep_report, "bench": _bench_report}
+    title, sections = builders[kind](folder, plots, options, say)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(render_html(title, sections), path)
+    path.chmod(0o644)  # a page to share, not a private temporary file
     return path
 
 
 # ------------------------------------------------------------------------------ a training run
 
 
-def _run_report(folder: Path, options: ReportOptions, say: Say) -> tuple[str, list[Section]]:
+def _run_report(
+    folder: Path, plots: Path, options: ReportOptions, say: Say
+) -> tuple[str, list[Section]]:
     config = config_from_dict(_read_yaml(folder / "config.yaml"))
-    plots = folder / "plots"
-    sections = [_run_summary(folder, config)]
-    curves = Section("Training curves")
-    curves.figures.append(
-        Figure(
-            plot_training_log(folder, plots / "training.png", smoothing=options.smoothing),
-            "Training-log curves, smoothed (faint: the raw values); validation metrics as logged.",
-        )
-    )
-    sections.append(curves)
+    sections = [
+        _run_summary(folder, config),
+        _curves_section(folder, plots / "training.png", options),
+    ]
     if options.embeddings:
-        sections += _run_embedding_sections(folder, options, say)
+        sections += _run_embedding_sections(folder, plots, options, say)
     sections.append(Section("Config", code=(folder / "config.yaml").read_text()))
     return f"dmlkit run {folder.name}", sections
+
+
+def _curves_section(run_dir: Path, path: Path, options: ReportOptions) -> Section:
+    section = Section("Training curves")
+    try:
+        plot_training_log(run_dir, path, smoothing=options.smoothing)
+    except FileNotFoundError as error:
+        section.paragraphs.append(f"No training curves: {error}.")
+        return section
+    section.figures.append(
+        Figure(path, "Training-log curves, smoothed (faint: the raw values); validation as logged.")
+    )
+    return section
 
 
 def _run_summary(folder: Path, config: Any) -> Section:
@@ -218,7 +236,7 @@ def _run_summary(folder: Path, config: Any) -> Section:
         section.tables.append(
             Table(
                 ["metric", "before training", "after training"],
-                [[_metric_name(n), _number(before.get(n)), _number(after.get(n))] for n in names],
+                [[metric_label(n), _number(before.get(n)), _number(after.get(n))] for n in names],
                 "Retrieval on the held-out test classes (each test item queries the others), "
                 + (
                     "with the best validation checkpoint."
@@ -238,18 +256,32 @@ def _run_summary(folder: Path, config: Any) -> Section:
     return section
 
 
-def _run_embedding_sections(folder: Path, options: ReportOptions, say: Say) -> list[Section]:
-    checkpoint = folder / options.checkpoint
-    if not checkpoint.is_file():
-        checkpoint = folder / "last.pt"
-    if not checkpoint.is_file():
-        return [_note("Embeddings", f"No {options.checkpoint} or last.pt in {folder}: no model.")]
+def _checkpoint(folder: Path, name: str | None) -> Path | None:
+    """The checkpoint to embed with; a named one must exist, the default falls back."""
+    if name is not None:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint {path}")
+        return path
+    for default in ("best.pt", "last.pt"):
+        if (folder / default).is_file():
+            return folder / default
+    return None
+
+
+def _run_embedding_sections(
+    folder: Path, plots: Path, options: ReportOptions, say: Say
+) -> list[Section]:
+    checkpoint = _checkpoint(folder, options.checkpoint)
+    if checkpoint is None:
+        return [_note("Embeddings", f"No best.pt or last.pt in {folder}: no model to embed with.")]
     config, model = load_trained_model(checkpoint)
     try:
         data = build_run_data(config.data, config.train.seed)
     except FileNotFoundError as error:
         return [_note("Embeddings", f"The run's data is not available here ({error}).")]
-    device = resolve_device(config.train.device)
+    _check_queries(options.queries, len(data.test))
+    device = resolve_device(options.device)
     model = model.to(device)
 
     def embed(dataset: LabelledDataset) -> tuple[Tensor, np.ndarray]:
@@ -262,21 +294,18 @@ def _run_embedding_sections(folder: Path, options: ReportOptions, say: Say) -> l
     )
     train_embeddings, train_labels = embed(subset(data.train_eval, train_items))
     test_embeddings, test_labels = embed(data.test)
-    _check_queries(options.queries, len(test_labels))
     caption = f"Embeddings of the {checkpoint.name} model."
     maps = _map_section(
         [
             EmbeddingPanel("training classes", train_embeddings, train_labels),
             EmbeddingPanel("held-out test classes", test_embeddings, test_labels),
         ],
-        folder / "plots" / "embeddings.png",
+        plots / "embeddings.png",
         options,
         caption,
         say,
     )
-    grids = _retrieval_section(
-        data.test, test_embeddings, test_labels, folder / "plots", options, say
-    )
+    grids = _retrieval_section(data.test, test_embeddings, test_labels, plots, options, say)
     return [maps, grids]
 
 
@@ -309,15 +338,14 @@ def _retrieval_section(
 ) -> Section:
     section = Section("Retrieval")
     _check_queries(options.queries, len(labels))
-    if len(labels) < 2:
-        section.paragraphs.append("Fewer than 2 test items: nothing to retrieve.")
-        return section
+    if options.k > len(labels) - 1:
+        raise ValueError(f"k={options.k} neighbours, but the test set has only {len(labels)} items")
     try:
         item_image(dataset, 0)
     except ValueError as error:
         section.paragraphs.append(f"No retrieval grids: {error}.")
         return section
-    k = min(options.k, len(labels) - 1)
+    k = options.k
     say(f"ranking the neighbours of {len(labels)} test queries")
     lists = retrieval_lists(embeddings, labels, k=k)
     section.paragraphs.append(
@@ -328,9 +356,10 @@ def _retrieval_section(
     def image_of(index: int) -> np.ndarray:
         return item_image(dataset, index)
 
+    worst = worst_queries(lists, options.worst).tolist() if options.worst else []
     for rows, name, caption in (
         (list(options.queries), "chosen", "Chosen queries"),
-        (worst_queries(lists, options.worst).tolist(), "worst", "The worst queries (lowest MAP@R)"),
+        (worst, "worst", "The worst queries (lowest MAP@R)"),
     ):
         if rows:
             path = plots / f"retrieval_{name}.png"
@@ -365,7 +394,9 @@ def _sample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
 # ------------------------------------------------------------------------------ a sweep
 
 
-def _sweep_report(folder: Path, options: ReportOptions, say: Say) -> tuple[str, list[Section]]:
+def _sweep_report(
+    folder: Path, plots: Path, options: ReportOptions, say: Say
+) -> tuple[str, list[Section]]:
     from ..protocol.sweep import load_sweep, sweep_markdown
     from .sweep import plot_sweep
 
@@ -373,7 +404,7 @@ def _sweep_report(folder: Path, options: ReportOptions, say: Say) -> tuple[str, 
     summary = Section("Final metrics per value")
     summary.tables.append(_markdown_table(sweep_markdown(result)))
     plot = Section("Sensitivity")
-    path = plot_sweep(result, folder / "plots" / "sweep.png", smoothing=options.smoothing)
+    path = plot_sweep(result, plots / "sweep.png", smoothing=options.smoothing)
     plot.figures.append(
         Figure(path, f"Final test metrics and training curves against {result.key}.")
     )
@@ -384,7 +415,9 @@ def _sweep_report(folder: Path, options: ReportOptions, say: Say) -> tuple[str, 
 # ------------------------------------------------------------------------------ a benchmark
 
 
-def _bench_report(folder: Path, options: ReportOptions, say: Say) -> tuple[str, list[Section]]:
+def _bench_report(
+    folder: Path, plots: Path, options: ReportOptions, say: Say
+) -> tuple[str, list[Section]]:
     from ..protocol import rerun_dir
 
     results = _read_json(folder / "results.json")
@@ -402,7 +435,7 @@ def _bench_report(folder: Path, options: ReportOptions, say: Say) -> tuple[str, 
         metric_names = list(methods[0]["summary"][reading]) if methods else []
         overview.tables.append(
             Table(
-                ["method", "val MAP@R", *[_metric_name(m) for m in metric_names]],
+                ["method", "val MAP@R", *[metric_label(m) for m in metric_names]],
                 [
                     [
                         m["method"],
@@ -422,7 +455,7 @@ def _bench_report(folder: Path, options: ReportOptions, say: Say) -> tuple[str, 
         section.tables.append(
             Table(
                 ["hyperparameter", "best value"],
-                [[key, _number(value)] for key, value in params.items()],
+                [[key, _parameter(value)] for key, value in params.items()],
                 f"Trial {method['best_trial']} of {method['trials']}.",
             )
         )
@@ -434,18 +467,14 @@ def _bench_report(folder: Path, options: ReportOptions, say: Say) -> tuple[str, 
         if not (first / "fold-0").is_dir():
             section.paragraphs.append(f"No re-run folders under {first}: no curves or maps.")
             continue
-        try:
-            curves = plot_training_log(
-                first / "fold-0",
-                folder / "plots" / f"{name}_training.png",
-                smoothing=options.smoothing,
-            )
-            section.figures.append(Figure(curves, "Training curves of re-run 0, fold 0."))
-        except FileNotFoundError as error:
-            section.paragraphs.append(f"No training curves: {error}.")
+        curves = _curves_section(first / "fold-0", plots / f"{name}_training.png", options)
+        section.paragraphs += curves.paragraphs
+        section.figures += [
+            Figure(figure.path, "Training curves of re-run 0, fold 0.") for figure in curves.figures
+        ]
         stored = sorted(first.glob("fold-*/test_embeddings.pt"))
         if options.embeddings and stored:
-            sections += _bench_embedding_sections(name, first, stored, folder, options, say)
+            sections += _bench_embedding_sections(name, first, stored, plots, options, say)
     return f"dmlkit benchmark {folder.name}", sections
 
 
@@ -453,7 +482,7 @@ def _bench_embedding_sections(
     name: str,
     first: Path,
     stored: Sequence[Path],
-    folder: Path,
+    plots: Path,
     options: ReportOptions,
     say: Say,
 ) -> list[Section]:
@@ -463,7 +492,7 @@ def _bench_embedding_sections(
     labels = labels_tensor.numpy()
     maps = _map_section(
         [EmbeddingPanel(f"{name}: held-out test classes", embeddings, labels)],
-        folder / "plots" / f"{name}_embeddings.png",
+        plots / f"{name}_embeddings.png",
         options,
         f"Re-run 0's test embeddings, the {len(stored)} folds' models concatenated.",
         say,
@@ -474,7 +503,7 @@ def _bench_embedding_sections(
         test = build_run_data(config.data, config.train.seed).test
     except FileNotFoundError as error:
         return [maps, _note(f"{name}: retrieval", f"The data is not available here ({error}).")]
-    grids = _retrieval_section(test, embeddings, labels, folder / "plots" / name, options, say)
+    grids = _retrieval_section(test, embeddings, labels, plots / name, options, say)
     grids.title = f"{name}: retrieval"
     return [maps, grids]
 
@@ -589,15 +618,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return value
 
 
-def _metric_name(name: str) -> str:
-    if name in _METRIC_NAMES:
-        return _METRIC_NAMES[name]
-    for prefix, short in (("recall_at_", "Recall@"), ("precision_at_", "P@")):
-        if name.startswith(prefix):
-            return short + name.removeprefix(prefix)
-    return name
-
-
 def _number(value: object) -> str:
     if value is None:
         return "–"
@@ -609,6 +629,13 @@ def _number(value: object) -> str:
         if not math.isfinite(value):
             return str(value)
         return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+    return str(value)
+
+
+def _parameter(value: object) -> str:
+    """A hyperparameter's value: 4 significant digits, so 1e-05 does not read as 0.0000."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:.4g}"
     return str(value)
 
 

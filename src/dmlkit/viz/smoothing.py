@@ -11,13 +11,15 @@ _POINTS_PER_WINDOW = 25
 
 
 def moving_average(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average that stays unbiased at the edges and skips non-finite values.
+    """Centred moving average whose edges follow the curve's trend, skipping non-finite values.
 
-    Point i averages the values at ``i - (window - 1) // 2`` to ``i + window // 2`` that lie
-    inside the series and are finite: a normalised convolution, the sum of those values divided
-    by their count. Near the edges the window is therefore shorter rather than padded with
-    zeros, so a constant series stays constant to its ends and a linear one is unchanged
-    wherever the whole window fits.
+    Away from the edges, point i averages the values at ``i - (window - 1) // 2`` to
+    ``i + window // 2``. Near an edge the window shrinks symmetrically, to as many points on each
+    side as the nearer edge leaves (the first and last points are their own average). A plain
+    convolution would pad with zeros and drag both ends towards 0; a window cut on one side only
+    would bias the ends towards the interior, flattening the steep start of a loss curve. With
+    the symmetric shrink a linear series is unchanged everywhere. Non-finite values are left out:
+    each point is the sum of its window's finite values divided by their count.
 
     Args:
         values: A 1-D series.
@@ -47,8 +49,9 @@ def moving_average(values: Sequence[float] | np.ndarray, window: int) -> np.ndar
     sums = np.concatenate(([0.0], np.cumsum(deviations)))
     counts = np.concatenate(([0], np.cumsum(finite)))
     positions = np.arange(series.size)
-    first = np.clip(positions - (window - 1) // 2, 0, series.size)
-    stop = np.clip(positions + window // 2 + 1, 0, series.size)
+    to_edge = np.minimum(positions, series.size - 1 - positions)
+    first = positions - np.minimum((window - 1) // 2, to_edge)
+    stop = positions + np.minimum(window // 2, to_edge) + 1
     window_sums = sums[stop] - sums[first]
     window_counts = counts[stop] - counts[first]
     averaged = np.full_like(series, np.nan)
