@@ -262,16 +262,21 @@ def test_bench_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_sweep_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sets = [arg for override in ["train.max_steps=4", "logging.progress=false"] for arg in
-            ("--set", override)]  # fmt: skip
+    overrides = ["train.max_steps=4", "logging.progress=false", "logging.log_every=1"]
+    sets = [arg for override in overrides for arg in ("--set", override)]
     args = ["sweep", "--param", "loss.options.base", "--values", "0.4,0.6", "--out", str(tmp_path)]
     assert main([*args, *sets]) == 0
     capsys.readouterr()
     page = _parse(write_report(tmp_path, options=FAST_OPTIONS))
-    text = " ".join(page.text)
-    assert "loss.options.base" in text
-    assert "0.4" in text and "0.6" in text
+    (table,) = [t for t in page.tables if t[0][0] == "loss.options.base"]
+    assert [row[0] for row in table[1:]] == ["0.4", "0.6"]
+    column = table[0].index("MAP@R")
+    for row, value in zip(table[1:], ("0.4", "0.6"), strict=True):
+        run = tmp_path / f"loss.options.base={value}" / "seed-0" / "results.json"
+        after = json.loads(run.read_text())["after"]
+        assert row[column] == f"{after['mean_average_precision_at_r']:.4f}"
     assert len(page.images) == 1
+    assert (tmp_path / "plots" / "sweep.png").read_bytes()[:8] == PNG
 
 
 # ------------------------------------------------------------------------------ in a browser

@@ -1,6 +1,7 @@
 """Hyperparameter sweeps: value parsing, a real sweep's folders and tables (aggregates checked
 against the runs' own results), reading finished runs back, exact resumption of a run cut off,
-refusing bad keys, values and foreign folders before training, and the sweep's plot."""
+refusing bad keys, values and foreign folders before training, and the sweep's plot (the
+figure itself, caught when the plotting function closes it, holds what the picture shows)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,36 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import statistics
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.colors import to_hex
+from matplotlib.container import ErrorbarContainer
 from PIL import Image
 
 from dmlkit.protocol.stats import confidence_interval
 from dmlkit.protocol.sweep import (
     SweepResult,
+    SweepRun,
     load_sweep,
     parse_values,
     run_sweep,
+    sweep_caption,
     sweep_markdown,
+    sweep_table,
+    value_folder,
+    value_text,
 )
 from dmlkit.training import Config, ConfigError, Trainer, load_config
 from dmlkit.viz.sweep import plot_sweep
@@ -63,12 +81,79 @@ def _assert_png(path: Path) -> None:
         image.verify()
 
 
+def _standing_in(result: SweepResult, values: Sequence[Any]) -> SweepResult:
+    """The margin sweep's runs standing in for other values: margin ``MARGINS[i]`` becomes
+    ``values[i]``."""
+    runs = tuple(
+        dataclasses.replace(run, value=values[MARGINS.index(run.value)]) for run in result.runs
+    )
+    return dataclasses.replace(result, values=tuple(values), runs=runs)
+
+
+def _with_runs(result: SweepResult, change: Any) -> SweepResult:
+    """The sweep with each run replaced by ``change(run)``."""
+    return dataclasses.replace(result, runs=tuple(change(run) for run in result.runs))
+
+
+def _unvalidated(run: SweepRun) -> SweepRun:
+    """A run as the trainer reports it without validation: tested with its final model."""
+    return dataclasses.replace(run, summary={**run.summary, "best_step": None})
+
+
 @pytest.fixture(scope="module")
 def margin_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[SweepResult, list[str]]:
     """Two triplet margins × two seeds."""
     lines: list[str] = []
     out = tmp_path_factory.mktemp("sweep") / "margin"
     return run_sweep(_config(), KEY, MARGINS, out, seeds=2, say=lines.append), lines
+
+
+@pytest.fixture
+def closed_figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """The figures the plotting functions close, kept open for inspection, then closed."""
+    real_close = plt.close
+    captured: list[Any] = []
+    monkeypatch.setattr(plt, "close", captured.append)
+    yield captured
+    for figure in captured:
+        real_close(figure)
+
+
+def _panel(figure: Any, title: str) -> Axes:
+    """The figure's one panel whose title starts with ``title``."""
+    (axis,) = [axis for axis in figure.axes if axis.get_title().startswith(title)]
+    return axis
+
+
+def _titles(figure: Any) -> list[str]:
+    return [axis.get_title() for axis in figure.axes if axis.get_title()]
+
+
+def _colour_bars(figure: Any) -> list[Axes]:
+    return [axis for axis in figure.axes if axis.get_label() == "<colorbar>"]
+
+
+def _bars(axis: Axes) -> list[ErrorbarContainer]:
+    """A panel's metrics, one error-bar plot each."""
+    return [bar for bar in axis.containers if isinstance(bar, ErrorbarContainer)]
+
+
+def _points(axis: Axes, metric: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Where a panel's metric (its number among the panel's metrics) is drawn."""
+    line = _bars(axis)[metric].lines[0]
+    return np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
+
+
+def _note(axis: Axes) -> str:
+    """The notes drawn in a panel, their line breaks undone."""
+    return " / ".join(" ".join(text.get_text().split()) for text in axis.texts)
+
+
+def _legend_title(axis: Axes) -> str:
+    """A panel's legend title, its line breaks undone."""
+    legend = axis.get_legend()
+    assert legend is not None
+    return " ".join(legend.get_title().get_text().split())
 
 
 # ------------------------------------------------------------------------------ values
@@ -83,10 +168,20 @@ def margin_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[SweepResult,
         ("1e-4:3e-4:1e-4", [1e-4, 2e-4, 3e-4]),
         ("-1:1:1", [-1, 0, 1]),
         ("0.1, 0.3,1e-3", [0.1, 0.3, 1e-3]),
+        ("1e-3,1E-4,.5,+2,1_000", [1e-3, 1e-4, 0.5, 2, 1000]),
         ("adam,sgd", ["adam", "sgd"]),
         ("true,false", [True, False]),
+        ("TRUE,False,NULL", [True, False, None]),
         ("1,2", [1, 2]),
         ("cuda:0,cpu", ["cuda:0", "cpu"]),
+        # YAML 1.1 reads 1:30 as 90 (base 60) and yes as true: here they stay as written.
+        ("1:30,2", ["1:30", 2]),
+        ("yes,0x10", ["yes", "0x10"]),
+        # A boolean is not the number it equals in Python.
+        ("true,1", [True, 1]),
+        ("0,false", [0, False]),
+        # Quotes make a string of anything.
+        ("'1',\"null\",x", ["1", "null", "x"]),
     ],
 )
 def test_parse_values(text: str, expected: list[object]) -> None:
@@ -111,16 +206,49 @@ def test_parse_values(text: str, expected: list[object]) -> None:
         ("0.5", "at least 2"),
         ("0:1:1e-6", "more than 1000"),
         ("0.1,,0.2", "empty value"),
-        ("0.1,0.1", "repeats"),
-        ("1,1.0", "repeats"),
-        ("a b,a_b", "repeats"),
-        (".nan,1", "finite"),
-        ("[1,2", "not valid YAML"),
+        ("nan,1", "'nan' is not a finite number"),
+        ("1,-inf", "'-inf' is not a finite number"),
+        ("[1,2]", "'[1' has brackets"),
+        # Equal numbers, named as given.
+        ("0.1,0.1", "value '0.1' repeats '0.1'"),
+        ("1,1.0", "value '1.0' repeats '1'"),
+        ("0,0.0", "value '0.0' repeats '0'"),
+        ("1e-3,0.5,0.001", "value '0.001' repeats '1e-3'"),
+        ("true,TRUE", "value 'TRUE' repeats 'true'"),
+        ("a b,a_b", "values 'a b' and 'a_b' would share the run folder <key>=a_b"),
+        ("'1',1", """values "'1'" and '1' would share the run folder <key>=1"""),
     ],
 )
 def test_parse_values_refuses(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         parse_values(text)
+
+
+def test_value_text_keeps_small_numbers() -> None:
+    assert [value_text(value) for value in (1e-5, 0.0003, 2.5e-7, 1.0, True, None, "sgd")] == [
+        "1e-05",
+        "0.0003",
+        "2.5e-07",
+        "1.0",
+        "true",
+        "null",
+        "sgd",
+    ]
+
+
+def test_equal_numbers_share_a_run_folder(tmp_path: Path) -> None:
+    assert value_folder(KEY, 0) == value_folder(KEY, 0.0) == value_folder(KEY, -0.0) == f"{KEY}=0"
+    assert value_folder(KEY, 1.0) == value_folder(KEY, 1) == f"{KEY}=1"
+    assert value_folder(KEY, 1e20) == value_folder(KEY, 10**20) == f"{KEY}=1e+20"
+    assert value_folder(KEY, 1e-5) == f"{KEY}=1e-05"
+    assert value_folder(KEY, True) == f"{KEY}=true" != value_folder(KEY, 1)
+    # A range gives floats, a list of the same numbers may give integers: the same folders.
+    assert [value_folder(KEY, value) for value in parse_values("0:1:0.5")] == [
+        value_folder(KEY, value) for value in parse_values("0,0.5,1")
+    ]
+    with pytest.raises(ValueError, match=re.escape("value '0.0' repeats '0'")):
+        run_sweep(_config(), KEY, [0, 0.0], tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
 
 
 # ------------------------------------------------------------------------------ a sweep
@@ -173,7 +301,8 @@ def test_sweep_writes_runs_and_tables(margin_sweep: tuple[SweepResult, list[str]
 
     markdown = (out / "sweep.md").read_text()
     assert markdown == sweep_markdown(result)
-    assert "mean ± 95% confidence interval over 2 seeds (0, 1)" in markdown
+    caption = "each run's best validation checkpoint, mean ± 95% confidence interval over 2 seeds"
+    assert f"{caption} (0, 1)." in markdown
     assert f"| `{KEY}` | Seeds | P@1 | R-Precision | MAP@R | Best val. MAP@R |" in markdown
     interval = result.intervals("precision_at_1")[0]
     assert interval is not None
@@ -257,7 +386,10 @@ def test_folder_of_another_config_refused(tmp_path: Path) -> None:
     foreign = _run_dir(out, 0.5, 0)
     foreign.mkdir(parents=True)
     (foreign / "config.yaml").write_text(_config(f"{KEY}=0.5", "optimizer.lr=0.01").to_yaml())
-    with pytest.raises(ConfigError, match=r"holds a different run .*optimizer\.lr"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds a different run .*optimizer\.lr.*remove it or choose another output folder",
+    ):
         run_sweep(_config(), KEY, MARGINS, out)
     assert not _run_dir(out, 0.2, 0).exists(), "nothing may train before the refusal"
 
@@ -297,34 +429,238 @@ def test_intervals(margin_sweep: tuple[SweepResult, list[str]]) -> None:
         result.intervals("recall_at_1")
 
 
+def _reading(run: SweepRun, metric: str) -> float:
+    summary = run.summary
+    return float(
+        summary["best_validation"] if metric == "best_validation" else summary["after"][metric]
+    )
+
+
+def test_sweep_table(margin_sweep: tuple[SweepResult, list[str]]) -> None:
+    result, _ = margin_sweep
+    header, rows = sweep_table(result)
+    assert header == [KEY, "Seeds", "P@1", "R-Precision", "MAP@R", "Best val. MAP@R"]
+    assert [row[:2] for row in rows] == [["0.2", "2"], ["0.5", "2"]]
+    for row, margin in zip(rows, MARGINS, strict=True):
+        for cell, metric in zip(row[2:], result.metrics(), strict=True):
+            interval = confidence_interval(
+                [_reading(run, metric) for run in result.runs_of(margin)]
+            )
+            assert cell == f"{interval.mean:.4f} ± {interval.half_width:.4f}"
+    narrower = sweep_table(result, level=0.5)[1]
+    assert narrower[0][2].split(" ± ")[0] == rows[0][2].split(" ± ")[0]
+    assert float(narrower[0][2].split(" ± ")[1]) < float(rows[0][2].split(" ± ")[1])
+
+    # The Markdown is the same table under the caption.
+    markdown = sweep_markdown(result).splitlines()
+    assert markdown[0] == sweep_caption(result).replace(KEY, f"`{KEY}`")
+    assert markdown[2] == f"| `{KEY}` | " + " | ".join(header[1:]) + " |"
+    assert markdown[4:] == ["| " + " | ".join(row) + " |" for row in rows]
+
+    # Hyperparameter values are never rounded to fixed decimals.
+    small = sweep_table(_standing_in(result, [1e-5, 3e-4]))[1]
+    assert [row[0] for row in small] == ["1e-05", "0.0003"]
+    # A "|" in a string value stays inside its Markdown cell.
+    assert "| a\\|b | 2 |" in sweep_markdown(_standing_in(result, ["a|b", "c"]))
+
+
+def test_one_seed_table_cells_are_means(margin_sweep: tuple[SweepResult, list[str]]) -> None:
+    result, _ = margin_sweep
+    first_seed = dataclasses.replace(
+        result, seeds=(0,), runs=tuple(run for run in result.runs if run.seed == 0)
+    )
+    _, rows = sweep_table(first_seed)
+    assert rows[0][1:3] == ["1", f"{first_seed.runs[0].summary['after']['precision_at_1']:.4f}"]
+    assert "one seed (0)" in sweep_caption(first_seed)
+
+
+def test_caption_names_the_tested_model(margin_sweep: tuple[SweepResult, list[str]]) -> None:
+    result, _ = margin_sweep
+    assert result.tested_model() == "best validation checkpoint"
+    unvalidated = _with_runs(result, _unvalidated)
+    assert unvalidated.tested_model() == "final model"
+    assert "scored with each run's final model, mean ± 95%" in sweep_caption(unvalidated)
+    assert "checkpoint" not in sweep_markdown(unvalidated)
+    # Sweeping a setting that switches validation on for some values only.
+    mixed = _with_runs(result, lambda run: _unvalidated(run) if run.value == 0.2 else run)
+    assert mixed.tested_model() == "best validation checkpoint (final model where not validated)"
+
+
+def test_runs_of_tells_booleans_from_numbers(margin_sweep: tuple[SweepResult, list[str]]) -> None:
+    result = _standing_in(margin_sweep[0], [True, 1])
+    # True == 1 in Python: an equality test would give each value all four runs.
+    assert [(type(run.value), run.seed) for run in result.runs_of(1)] == [(int, 0), (int, 1)]
+    assert [(type(run.value), run.seed) for run in result.runs_of(True)] == [(bool, 0), (bool, 1)]
+    assert [row[:2] for row in sweep_table(result)[1]] == [["true", "2"], ["1", "2"]]
+
+
 # ------------------------------------------------------------------------------ plots
 
 
-def test_plot_numeric_sweep(margin_sweep: tuple[SweepResult, list[str]], tmp_path: Path) -> None:
+def test_plot_numeric_sweep(
+    margin_sweep: tuple[SweepResult, list[str]], tmp_path: Path, closed_figures: list[Any]
+) -> None:
     result, _ = margin_sweep
     path = plot_sweep(result)
     assert path == result.out / "sweep.png"
     _assert_png(path)
+    (figure,) = closed_figures
+    assert _titles(figure) == [
+        "final metrics (mean ± 95% CI over 2 seeds)",
+        "training loss (mean over seeds, smoothed)",
+        "validation MAP@R (mean over seeds)",
+    ]
+    metrics = _panel(figure, "final metrics")
+    assert metrics.get_xscale() == "linear"
+    low, high = metrics.get_ylim()
+    assert low >= -0.03 and high <= 1.03, "two seeds' wide intervals stop at the metrics' range"
+    assert "best validation checkpoint" in " ".join(metrics.get_ylabel().split())
+    bars = _bars(metrics)
+    assert [bar.get_label() for bar in bars] == ["P@1", "R-Precision", "MAP@R", "Best val. MAP@R"]
+    assert all(bar.has_yerr for bar in bars), "two seeds: confidence intervals as error bars"
+    x, y = _points(metrics)
+    np.testing.assert_allclose(x, MARGINS)
+    means = [interval.mean for interval in result.intervals("precision_at_1") if interval]
+    np.testing.assert_allclose(y, means)
+
+    # One curve per value, coloured along the colour bar's map from the smallest to the largest.
+    ends = [to_hex(colormaps["viridis"](end)) for end in (0.0, 1.0)]
+    for title in ("training loss", "validation"):
+        curves = _panel(figure, title).get_lines()
+        assert [to_hex(curve.get_color()) for curve in curves] == ends
+        assert not _panel(figure, title).texts, "every value has its curve: no note"
+    assert [bar.get_ylabel() for bar in _colour_bars(figure)] == [KEY, KEY]
+    assert not metrics.texts
+
+
+def test_plot_axis_follows_the_values(
+    margin_sweep: tuple[SweepResult, list[str]], tmp_path: Path, closed_figures: list[Any]
+) -> None:
+    result, _ = margin_sweep
     # Values spanning three decades go on a log axis; the same runs stand in for them.
-    spread = (1e-4, 0.1)
-    runs = tuple(
-        dataclasses.replace(run, value=spread[MARGINS.index(run.value)]) for run in result.runs
+    _assert_png(
+        plot_sweep(_standing_in(result, [1e-4, 0.1]), tmp_path / "w" / "w.png", smoothing=3)
     )
-    wide = dataclasses.replace(result, values=spread, runs=runs)
-    _assert_png(plot_sweep(wide, tmp_path / "plots" / "wide.png", smoothing=3))
+    # Values given out of order: the lines still run from left to right.
+    plot_sweep(_standing_in(result, [0.5, 0.2]), tmp_path / "unsorted.png")
+    wide, unsorted = (_panel(figure, "final metrics") for figure in closed_figures)
+    assert wide.get_xscale() == "log"
+    np.testing.assert_allclose(_points(wide)[0], [1e-4, 0.1])
+    np.testing.assert_allclose(_points(unsorted)[0], [0.2, 0.5])
+    first, second = result.intervals("precision_at_1")
+    assert first is not None and second is not None
+    np.testing.assert_allclose(_points(unsorted)[1], [second.mean, first.mean])
     with pytest.raises(ValueError, match="smoothing"):
         plot_sweep(result, tmp_path / "bad.png", smoothing=0)
 
 
-def test_categorical_sweep_with_one_seed(tmp_path: Path) -> None:
+def test_plot_categorical_values(
+    margin_sweep: tuple[SweepResult, list[str]], tmp_path: Path, closed_figures: list[Any]
+) -> None:
+    result = _standing_in(margin_sweep[0], ["adam", "sgd"])
+    plot_sweep(result, tmp_path / "categories.png")
+    moved = tmp_path / "moved"
+    plot_sweep(
+        _with_runs(
+            result,
+            lambda run: dataclasses.replace(run, run_dir=moved) if run.value == "sgd" else run,
+        ),
+        tmp_path / "one-category.png",
+    )
+    figure, partial = closed_figures
+    metrics = _panel(figure, "final metrics")
+    assert [label.get_text() for label in metrics.get_xticklabels()] == ["adam", "sgd"]
+    assert _bars(metrics)[0].lines[0].get_linestyle() == "None", "no line between categories"
+    loss = _panel(figure, "training loss")
+    assert len(loss.get_lines()) == 2
+    legend = loss.get_legend()
+    assert legend is not None and [text.get_text() for text in legend.get_texts()] == [
+        "adam",
+        "sgd",
+    ]
+    assert _legend_title(loss) == KEY
+    assert not _colour_bars(figure)
+    # A category without a curve is named in the legend's title, which nothing can hide.
+    for title in ("training loss", "validation"):
+        panel = _panel(partial, title)
+        assert len(panel.get_lines()) == 1 and not panel.texts
+        assert _legend_title(panel) == f"{KEY} no curve for sgd: run folders missing"
+
+
+def test_plot_leaves_recall_at_1_out_beside_p_at_1(
+    margin_sweep: tuple[SweepResult, list[str]], tmp_path: Path, closed_figures: list[Any]
+) -> None:
+    def with_recall(run: SweepRun) -> SweepRun:
+        after = run.summary["after"]
+        recall = {"recall_at_1": after["precision_at_1"], "recall_at_4": 0.9}
+        return dataclasses.replace(run, summary={**run.summary, "after": {**after, **recall}})
+
+    result = _with_runs(margin_sweep[0], with_recall)
+    plot_sweep(result, tmp_path / "recall.png")
+    (figure,) = closed_figures
+    labels = [bar.get_label() for bar in _bars(_panel(figure, "final metrics"))]
+    assert labels == ["P@1", "R-Precision", "MAP@R", "Recall@4", "Best val. MAP@R"]
+    assert "Recall@1" in sweep_table(result)[0], "the table keeps every metric"
+
+
+def test_plot_notes_what_it_cannot_draw(
+    margin_sweep: tuple[SweepResult, list[str]], tmp_path: Path, closed_figures: list[Any]
+) -> None:
+    result, _ = margin_sweep
+
+    def deleted(run: SweepRun) -> SweepRun:
+        return dataclasses.replace(run, run_dir=tmp_path / "deleted" / run.run_dir.name)
+
+    plot_sweep(_with_runs(result, deleted), tmp_path / "deleted.png")
+    plot_sweep(
+        _with_runs(result, lambda run: deleted(run) if run.value == 0.5 else run),
+        tmp_path / "half.png",
+    )
+
+    def diverged(run: SweepRun) -> SweepRun:
+        after = {**run.summary["after"], "precision_at_1": math.nan}
+        return dataclasses.replace(run, summary={**run.summary, "after": after})
+
+    plot_sweep(
+        _with_runs(result, lambda run: diverged(run) if run.value == 0.5 else run),
+        tmp_path / "diverged.png",
+    )
+    gone, half, nan = closed_figures
+    for title in ("training loss", "validation"):
+        assert not _panel(gone, title).get_lines()
+        assert _note(_panel(gone, title)) == "run folders missing"
+        assert len(_panel(half, title).get_lines()) == 1
+        assert _note(_panel(half, title)) == "no curve for 0.5: run folders missing"
+    assert not _panel(nan, "final metrics").texts
+    assert _legend_title(_panel(nan, "final metrics")) == (
+        "not drawn for 0.5: a metric missing or not finite"
+    )
+    assert not _panel(nan, "training loss").texts
+
+
+def test_categorical_sweep_with_one_seed(tmp_path: Path, closed_figures: list[Any]) -> None:
     out = tmp_path / "optimizers"
-    config = _config("data.val_classes=0.0")  # not validated: no validation column or panel
+    # Not validated (no validation column, panel or checkpoint), and too short to log a row.
+    config = _config("data.val_classes=0.0", "logging.log_every=10")
     result = run_sweep(config, "optimizer.name", ["adam", "sgd"], out, say=lambda line: None)
     assert result.metrics() == list(METRICS)
     assert (out / "optimizer.name=sgd" / "seed-0" / "results.json").is_file()
     markdown = (out / "sweep.md").read_text()
-    assert "one seed (0)" in markdown and "| sgd | 1 |" in markdown
+    assert "each run's final model, one seed (0)" in markdown and "| sgd | 1 |" in markdown
     with (out / "sweep.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert rows[1]["optimizer.name"] == "sgd" and rows[1]["precision_at_1_ci"] == "nan"
+
     _assert_png(plot_sweep(result, tmp_path / "optimizers.png"))
+    (figure,) = closed_figures
+    assert _titles(figure) == [
+        "final metrics (one seed)",
+        "training loss (mean over seeds, smoothed)",
+    ]
+    metrics = _panel(figure, "final metrics")
+    assert [label.get_text() for label in metrics.get_xticklabels()] == ["adam", "sgd"]
+    assert not any(bar.has_yerr for bar in _bars(metrics)), "one seed: no error bars"
+    assert "final model" in " ".join(metrics.get_ylabel().split())
+    loss = _panel(figure, "training loss")
+    assert not loss.get_lines()
+    assert _note(loss) == ("no training log rows: logging.log_every=10 exceeds the runs' steps (6)")

@@ -43,7 +43,9 @@ from .sweep import (
     load_sweep,
     parse_values,
     run_sweep,
+    sweep_caption,
     sweep_markdown,
+    sweep_table,
     write_sweep_results,
 )
 
@@ -73,7 +75,9 @@ __all__ = [
     "results_markdown",
     "run_fold",
     "run_sweep",
+    "sweep_caption",
     "sweep_markdown",
+    "sweep_table",
     "trial_dir",
     "tune",
     "tune_worker",

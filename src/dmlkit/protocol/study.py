@@ -89,7 +89,7 @@ def check_run_folder(config: Config, run_dir: Path) -> None:
 
     Raises:
         ConfigError: Its ``config.yaml`` differs in a setting that changes results (a folder
-            left by another study, or by this one before its config changed).
+            left by another study or sweep, or by this one before its config changed).
     """
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -98,7 +98,7 @@ def check_run_folder(config: Config, run_dir: Path) -> None:
     if changed:
         raise ConfigError(
             f"{run_dir} holds a different run (its config differs in {', '.join(changed)}); "
-            "remove it or choose another protocol.out"
+            "remove it or choose another output folder"
         )
 
 

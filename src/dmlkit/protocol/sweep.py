@@ -2,8 +2,9 @@
 
 Each value is trained with one or more seeds (the config's ``train.seed`` and the ones after
 it), every run in its own folder ``<out>/<key>=<value>/seed-<seed>/``, and scored on the test
-classes with its best checkpoint. The final metrics are tabulated per value as the mean over
-the seeds ± the half-width of their Student-t confidence interval.
+classes with its best validation checkpoint (its final model when it was not validated). The
+final metrics are tabulated per value as the mean over the seeds ± the half-width of their
+Student-t confidence interval.
 
 Nothing is lost when a sweep is stopped: a finished run (its ``results.json``) is read back, a
 run cut off resumes exactly from its last checkpoint, and a folder holding a run of another
@@ -17,14 +18,13 @@ import csv
 import io
 import json
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ..evaluation import metric_label
 from ..training import (
@@ -47,8 +47,11 @@ _SET_BY_SWEEP = {
     "train.seed": "the sweep sets the seeds (its seeds argument)",
     "logging.run_dir": "the sweep sets each run's folder",
 }
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _INTEGER = re.compile(r"[-+]?\d+")
+_WORDS = {"true": True, "false": False, "null": None}
+# Integral numbers below this are named by their integer text (1.0 and 1 share ``=1``); larger
+# ones by their float text, which stays short.
+_INTEGER_NAMES = 1e16
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,9 @@ class SweepRun:
         value: The swept setting's value.
         seed: The run's training seed.
         run_dir: The run's folder.
-        summary: The run's ``results.json``: ``after`` holds its test metrics (best checkpoint),
-            ``best_validation`` its best validation value (None without validation).
+        summary: The run's ``results.json``: ``after`` holds its test metrics (of its best
+            validation checkpoint, or of its final model when ``best_step`` is None: not
+            validated), ``best_validation`` its best validation value (None without validation).
     """
 
     value: Any
@@ -90,8 +94,8 @@ class SweepResult:
     config: Config
 
     def runs_of(self, value: Any) -> list[SweepRun]:
-        """The runs of one value, one per seed."""
-        return [run for run in self.runs if run.value == value]
+        """The runs of one value, one per seed (``True`` and ``1`` are different values)."""
+        return [run for run in self.runs if same_value(run.value, value)]
 
     def labels(self) -> list[str]:
         """Each value as text, for tables and plot axes."""
@@ -115,6 +119,24 @@ class SweepResult:
             selection = self.config.validation.metric
             return f"Best val. {metric_label(selection)}"
         return metric_label(metric)
+
+    def tested_model(self) -> str:
+        """Which model of each run the test metrics score, for captions and axis labels.
+
+        A validated run (its ``results.json`` has a ``best_step``) is tested with its best
+        validation checkpoint, any other with its final model. ``validation.every`` alone does
+        not tell: a run without validation classes is not validated either.
+
+        Returns:
+            ``"best validation checkpoint"``, ``"final model"``, or both when the swept setting
+            switched validation on for some values only.
+        """
+        validated = [run.summary.get("best_step") is not None for run in self.runs]
+        if all(validated):
+            return "best validation checkpoint"
+        if not any(validated):
+            return "final model"
+        return "best validation checkpoint (final model where not validated)"
 
     def intervals(self, metric: str, level: float = 0.95) -> list[Interval | None]:
         """A metric per value: the mean over the seeds ± the confidence interval's half-width.
@@ -155,19 +177,48 @@ def _reading(summary: dict[str, Any], metric: str) -> float | None:
 
 
 def value_text(value: Any) -> str:
-    """A swept value as text: strings as they are, anything else as JSON (``true``, ``1e-05``)."""
+    """A swept value as text: strings as they are, anything else as JSON.
+
+    Numbers keep their shortest exact text (``1e-05``, ``0.0003``, ``1.0``), never a fixed
+    number of decimals that would print a small learning rate as zero.
+    """
     if isinstance(value, str):
         return value
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def _safe_text(value: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9._,+-]", "_", value_text(value))
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def same_value(first: Any, second: Any) -> bool:
+    """Whether two swept values are the same setting.
+
+    Equal numbers are, whatever their type (``0`` and ``0.0``); a boolean never equals a number
+    (``True == 1`` in Python, but ``true`` and ``1`` are different settings), nor a string
+    anything but a string.
+    """
+    if _is_number(first) and _is_number(second):
+        return bool(first == second)
+    return type(first) is type(second) and bool(first == second)
+
+
+def _folder_text(value: Any) -> str:
+    """The value's text in its folder name: equal numbers share one (``0`` and ``0.0``)."""
+    if _is_number(value) and math.isfinite(value):
+        if float(value).is_integer() and abs(value) < _INTEGER_NAMES:
+            return str(int(value))
+        return value_text(float(value))
+    return value_text(value)
 
 
 def value_folder(key: str, value: Any) -> str:
-    """The folder name of a value's runs, ``<key>=<value>`` with only safe characters."""
-    return f"{key}={_safe_text(value)}"
+    """The folder name of a value's runs, ``<key>=<value>`` with only safe characters.
+
+    Equal numbers share a folder whatever their spelling: ``0``, ``0.0`` and the range
+    ``0:1:0.5``'s first value all run in ``<key>=0``.
+    """
+    return f"{key}={re.sub(r'[^A-Za-z0-9._,+-]', '_', _folder_text(value))}"
 
 
 def parse_values(text: str) -> list[Any]:
@@ -176,9 +227,11 @@ def parse_values(text: str) -> list[Any]:
     Args:
         text: ``start:end:step``, the end included when the steps reach it (``"0.4:1.0:0.1"``;
             computed in decimal, so without float drift; integers when all three are, as in
-            ``"1:9:2"``), or values separated by commas, each read as YAML (``"0.1,1e-3"``,
-            ``"adam,sgd"``, ``"true,false"``); numbers that YAML 1.1 reads as strings
-            (``1e-3``) become floats.
+            ``"1:9:2"``), or values separated by commas (``"0.1,1e-3"``, ``"adam,sgd"``). A
+            list item in Python's ``int`` or ``float`` syntax is a number (``3``, ``1e-3``,
+            ``.5``); ``true``, ``false`` and ``null`` (any case) are booleans and None; an item
+            in quotes is the string inside them (``'1'``); anything else is a string as written
+            (``1:30``, ``cuda:0``).
 
     Returns:
         The values, at least two, all different.
@@ -186,15 +239,21 @@ def parse_values(text: str) -> list[Any]:
     Raises:
         ValueError: Empty text or item, a range that is not three numbers or whose step is not
             positive or whose start is after its end, fewer than two or more than
-            :data:`MAX_VALUES` values, a non-finite number, or a value given twice.
+            :data:`MAX_VALUES` values, a non-finite number, an item with brackets (a YAML
+            list), or a value given twice (``0`` and ``0.0``, ``1e-3`` and ``0.001``).
     """
     text = text.strip()
     if not text:
         raise ValueError("no values given: use start:end:step or a comma-separated list")
-    values = _parse_range(text) if ":" in text and "," not in text else _parse_list(text)
+    if ":" in text and "," not in text:
+        values = _parse_range(text)
+        spellings = [value_text(value) for value in values]
+    else:
+        spellings = [item.strip() for item in text.split(",")]
+        values = _parse_list(text, spellings)
     if len(values) < 2:
         raise ValueError(f"{text!r} gives {len(values)} value; a sweep needs at least 2")
-    check_distinct(values)
+    check_distinct(values, spellings)
     return values
 
 
@@ -219,37 +278,66 @@ def _parse_range(text: str) -> list[Any]:
     return [convert(start + index * step) for index in range(count)]
 
 
-def _parse_list(text: str) -> list[Any]:
+def _parse_list(text: str, items: list[str]) -> list[Any]:
+    if len(items) > MAX_VALUES:
+        raise ValueError(f"{len(items)} values, more than {MAX_VALUES}")
     values = []
-    for item in (item.strip() for item in text.split(",")):
+    for item in items:
         if not item:
             raise ValueError(f"{text!r} has an empty value")
-        try:
-            value = yaml.safe_load(item)
-        except yaml.YAMLError:
-            raise ValueError(f"value {item!r} is not valid YAML") from None
-        if isinstance(value, str) and _NUMBER.fullmatch(value):
-            value = float(value)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"value {item!r} is not a finite number")
-        values.append(value)
-    if len(values) > MAX_VALUES:
-        raise ValueError(f"{len(values)} values, more than {MAX_VALUES}")
+        values.append(_parse_item(item))
     return values
 
 
-def check_distinct(values: Sequence[Any]) -> None:
-    """Refuse a value given twice: equal values, or values that share a run folder.
+def _parse_item(item: str) -> Any:
+    """One list item; read by hand, as YAML would read ``1:30`` as 90 (base 60)."""
+    if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+        return item[1:-1]
+    if any(bracket in item for bracket in "[]{}"):
+        raise ValueError(
+            f"value {item!r} has brackets: give the values as a plain comma-separated list, "
+            "e.g. 0.1,0.2"
+        )
+    if item.lower() in _WORDS:
+        return _WORDS[item.lower()]
+    for convert in (int, float):
+        try:
+            number = convert(item)
+        except ValueError:
+            continue
+        if not math.isfinite(number):
+            raise ValueError(f"value {item!r} is not a finite number")
+        return number
+    return item
+
+
+def check_distinct(values: Sequence[Any], spellings: Sequence[str] | None = None) -> None:
+    """Refuse a value given twice: the same value (see :func:`same_value`), or values that
+    would share a run folder.
+
+    Args:
+        values: The sweep's values.
+        spellings: How each value was written, to name a repeat as given (``'0.001' repeats
+            '1e-3'``); :func:`value_text` of each value when None.
 
     Raises:
         ValueError: Names the repeated value.
     """
+    texts = list(spellings) if spellings is not None else [value_text(v) for v in values]
+    if len(texts) != len(values):
+        raise ValueError(f"{len(texts)} spellings given for {len(values)} values")
     for index, value in enumerate(values):
-        for earlier in values[:index]:
-            if value == earlier or _safe_text(value) == _safe_text(earlier):
+        for earlier in range(index):
+            if same_value(value, values[earlier]):
                 raise ValueError(
-                    f"value {value_text(value)!r} repeats {value_text(earlier)!r}: sweep "
-                    "distinct values"
+                    f"value {texts[index]!r} repeats {texts[earlier]!r}: sweep distinct values"
+                )
+            folder = value_folder("", value)
+            if folder == value_folder("", values[earlier]):
+                raise ValueError(
+                    f"values {texts[earlier]!r} and {texts[index]!r} would share the run "
+                    f"folder <key>{folder}: sweep values that differ in letters, digits or "
+                    "._,+-"
                 )
 
 
@@ -329,7 +417,9 @@ def run_sweep(
     """Train ``config`` with ``key`` set to each value, ``seeds`` times each, and tabulate.
 
     Finished runs are read back rather than trained again and runs cut off resume exactly, so
-    running a sweep again continues it. The tables are written by :func:`write_sweep_results`.
+    running a sweep again continues it. The tables are written by :func:`write_sweep_results`;
+    each run's test metrics score its best validation checkpoint, or its final model when the
+    run is not validated.
 
     Args:
         config: The base training config.
@@ -388,27 +478,67 @@ def run_sweep(
     return result
 
 
-def sweep_markdown(result: SweepResult, level: float = 0.95) -> str:
-    """The sweep's table in Markdown: one row per value, a column per metric."""
-    metrics = result.metrics()
+def sweep_caption(result: SweepResult, level: float = 0.95) -> str:
+    """The sentence that tells what the sweep's table holds (plain text, for any format)."""
+    return _caption(result, level, result.key)
+
+
+def _caption(result: SweepResult, level: float, key: str) -> str:
     seeds = ", ".join(str(seed) for seed in result.seeds)
     spread = (
         f"mean ± {level:.0%} confidence interval over {len(result.seeds)} seeds ({seeds})"
         if len(result.seeds) > 1
         else f"one seed ({seeds})"
     )
-    columns = [f"`{result.key}`", "Seeds", *(result.metric_label(m) for m in metrics)]
-    lines = [
-        f"Sweep of `{result.key}`: test classes scored with each run's best checkpoint, {spread}.",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-    ]
+    return f"Sweep of {key}: test classes scored with each run's {result.tested_model()}, {spread}."
+
+
+def sweep_table(result: SweepResult, level: float = 0.95) -> tuple[list[str], list[list[str]]]:
+    """The sweep's results as a table of text cells, one row per value.
+
+    The Markdown table (:func:`sweep_markdown`) and the HTML report are both made from it.
+
+    Args:
+        result: The sweep.
+        level: Coverage of the confidence intervals.
+
+    Returns:
+        The header (the key, ``Seeds``, then each metric's short name, as
+        :meth:`SweepResult.metric_label`) and the rows: the value (:func:`value_text`), its
+        number of runs, then per metric the mean ± the confidence half-width to 4 decimals
+        (the mean alone with one seed; ``nan`` when a run's value is not finite; ``–`` when
+        the value's runs lack the metric).
+    """
+    metrics = result.metrics()
+    header = [result.key, "Seeds", *(result.metric_label(metric) for metric in metrics)]
     intervals = [result.intervals(metric, level) for metric in metrics]
-    for row, (value, label) in enumerate(zip(result.values, result.labels(), strict=True)):
-        cells = [str(per_value[row] or "–") for per_value in intervals]
-        runs = len(result.runs_of(value))
-        lines.append(f"| {label} | {runs} | " + " | ".join(cells) + " |")
+    rows = [
+        [
+            label,
+            str(len(result.runs_of(value))),
+            *(str(per_value[row] or "–") for per_value in intervals),
+        ]
+        for row, (value, label) in enumerate(zip(result.values, result.labels(), strict=True))
+    ]
+    return header, rows
+
+
+def sweep_markdown(result: SweepResult, level: float = 0.95) -> str:
+    """The sweep's table in Markdown (:func:`sweep_table` under :func:`sweep_caption`)."""
+    header, rows = sweep_table(result, level)
+    header[0] = f"`{header[0]}`"
+
+    def line(cells: list[str]) -> str:
+        # A "|" in a string value would otherwise end its cell.
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    lines = [
+        _caption(result, level, f"`{result.key}`"),
+        "",
+        line(header),
+        "|" + "---|" * len(header),
+        *(line(row) for row in rows),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -397,12 +397,13 @@ def _sample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
 def _sweep_report(
     folder: Path, plots: Path, options: ReportOptions, say: Say
 ) -> tuple[str, list[Section]]:
-    from ..protocol.sweep import load_sweep, sweep_markdown
+    from ..protocol.sweep import load_sweep, sweep_caption, sweep_table
     from .sweep import plot_sweep
 
     result = load_sweep(folder)
     summary = Section("Final metrics per value")
-    summary.tables.append(_markdown_table(sweep_markdown(result)))
+    header, rows = sweep_table(result)
+    summary.tables.append(Table(header, rows, sweep_caption(result)))
     plot = Section("Sensitivity")
     path = plot_sweep(result, plots / "sweep.png", smoothing=options.smoothing)
     plot.figures.append(
@@ -576,20 +577,6 @@ def _table_html(table: Table) -> str:
         "<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in table.rows
     )
     return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _markdown_table(markdown: str) -> Table:
-    """The first pipe table of a Markdown text; the lines before it become the caption."""
-    lines = markdown.strip().splitlines()
-    rows = [line for line in lines if line.startswith("|")]
-    if len(rows) < 2:
-        raise ValueError("no Markdown table in the text")
-    caption = " ".join(line for line in lines[: lines.index(rows[0])] if line.strip())
-
-    def cells(line: str) -> list[str]:
-        return [cell.strip().replace("`", "") for cell in line.strip().strip("|").split("|")]
-
-    return Table(cells(rows[0]), [cells(line) for line in rows[2:]], caption)
 
 
 def _note(title: str, text: str) -> Section:
