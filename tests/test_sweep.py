@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import statistics
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -664,3 +665,40 @@ def test_categorical_sweep_with_one_seed(tmp_path: Path, closed_figures: list[An
     loss = _panel(figure, "training loss")
     assert not loss.get_lines()
     assert _note(loss) == ("no training log rows: logging.log_every=10 exceeds the runs' steps (6)")
+
+
+def test_plot_marks_the_untrained_network_and_vanishing_losses(
+    margin_sweep: tuple[SweepResult, list[str]], tmp_path: Path, closed_figures: list[Any]
+) -> None:
+    result, _ = margin_sweep
+
+    def vanishing(run: SweepRun) -> SweepRun:
+        """The run with an untrained MAP@R of 0.1 and, for margin 0.5, a loss 1e-30 times as
+        small (as a loss that is zero from the start leaves it)."""
+        copy = tmp_path / run.run_dir.parent.name / run.run_dir.name
+        shutil.copytree(run.run_dir, copy)
+        if run.value == 0.5:
+            with (copy / "train.csv").open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            for row in rows:
+                row["loss"] = str(float(row["loss"]) * 1e-30)
+            with (copy / "train.csv").open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        before = {"mean_average_precision_at_r": 0.1}
+        return dataclasses.replace(run, run_dir=copy, summary={**run.summary, "before": before})
+
+    plot_sweep(result, tmp_path / "plain.png")
+    plot_sweep(_with_runs(result, vanishing), tmp_path / "vanishing.png")
+    plain, marked = closed_figures
+    assert _panel(plain, "training loss").get_yscale() == "linear"
+    assert not [line for line in _panel(plain, "final metrics").get_lines() if line.get_label()
+                == "MAP@R before training"]  # fmt: skip
+    assert _panel(marked, "training loss").get_yscale() == "log"
+    (line,) = [
+        line
+        for line in _panel(marked, "final metrics").get_lines()
+        if line.get_label() == "MAP@R before training"
+    ]
+    np.testing.assert_allclose(line.get_ydata(), [0.1, 0.1])

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..evaluation import metric_label
 from .curves import log_series, read_log
 from .smoothing import auto_window, moving_average
 
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 
 # Values spanning more than this ratio (two decades) get a logarithmic axis.
 _LOG_SPAN = 100.0
+# Curves spanning more than this factor get a log axis.
+_LOSS_LOG_SPAN = 1e3
+# The metric whose value before training marks, in the final-metrics panel, an untrained network.
+_UNTRAINED_METRIC = "mean_average_precision_at_r"
 # How far the final-metrics axis may reach beyond [0, 1], so that points at 0 or 1 show whole.
 _METRIC_MARGIN = 0.03
 # Characters per line of a note drawn in a panel (a panel is about 5 inches wide).
@@ -111,6 +116,18 @@ def _metrics_panel(
             # Categories have no order between them for a line to follow.
             linestyle=("--" if validation else "-") if numeric else "none",
         )
+    before = [(run.summary.get("before") or {}).get(_UNTRAINED_METRIC) for run in result.runs]
+    untrained = [float(v) for v in before if isinstance(v, float) and math.isfinite(v)]
+    if untrained and len(untrained) == len(before):
+        # Where a value leaves the network untrained (a loss that is zero from the start), its
+        # metrics sit on this line.
+        axis.axhline(
+            float(np.mean(untrained)),
+            color="0.4",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"{metric_label(_UNTRAINED_METRIC)} before training",
+        )
     # Every metric lies in [0, 1]; the interval of two seeds (t = 12.7) can reach far beyond and
     # would squash the means into a sliver of the panel.
     low, high = axis.get_ylim()
@@ -165,6 +182,8 @@ def _why_no_curve(result: SweepResult, value: Any, log: str, column: str) -> str
     return "its seeds logged no step in common"
 
 
+
+
 def _curves_panel(
     axis: Axes,
     result: SweepResult,
@@ -182,6 +201,13 @@ def _curves_panel(
     labels = result.labels()
     for index, steps, values in curves:
         axis.plot(steps, values, color=colours[index], label=labels[index], linewidth=1.2)
+    finite = [values[np.isfinite(values)] for _, _, values in curves]
+    low = min((float(v.min()) for v in finite if v.size), default=0.0)
+    high = max((float(v.max()) for v in finite if v.size), default=0.0)
+    if low > 0 and high > _LOSS_LOG_SPAN * low:
+        # Losses of different values can differ by tens of decades (a loss that vanishes from
+        # the start); on a linear axis those curves would all lie flat on zero.
+        axis.set_yscale("log")
     drawn = {index for index, _, _ in curves}
     reasons: dict[str, list[str]] = {}
     for index, value in enumerate(result.values):
