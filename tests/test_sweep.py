@@ -357,6 +357,7 @@ def test_interrupted_run_resumes_exactly(
         ("loss.options", [1, 2], "is a section, not a setting"),
         ("train.seed", [1, 2], "sets the seeds"),
         ("logging.run_dir", ["a", "b"], "sets each run's folder"),
+        ("validation.metric", ["r_precision", "precision_at_1"], "would mix metrics"),
         (KEY, [0.5, "abc"], "loss.options.margin=abc: .*expected a number, got 'abc'"),
         ("optimizer.lr", [1e-3, -1.0], "optimizer.lr=-1.0: optimizer.lr must be"),
         ("optimizer.name", ["adam", "adamm"], "optimizer.name=adamm: .*is not one of"),
@@ -544,8 +545,12 @@ def test_plot_axis_follows_the_values(
     )
     # Values given out of order: the lines still run from left to right.
     plot_sweep(_standing_in(result, [0.5, 0.2]), tmp_path / "unsorted.png")
-    wide, unsorted = (_panel(figure, "final metrics") for figure in closed_figures)
+    # Exactly two decades (a learning-rate sweep 1e-4 … 1e-2) is log too; under it, linear.
+    plot_sweep(_standing_in(result, [1e-4, 1e-2]), tmp_path / "two.png")
+    plot_sweep(_standing_in(result, [1e-4, 9e-3]), tmp_path / "under.png")
+    wide, unsorted, two, under = (_panel(f, "final metrics") for f in closed_figures)
     assert wide.get_xscale() == "log"
+    assert two.get_xscale() == "log" and under.get_xscale() == "linear"
     np.testing.assert_allclose(_points(wide)[0], [1e-4, 0.1])
     np.testing.assert_allclose(_points(unsorted)[0], [0.2, 0.5])
     first, second = result.intervals("precision_at_1")

@@ -597,3 +597,24 @@ def test_umap_separates_three_clusters() -> None:
     assert nearest_centroid_accuracy(coordinates, labels) > 0.98
     assert silhouette_score(coordinates, labels) > 0.5
     assert project_2d(points[:40], seed=0)[1] == "UMAP"  # auto picks UMAP when installed
+
+
+def test_project_2d_leaves_tiny_sets_to_pca(monkeypatch: pytest.MonkeyPatch) -> None:
+    # UMAP's spectral start fails below about 16 points: auto falls back, umap refuses.
+    monkeypatch.setattr(embedding_map, "umap_available", lambda: True)
+    points = np.random.default_rng(0).normal(size=(10, 4))
+    coordinates, used = project_2d(points, method="auto")
+    assert used == "PCA (too few points for UMAP)" and coordinates.shape == (10, 2)
+    with pytest.raises(ValueError, match="UMAP needs at least 16 points, got 10"):
+        project_2d(points, method="umap")
+
+
+def test_embedding_map_states_a_sample_drawn_before(
+    tmp_path: Path, closed_figures: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embedding_map, "umap_available", lambda: False)
+    rng = np.random.default_rng(7)
+    panel = EmbeddingPanel("training classes", rng.normal(size=(100, 4)), np.arange(100) % 4, 901)
+    plot_embedding_maps([panel], tmp_path / "map.png")
+    (figure,) = closed_figures
+    assert "100 of 901 points" in figure.axes[0].get_title()

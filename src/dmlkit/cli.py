@@ -346,13 +346,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dmlkit`` command; returns the exit status.
 
-    Errors a user can fix (a bad config key, a missing file) are printed as one line, without a
-    traceback, with exit status 2.
+    Errors a user can fix (a bad config key, a missing file, an output path that is a folder) are
+    printed as one line, without a traceback, with exit status 2.
     """
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ConfigError, FileNotFoundError, ImportError, ValueError) as error:
+    except (ConfigError, OSError, ImportError, ValueError) as error:
         print(f"dmlkit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

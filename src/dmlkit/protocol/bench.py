@@ -39,7 +39,7 @@ from ..training import (
     save_atomic,
 )
 from .config import TEST_METRICS, BenchConfig
-from .stats import Interval, confidence_interval
+from .stats import Interval, confidence_interval, short_value
 from .study import (
     Progress,
     base_seed,
@@ -367,10 +367,7 @@ def results_markdown(bench: BenchConfig, results: Sequence[MethodResult]) -> str
         )
     lines += ["", "Best hyperparameters (trial number, mean validation MAP@R over the folds):", ""]
     for result in results:
-        params = ", ".join(
-            f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}"
-            for k, v in result.params.items()
-        )
+        params = ", ".join(f"`{k}`={short_value(v)}" for k, v in result.params.items())
         lines.append(
             f"- **{result.method}** ({result.description}): trial {result.best_trial}, "
             f"{result.best_validation:.4f}; {params or 'no searched parameters'}"

@@ -43,6 +43,7 @@ from ..training import (
     config_from_dict,
 )
 from .config import BenchConfig
+from .stats import short_value
 
 Progress = Callable[[str], None]
 
@@ -256,7 +257,7 @@ def _objective(bench: BenchConfig, method: str, say: Progress) -> Callable[[optu
         if run_number(trial) != trial.number:
             label += f" (continues trial {run_number(trial)})"
         shown = ", ".join(
-            f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in params.items()
+            f"{key.rsplit('.', 1)[-1]}={short_value(value)}" for key, value in params.items()
         )
         say(f"{label}: {shown or 'no searched parameters'}")
         values = []
@@ -307,10 +308,6 @@ def base_seed(bench: BenchConfig) -> int:
 def target_trials(bench: BenchConfig, method: str) -> int:
     """Finished trials a method's search needs: one when nothing is searched."""
     return bench.protocol.trials if bench.methods[method].search else 1
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def tune_worker(

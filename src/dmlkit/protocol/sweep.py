@@ -46,6 +46,7 @@ MAX_VALUES = 1000  # a sweep trains a run per value and seed: more is surely a t
 _SET_BY_SWEEP = {
     "train.seed": "the sweep sets the seeds (its seeds argument)",
     "logging.run_dir": "the sweep sets each run's folder",
+    "validation.metric": "the best-validation column would mix metrics under one name",
 }
 _INTEGER = re.compile(r"[-+]?\d+")
 _WORDS = {"true": True, "false": False, "null": None}
@@ -187,7 +188,8 @@ def value_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """Whether a swept value is a number (a bool is not, though Python counts it as an int)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -198,14 +200,14 @@ def same_value(first: Any, second: Any) -> bool:
     (``True == 1`` in Python, but ``true`` and ``1`` are different settings), nor a string
     anything but a string.
     """
-    if _is_number(first) and _is_number(second):
+    if is_number(first) and is_number(second):
         return bool(first == second)
     return type(first) is type(second) and bool(first == second)
 
 
 def _folder_text(value: Any) -> str:
     """The value's text in its folder name: equal numbers share one (``0`` and ``0.0``)."""
-    if _is_number(value) and math.isfinite(value):
+    if is_number(value) and math.isfinite(value):
         if float(value).is_integer() and abs(value) < _INTEGER_NAMES:
             return str(int(value))
         return value_text(float(value))

@@ -113,11 +113,14 @@ class EmbeddingPanel:
         title: What the panel shows, e.g. ``"training classes"``.
         embeddings: (N, D) embeddings.
         labels: (N,) integer class labels, which colour the points.
+        sampled_from: When the embeddings are already a sample, the number of items they were
+            drawn from, stated in the title; None when they are all the items.
     """
 
     title: str
     embeddings: Tensor | np.ndarray
     labels: np.ndarray | Sequence[int]
+    sampled_from: int | None = None
 
 
 def _class_colours(n_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -228,13 +231,13 @@ def plot_embedding_maps(
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"panel {panel.title!r}: labels must be integers, got {labels.dtype}")
         rng = np.random.default_rng(seed)
-        total = points.shape[0]
-        if total > max_points:
-            keep = np.sort(rng.choice(total, size=max_points, replace=False))
+        if points.shape[0] > max_points:
+            keep = np.sort(rng.choice(points.shape[0], size=max_points, replace=False))
             points, labels = points[keep], labels[keep]
-            count = f"{max_points:,} of {total:,} points"
-        else:
-            count = f"{total:,} points"
+        total = max(panel.sampled_from or 0, len(np.asarray(panel.labels)))
+        count = (
+            f"{len(labels):,} of {total:,} points" if len(labels) < total else f"{total:,} points"
+        )
         coordinates, used = project_2d(points, method, seed)
         drawn.append((coordinates, labels, f"{panel.title}\n{used}, {count}"))
     # One colour per class across all panels: side by side, two panels' different classes

@@ -58,8 +58,9 @@ class ReportOptions:
     """What a report shows.
 
     Attributes:
-        checkpoint: The run's checkpoint file that embeds the data; None: ``best.pt``, or
-            ``last.pt`` when the run kept no best checkpoint (it was not validated).
+        checkpoint: The checkpoint that embeds the data: a path, or a file name in the run
+            folder; None: ``best.pt``, or ``last.pt`` when the run kept no best checkpoint (it
+            was not validated).
         queries: Test-item indices whose retrieval results are shown, besides the worst ones.
         worst: How many of the worst queries (lowest MAP@R) to show; 0 for none.
         k: Neighbours shown per query.
@@ -179,6 +180,8 @@ def write_report(
     say = say or (lambda _line: None)
     kind = report_kind(folder)
     path = Path(out) if out is not None else folder / "report.html"
+    if path.is_dir():
+        raise ValueError(f"the report's output {path} is a folder; give an .html file name")
     plots = folder / "plots" if out is None else path.with_name(f"{path.stem}_plots")
     builders = {"run": _run_report, "sweep": _sweep_report, "bench": _bench_report}
     title, sections = builders[kind](folder, plots, options, say)
@@ -257,12 +260,13 @@ def _run_summary(folder: Path, config: Any) -> Section:
 
 
 def _checkpoint(folder: Path, name: str | None) -> Path | None:
-    """The checkpoint to embed with; a named one must exist, the default falls back."""
+    """The checkpoint to embed with: a path as given, else a file of the run folder; a named one
+    must exist, the default falls back from best.pt to last.pt."""
     if name is not None:
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint {path}")
-        return path
+        for path in (Path(name), folder / name):
+            if path.is_file():
+                return path
+        raise FileNotFoundError(f"no checkpoint {name} (nor {folder / name})")
     for default in ("best.pt", "last.pt"):
         if (folder / default).is_file():
             return folder / default
@@ -297,7 +301,12 @@ def _run_embedding_sections(
     caption = f"Embeddings of the {checkpoint.name} model."
     maps = _map_section(
         [
-            EmbeddingPanel("training classes", train_embeddings, train_labels),
+            EmbeddingPanel(
+                "training classes",
+                train_embeddings,
+                train_labels,
+                sampled_from=len(data.train_eval),
+            ),
             EmbeddingPanel("held-out test classes", test_embeddings, test_labels),
         ],
         plots / "embeddings.png",
@@ -361,19 +370,24 @@ def _retrieval_section(
         (list(options.queries), "chosen", "Chosen queries"),
         (worst, "worst", "The worst queries (lowest MAP@R)"),
     ):
-        if rows:
-            path = plots / f"retrieval_{name}.png"
-            plot_retrieval_grid(image_of, labels, lists, rows, path, title=caption)
-            section.figures.append(Figure(path, caption))
-    if options.queries:
-        chosen = lists.average_precision[list(options.queries)]
+        if not rows:
+            continue
+        path = plots / f"retrieval_{name}.png"
+        plot_retrieval_grid(image_of, labels, lists, rows, path, title=caption)
+        section.figures.append(Figure(path, caption))
         section.tables.append(
             Table(
-                ["query", "class", "MAP@R"],
+                ["query", "class", "MAP@R", f"correct in the top {k}"],
                 [
-                    [str(q), str(int(labels[q])), _number(float(v))]
-                    for q, v in zip(options.queries, chosen, strict=True)
+                    [
+                        str(int(lists.queries[row])),
+                        str(int(labels[lists.queries[row]])),
+                        _number(float(lists.average_precision[row])),
+                        str(int(lists.correct[row].sum())),
+                    ]
+                    for row in rows
                 ],
+                f"{caption}: test-item index, class, its MAP@R.",
             )
         )
     return section
@@ -409,7 +423,7 @@ def _sweep_report(
     plot.figures.append(
         Figure(path, f"Final test metrics and training curves against {result.key}.")
     )
-    config = yaml.safe_dump(_read_json(folder / "sweep.json").get("config", {}), sort_keys=False)
+    config = yaml.safe_dump(result.config.to_dict(), sort_keys=False)
     return f"dmlkit sweep of {result.key}", [summary, plot, Section("Base config", code=config)]
 
 
@@ -420,6 +434,7 @@ def _bench_report(
     folder: Path, plots: Path, options: ReportOptions, say: Say
 ) -> tuple[str, list[Section]]:
     from ..protocol import rerun_dir
+    from ..protocol.stats import short_value
 
     results = _read_json(folder / "results.json")
     protocol = results.get("protocol", {})
@@ -456,7 +471,7 @@ def _bench_report(
         section.tables.append(
             Table(
                 ["hyperparameter", "best value"],
-                [[key, _parameter(value)] for key, value in params.items()],
+                [[key, short_value(value)] for key, value in params.items()],
                 f"Trial {method['best_trial']} of {method['trials']}.",
             )
         )
@@ -619,12 +634,7 @@ def _number(value: object) -> str:
     return str(value)
 
 
-def _parameter(value: object) -> str:
-    """A hyperparameter's value: 4 significant digits, so 1e-05 does not read as 0.0000."""
-    if isinstance(value, float) and not isinstance(value, bool):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _interval(summary: Mapping[str, Any]) -> str:
-    return f"{summary['mean']:.4f} ± {summary['half_width']:.4f}"
+    from ..protocol.stats import Interval
+
+    return str(Interval(summary["mean"], summary["half_width"], summary["n"]))

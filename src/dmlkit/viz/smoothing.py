@@ -18,7 +18,9 @@ def moving_average(values: Sequence[float] | np.ndarray, window: int) -> np.ndar
     side as the nearer edge leaves (the first and last points are their own average). A plain
     convolution would pad with zeros and drag both ends towards 0; a window cut on one side only
     would bias the ends towards the interior, flattening the steep start of a loss curve. With
-    the symmetric shrink a linear series is unchanged everywhere. Non-finite values are left out:
+    the symmetric shrink and an odd window a linear series is unchanged everywhere (an even
+    window centres half a step to the right, except near the edges). Non-finite values are left
+    out:
     each point is the sum of its window's finite values divided by their count.
 
     Args:

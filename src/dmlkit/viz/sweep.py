@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from ..protocol.sweep import SweepResult
 
-# Values spanning more than this ratio (two decades) get a logarithmic axis.
+# Values spanning this ratio (two decades: 1e-4, 1e-3, 1e-2) or more get a logarithmic axis.
 _LOG_SPAN = 100.0
 # Curves spanning more than this factor get a log axis.
 _LOSS_LOG_SPAN = 1e3
@@ -42,10 +42,6 @@ def _mean_curve(run_dirs: Sequence[Path], log: str, column: str) -> tuple[np.nda
     steps = sorted(set.intersection(*(set(curve) for curve in curves)))
     values = np.mean([[curve[step] for step in steps] for curve in curves], axis=0)
     return np.array(steps), values
-
-
-def _is_numeric(values: Sequence[Any]) -> bool:
-    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
 
 
 def _note_text(lines: Sequence[str]) -> str:
@@ -182,8 +178,6 @@ def _why_no_curve(result: SweepResult, value: Any, log: str, column: str) -> str
     return "its seeds logged no step in common"
 
 
-
-
 def _curves_panel(
     axis: Axes,
     result: SweepResult,
@@ -267,15 +261,15 @@ def plot_sweep(
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
 
-    from ..protocol.sweep import BEST_VALIDATION
+    from ..protocol.sweep import BEST_VALIDATION, is_number
 
     if smoothing is not None and (
         isinstance(smoothing, bool) or not isinstance(smoothing, int) or smoothing < 1
     ):
         raise ValueError(f"smoothing must be a window of at least 1 point, got {smoothing!r}")
-    numeric = _is_numeric(result.values)
+    numeric = all(is_number(v) for v in result.values)
     positive = numeric and all(value > 0 for value in result.values)
-    log_axis = positive and max(result.values) / min(result.values) > _LOG_SPAN
+    log_axis = positive and max(result.values) / min(result.values) >= _LOG_SPAN
     positions = [
         float(value) if numeric else float(index) for index, value in enumerate(result.values)
     ]
