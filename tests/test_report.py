@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -371,3 +372,24 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     assert (pixels < 250).any(axis=2).mean() > 0.02, "the page rendered blank"
     assert _coloured_fraction(text_only) < 0.002
     assert _coloured_fraction(pixels) > 0.004, "the embedded plots did not render"
+
+
+@pytest.mark.umap
+def test_report_maps_with_umap_by_default(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dmlkit.viz import embedding_map
+
+    used: list[str] = []
+    project = embedding_map.project_2d
+
+    def recorded(*args: Any, **kwargs: Any) -> tuple[np.ndarray, str]:
+        coordinates, method = project(*args, **kwargs)
+        used.append(method)
+        return coordinates, method
+
+    monkeypatch.setattr(embedding_map, "project_2d", recorded)
+    out = tmp_path / "page.html"
+    assert main(["report", str(run_dir), "--out", str(out), "--worst", "1"]) == 0
+    assert used == ["UMAP", "UMAP"]  # the training and the held-out classes
+    assert len(_parse(out).images) == 3
