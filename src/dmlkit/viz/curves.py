@@ -6,6 +6,7 @@ import csv
 import math
 from pathlib import Path
 
+from ..evaluation import metric_label
 from .smoothing import auto_window, moving_average
 
 # How visible the raw curve stays behind its moving average.
@@ -96,7 +97,8 @@ def plot_training_log(
     validation = read_log(run_dir / "validation.csv")
     if validation:
         metrics = [k for k in validation[0] if k not in ("step", "epoch")]
-        panels.append(("validation", {m: log_series(validation, m) for m in metrics}, False, None))
+        lines = {metric_label(m): log_series(validation, m) for m in metrics}
+        panels.append(("validation", lines, False, None))
     n_rows = math.ceil(len(panels) / 2)
     figure, axes = plt.subplots(n_rows, 2, figsize=(11, 3.0 * n_rows), squeeze=False)
     for axis, (title, lines, log_scale, panel_window) in zip(axes.flat, panels, strict=False):

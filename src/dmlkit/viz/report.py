@@ -532,8 +532,9 @@ body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200p
 h1 { font-size: 1.6em; margin-bottom: 0.1em; }
 h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
 .meta { color: #666; font-size: 0.9em; }
-table { border-collapse: collapse; margin: 0.8em 0; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
+table { border-collapse: collapse; margin: 0.8em 0; font-variant-numeric: tabular-nums;
+        display: block; max-width: 100%; overflow-x: auto; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
 caption { caption-side: top; text-align: left; color: #555; padding-bottom: 0.3em; }
