@@ -51,8 +51,10 @@ bench-ddtas: setup
 # The study, its runs and checkpoints stay in build/; only the tables and plots are kept.
 bench-protocol: setup
 	$(BIN)/dmlkit bench digits --out build/bench-digits
+	$(BIN)/dmlkit report build/bench-digits
 	mkdir -p benchmarks/results/protocol_digits
-	cp build/bench-digits/results.* build/bench-digits/plots/*.png benchmarks/results/protocol_digits/
+	cp build/bench-digits/results.* build/bench-digits/plots/*_history.png \
+	  build/bench-digits/report.html benchmarks/results/protocol_digits/
 
 # Margin sensitivity of the triplet and circle losses on CUB (cached MobileNetV2 features, a
 # linear head): 7 margins × 3 seeds each. Runs stay in build/; tables, plots and reports are kept.
