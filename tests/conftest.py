@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -24,3 +26,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     noise = 8 * torch.finfo(actual.dtype).eps
     torch.testing.assert_close(actual.detach(), expected, rtol=rtol, atol=max(rtol * scale, noise))
+
+
+@pytest.fixture
+def closed_figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """The figures the plotting functions close, kept open for inspection, then closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    real_close = plt.close
+    captured: list[Any] = []
+    monkeypatch.setattr(plt, "close", captured.append)
+    yield captured
+    for figure in captured:
+        real_close(figure)

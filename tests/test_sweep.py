@@ -12,14 +12,13 @@ import math
 import re
 import shutil
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib import colormaps
@@ -107,17 +106,6 @@ def margin_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[SweepResult,
     lines: list[str] = []
     out = tmp_path_factory.mktemp("sweep") / "margin"
     return run_sweep(_config(), KEY, MARGINS, out, seeds=2, say=lines.append), lines
-
-
-@pytest.fixture
-def closed_figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """The figures the plotting functions close, kept open for inspection, then closed."""
-    real_close = plt.close
-    captured: list[Any] = []
-    monkeypatch.setattr(plt, "close", captured.append)
-    yield captured
-    for figure in captured:
-        real_close(figure)
 
 
 def _panel(figure: Any, title: str) -> Axes:

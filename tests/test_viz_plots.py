@@ -9,14 +9,12 @@ from __future__ import annotations
 import csv
 import math
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -52,17 +50,6 @@ def assert_valid_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> tupl
     assert width >= min_size[0] and height >= min_size[1]
     assert width <= 5000 and height <= 5000
     return width, height
-
-
-@pytest.fixture
-def closed_figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """The figures the plotting functions close, kept open for inspection, then closed."""
-    real_close = plt.close
-    captured: list[Any] = []
-    monkeypatch.setattr(plt, "close", captured.append)
-    yield captured
-    for figure in captured:
-        real_close(figure)
 
 
 def blobs(

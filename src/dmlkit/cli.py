@@ -184,6 +184,10 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_overrides(command: argparse.ArgumentParser, text: str) -> None:
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmlkit",
@@ -199,13 +203,7 @@ def _parser() -> argparse.ArgumentParser:
         "digits default without one), printing held-out retrieval metrics before and after.",
     )
     train.add_argument("config", nargs="?", help="YAML config (see configs/); default: digits")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set optimizer.lr=1e-5 (repeatable)",
-    )
+    _add_overrides(train, "override a config field, e.g. --set optimizer.lr=1e-5 (repeatable)")
     train.add_argument("--run-dir", help="output folder (default: logging.run_dir or runs/<time>)")
     train.add_argument(
         "--resume", action="store_true", help="continue exactly from <run dir>/last.pt"
@@ -249,13 +247,7 @@ def _parser() -> argparse.ArgumentParser:
         help="START:STOP:STEP (STOP included), e.g. 0.4:1.0:0.1, or a list, e.g. 0.1,0.3,1",
     )
     sweep.add_argument("--seeds", type=int, default=1, help="runs per value (seed, seed+1, ...)")
-    sweep.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set loss.name=CircleLoss (repeatable)",
-    )
+    _add_overrides(sweep, "override a config field, e.g. --set loss.name=CircleLoss (repeatable)")
     sweep.add_argument("--out", help="output folder (default: runs/sweep-<KEY>)")
     sweep.add_argument("--smooth", type=int, help="moving-average window of the loss curves")
     sweep.set_defaults(handler=_sweep)
@@ -281,12 +273,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--method", action="append", help="only this method (repeatable; default: all)"
         )
-        command.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override protocol.* or training.*, e.g. --set training.train.max_steps=100",
+        _add_overrides(
+            command, "override protocol.* or training.*, e.g. --set training.train.max_steps=100"
         )
         command.add_argument("--trials", type=int, help="finished trials per method")
         command.add_argument("--workers", type=int, help="local worker processes")
