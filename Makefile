@@ -6,6 +6,8 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
+# The real data (Omniglot, the CUB subset, MobileNetV2 weights) beside the repository unless set.
+export DMLKIT_DATA ?= $(abspath ../shared/data)
 
 .PHONY: setup train demo test test-umap lint bench bench-eval bench-train bench-ddtas bench-protocol \
 	bench-sweep

@@ -8,7 +8,7 @@ Methods:
   base), then with static ASMS (+ASMS, γ 0.1 / 0.01), with AT-ASMS (+AT-ASMS, the released
   runnable configuration), the base with the Online Threshold Generator (+OTG, closed form, joint
   normalisation as released), and full DDTAS (AT-ASMS + OTG); full DDTAS with the OTG's
-  separate normalisation (a deviation, ddtas.md §5.4) is an extra row;
+  separate normalisation (a deviation, docs/ddtas.md §5.4) is an extra row;
 - baselines: the multi-similarity loss with its miner, the triplet loss with semi-hard mining and
   the contrastive loss.
 
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from dmlkit.protocol import confidence_interval
-from dmlkit.training import Trainer, load_config, shared_data_dir
+from dmlkit.training import Trainer, load_config, real_data_dir
 from dmlkit.viz import plot_training_log
 from training import SETUPS as TRAINING_SETUPS
 from training import add_cache_dir_option
@@ -74,20 +74,20 @@ METHODS: dict[str, list[str]] = {
         *SOFT_CONTRASTIVE,
         "miner.name=MultiSimilarityMiner",
         "miner.options={epsilon: 0.1}",
-        "method=ddtas",
+        "objective.name=DDTASObjective",
     ],
     "full DDTAS (AT-ASMS + OTG)": [
         *SOFT_CONTRASTIVE,
         "miner.name=ATASMSMiner",
         "miner.options={epsilon: 0.1}",
-        "method=ddtas",
+        "objective.name=DDTASObjective",
     ],
     "full DDTAS, separate OTG normalisation": [
         *SOFT_CONTRASTIVE,
         "miner.name=ATASMSMiner",
         "miner.options={epsilon: 0.1}",
-        "method=ddtas",
-        "ddtas.normalization=separate",
+        "objective.name=DDTASObjective",
+        "objective.options.normalization=separate",
     ],
     "multi-similarity loss + miner": [
         "loss.name=MultiSimilarityLoss",
@@ -138,7 +138,7 @@ SETUPS: dict[str, dict[str, Any]] = {
 def run(
     setups: list[str], methods: list[str], seeds: list[int], workdir: Path, cache: Path, out: Path
 ) -> dict[str, Any]:
-    data_dir = shared_data_dir()
+    data_dir = real_data_dir()
     pretrained = data_dir / "mobilenet_v2_imagenet" / "mobilenet_v2-b0353104.pth"
     results: dict[str, Any] = {"seeds": seeds, "rows": []}
     for name in setups:

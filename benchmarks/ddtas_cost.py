@@ -6,8 +6,9 @@ included:
 - **plain**: embed, AT-ASMS mining, Soft Contrastive loss, backward, Adam;
 - **DDTAS without OTG**: the same through the :class:`~dmlkit.ddtas.DDTAS` object;
 - **OTG, closed form**: plus one backward pass on a 5 × 2 meta batch and a forward-mode
-  Jacobian-vector product carried on the training forward pass (ddtas.md §5.3);
-- **OTG, double backward**: the literal virtual step (ddtas.md §5.1) through ``functional_call``.
+  Jacobian-vector product carried on the training forward pass (docs/ddtas.md §5.3);
+- **OTG, double backward**: the literal virtual step (docs/ddtas.md §5.1) through
+  ``functional_call``.
 
 Two models: the linear 128-d head on 1280-d MobileNetV2-sized features (the cub100_subset
 set-up), and the small ConvNet on 28×28 grey images (the Omniglot set-up) with live BatchNorm.

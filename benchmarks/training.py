@@ -16,8 +16,9 @@ the head's, and the one-off feature extraction is reported separately.
 
 Run ``python benchmarks/training.py`` (about 20 minutes on 2 cores, 7 of them extracting the CUB
 features once; they are kept in ``build/feature_cache``). Results go to
-``benchmarks/results/training_cpu.{md,json}``. The shared data folder is ``../shared/data`` or
-``$DMLKIT_DATA``; a set-up whose data is absent is skipped with a message.
+``benchmarks/results/training_cpu.{md,json}``. The real-data folder is
+``$DMLKIT_DATA`` (the Makefile sets ``../shared/data``); a set-up whose data is absent is skipped
+with a message.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from dmlkit.evaluation import evaluate
 from dmlkit.models import load_feature_cache
-from dmlkit.training import Trainer, load_config, shared_data_dir
+from dmlkit.training import Trainer, load_config, real_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -98,7 +99,7 @@ def _row(name: str, loss: str, result: Any, seconds: float) -> dict[str, Any]:
 
 
 def run(setups: list[str], seed: int, workdir: Path, cache: Path) -> dict[str, Any]:
-    data_dir = shared_data_dir()
+    data_dir = real_data_dir()
     pretrained = data_dir / "mobilenet_v2_imagenet" / "mobilenet_v2-b0353104.pth"
     rows: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""Inputs of the DDTAS spec's hand-checked cases (../shared/docs/ddtas.md), shared by the tests."""
+"""Inputs of the DDTAS spec's hand-checked cases (docs/ddtas.md), shared by the tests."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ variable DMLKIT_DATA); the tests skip when it is absent.
 
 from __future__ import annotations
 
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -16,10 +15,9 @@ import pytest
 import torch
 
 from dmlkit.data import ArrayDataset, cub100_subset, omniglot
+from real_data import REAL_DATA
 
-SHARED = Path(
-    os.environ.get("DMLKIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+SHARED = REAL_DATA
 
 
 def _shared(name: str, what: str) -> Path:

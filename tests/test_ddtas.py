@@ -1,4 +1,4 @@
-"""DDTAS mining and loss against the spec's hand-checked values (ddtas.md §10: T1–T4, T10)."""
+"""DDTAS mining and loss against the hand-checked values of docs/ddtas.md §10 (T1–T4, T10)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ddtas_spec import T2_LABELS, T2_S
 from dmlkit.functional.mining import tolerances_from_ratio
 from dmlkit.losses import SoftContrastiveLoss
 from dmlkit.miners import ASMSMiner, ATASMSMiner, MultiSimilarityMiner
+from dmlkit.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 
 T1_LABELS = torch.tensor([0, 0, 1, 1])
 T1_UPPER = {(0, 1): 0.50, (0, 2): 0.55, (0, 3): 0.20, (1, 2): 0.45, (1, 3): 0.48, (2, 3): 0.70}
@@ -62,13 +63,19 @@ def test_t1_asms_versus_symmetric_ms(dtype: torch.dtype) -> None:
     assert loss.item() == pytest.approx(0.2282847592, rel=1e-6)
     expected = (math.log1p(math.exp(0.4)) + 0.05 * math.log1p(math.exp(-6))) / 4
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # The released reduction is the mean over all 4 anchors; other reducers see the same
+    # per-anchor losses (anchor 0's, and 0 for the 3 skipped ones).
+    for reducer, factor in ((MeanReducer(), 1), (SumReducer(), 4), (AvgNonZeroReducer(), 4)):
+        value = SoftContrastiveLoss(reducer=reducer)(emb, T1_LABELS, at_indices).item()
+        assert value == pytest.approx(factor * expected, rel=1e-6)
 
 
 def test_t1_gradients_with_respect_to_similarities() -> None:
     sim = _sim_from_upper(4, T1_UPPER)
     keep_pos, keep_neg = F.asymmetric_mining_masks(sim, *F.label_weights(T1_LABELS), 0.1, 0.01)
     sim.requires_grad_(True)
-    loss = F.soft_contrastive_loss(sim, F.PairWeights(keep_pos, keep_neg))
+    pairs = F.PairIndices.from_masks(keep_pos, keep_neg)
+    loss = F.soft_contrastive_loss(sim, pairs, reducer=MeanReducer())
     (grad,) = torch.autograd.grad(loss, sim)
     assert grad[0, 1].item() == pytest.approx(-0.2993438, abs=5e-8)
     assert grad[0, 2].item() == pytest.approx(0.0012363, abs=5e-8)
@@ -150,9 +157,9 @@ def test_t2_per_anchor_terms() -> None:
 )
 def test_t3_single_pair_values(pos_sim: float, neg_sim: float, expected: float) -> None:
     sim = torch.tensor([[pos_sim, neg_sim]], dtype=torch.float64)
-    pairs = F.PairWeights(torch.tensor([[True, False]]), torch.tensor([[False, True]]))
+    pairs = F.PairIndices.from_lists(*(torch.tensor([k]) for k in (0, 0, 0, 1)))
     negligible = 0.05 * math.log1p(math.exp(40 * (-1.7)))
-    loss = F.soft_contrastive_loss(sim, pairs).item()
+    loss = F.soft_contrastive_loss(sim, pairs, reducer=MeanReducer()).item()
     assert loss == pytest.approx(expected + (negligible if neg_sim == -1.0 else 0), abs=2e-6)
 
 

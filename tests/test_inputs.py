@@ -8,28 +8,10 @@ import torch
 
 import dmlkit.losses as dl
 import dmlkit.miners as dm
+from components import ALL_LOSSES, ALL_MINERS
+from dmlkit.distances import CosineSimilarity, DotProductSimilarity, LpDistance
+from dmlkit.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 
-ALL_LOSSES = [
-    dl.ContrastiveLoss,
-    dl.TripletMarginLoss,
-    dl.NPairsLoss,
-    dl.CircleLoss,
-    dl.MultiSimilarityLoss,
-    dl.LiftedStructureLoss,
-    dl.GeneralizedLiftedStructureLoss,
-    dl.NTXentLoss,
-    dl.SupConLoss,
-    dl.SoftContrastiveLoss,
-    dl.SoftWeightedTripletLoss,
-]
-ALL_MINERS = [
-    dm.TripletMarginMiner,
-    dm.BatchHardMiner,
-    dm.MultiSimilarityMiner,
-    dm.PairMarginMiner,
-    dm.ASMSMiner,
-    dm.ATASMSMiner,
-]
 CALLABLES = ALL_LOSSES + ALL_MINERS
 
 
@@ -247,3 +229,41 @@ def test_masked_logsumexp_fractional_weights() -> None:
     assert nonempty.tolist() == [[1.0], [1.0]]
     lse1, _ = masked_logsumexp(x, w, add_one=True)
     torch.testing.assert_close(lse1, torch.log1p((w * x.exp()).sum(1, keepdim=True)))
+
+
+PML_DEFAULT_REDUCERS = {
+    dl.ContrastiveLoss: AvgNonZeroReducer(),
+    dl.TripletMarginLoss: AvgNonZeroReducer(),
+    dl.CircleLoss: AvgNonZeroReducer(),
+    dl.SupConLoss: AvgNonZeroReducer(),
+}
+
+
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+def test_every_loss_shows_the_reducer_it_uses(loss_cls) -> None:
+    expected = PML_DEFAULT_REDUCERS.get(loss_cls, MeanReducer())
+    assert loss_cls().reducer == expected == loss_cls.default_reducer()
+    assert loss_cls(reducer=SumReducer()).reducer == SumReducer()
+    # The reducer shown is the one applied: passing it explicitly changes nothing.
+    emb, labels = _batch(12)
+    torch.testing.assert_close(loss_cls(reducer=expected)(emb, labels), loss_cls()(emb, labels))
+
+
+SIMILARITY_ONLY = {dl.SoftContrastiveLoss, dm.ASMSMiner, dm.ATASMSMiner}
+
+
+@pytest.mark.parametrize("factory", CALLABLES, ids=lambda c: c.__name__)
+def test_similarity_requirement_is_checked_at_construction(factory) -> None:
+    if factory is dl.CircleLoss:
+        assert factory.requires_similarity is CosineSimilarity
+        with pytest.raises(ValueError, match="CircleLoss requires CosineSimilarity, got Dot"):
+            factory(distance=DotProductSimilarity())
+    elif factory in SIMILARITY_ONLY:
+        assert factory.requires_similarity is True
+        factory(distance=DotProductSimilarity(normalize_embeddings=False))
+        with pytest.raises(ValueError, match=f"{factory.__name__} needs a similarity .*LpDistance"):
+            factory(distance=LpDistance())
+    else:
+        assert factory.requires_similarity is False
+        factory(distance=LpDistance(power=2))
+        factory(distance=DotProductSimilarity())

@@ -8,7 +8,6 @@ which is unusable on these machines); it is exercised with a stand-in ``timm`` m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import types
 from collections.abc import Callable
@@ -40,10 +39,9 @@ from dmlkit.models import (
     timm_backbone,
 )
 from dmlkit.models import cache as cache_module
+from real_data import REAL_DATA
 
-SHARED_DATA = Path(
-    os.environ.get("DMLKIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+SHARED_DATA = REAL_DATA
 MOBILENET_CHECKPOINT = SHARED_DATA / "mobilenet_v2_imagenet" / "mobilenet_v2-b0353104.pth"
 CUB_IMAGES = SHARED_DATA / "cub100_subset" / "images"
 # CUB species that are ImageNet-1k classes (see ../shared/data/mobilenet_v2_imagenet/README.md).
@@ -95,30 +93,36 @@ def test_list_backbones() -> None:
 
 
 def test_unknown_backbone_names_known_ones_and_suggests_the_closest() -> None:
-    with pytest.raises(ValueError, match=r"\(did you mean 'resnet18'\?\)") as info:
+    with pytest.raises(ValueError, match=r"did you mean 'resnet18'\?") as info:
         create_backbone("resnet_18")
     for name in list_backbones():
         assert name in str(info.value)
     assert "timm:<model name>" in str(info.value)
-    with pytest.raises(ValueError, match=r"unknown backbone 'zzz'\. Known") as info:
+    with pytest.raises(ValueError, match=r"unknown backbone 'zzz'"):
         create_backbone("zzz")
     with pytest.raises(TypeError, match="must be a str"):
         create_backbone(18)  # type: ignore[arg-type]
 
 
 def test_unknown_backbone_option_is_rejected_with_the_accepted_ones() -> None:
-    with pytest.raises(ValueError, match=r"'convnet' does not accept option\(s\) num_classes; "):
+    with pytest.raises(ValueError, match=r"convnet has no option 'num_classes'"):
         create_backbone("convnet", num_classes=10)
-    with pytest.raises(ValueError, match="it accepts: width, depth"):
+    with pytest.raises(ValueError, match=r"did you mean 'width'\? Valid: in_channels, width"):
         create_backbone("convnet", widht=8)
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("in_channels", 0), ("width", -1), ("depth", 1.5), ("num_classes", 0)]
+    ("name", "value", "message"),
+    [
+        ("in_channels", 0, "in_channels must be a positive integer"),
+        ("width", -1, "width must be a positive integer"),
+        ("depth", 1.5, "depth: expected an integer, got 1.5"),
+        ("num_classes", 0, "num_classes must be a positive integer"),
+    ],
 )
-def test_invalid_backbone_options(name: str, value: object) -> None:
+def test_invalid_backbone_options(name: str, value: object, message: str) -> None:
     backbone = "resnet18" if name == "num_classes" else "convnet"
-    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+    with pytest.raises(ValueError, match=message):
         create_backbone(backbone, **{name: value})
 
 

@@ -349,3 +349,23 @@ def test_miner_matches_pml(name: str, layout: str, dtype: torch.dtype) -> None:
     if name.startswith(("triplet", "pair_margin")):
         for a, b in zip(mine, reference, strict=True):
             assert torch.equal(a, b.long())
+
+
+def test_every_registered_class_that_pml_has_is_compared_with_pml() -> None:
+    """A loss or miner registered under a name PML also has cannot escape the comparisons
+    above: at least one of their cases must build it."""
+    from dmlkit.registry import LOSSES as LOSS_REGISTRY
+    from dmlkit.registry import MINERS as MINER_REGISTRY
+
+    compared_losses = {type(make(False)[0]).__name__ for make in LOSSES.values()}
+    compared_miners = {type(ours(**kwargs)).__name__ for ours, _, kwargs in MINER_PAIRS.values()}
+    missing = [
+        name
+        for name in LOSS_REGISTRY.names()
+        if hasattr(pml_losses, name) and name not in compared_losses
+    ] + [
+        name
+        for name in MINER_REGISTRY.names()
+        if hasattr(pml_miners, name) and name not in compared_miners
+    ]
+    assert not missing, f"no PML parity case builds {missing}"

@@ -27,6 +27,7 @@ from dmlkit.training import (
     load_config,
     save_atomic,
 )
+from real_data import REAL_DATA
 from run_helpers import StopTrainingError, log_without_timing, stop_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +291,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_shipped_omniglot_config_runs_a_step(tmp_path: Path) -> None:
-    data = Path(os.environ.get("DMLKIT_DATA", ROOT.parent / "shared" / "data")) / "omniglot"
+    data = REAL_DATA / "omniglot"
     if not data.is_dir():
         pytest.skip(f"{data} not found; Omniglot config test skipped")
     config = load_config(

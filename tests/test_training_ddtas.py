@@ -1,6 +1,7 @@
-"""``method: ddtas`` in the trainer: the logged thresholds, the plot, exact resume with meta
-batches, equivalence with the standard path without the OTG, config errors, and the shipped
-recipe configs."""
+"""DDTAS through the objective interface (``objective: {name: DDTASObjective}``): the same
+weights as the trainer that special-cased it, the logged thresholds, the plot, exact resume with
+meta batches, equivalence with the standard objective without the OTG, config errors, and the
+shipped recipe configs."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from dmlkit.cli import main
-from dmlkit.ddtas import DDTAS
 from dmlkit.miners import ATASMSMiner
+from dmlkit.objectives import DDTASObjective, MetricLossObjective
 from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
 from dmlkit.viz import plot_training_log
 from run_helpers import StopTrainingError, stop_at
@@ -30,7 +31,7 @@ FAST = [
     "loss.name=SoftContrastiveLoss",
     "miner.name=ATASMSMiner",
 ]
-DDTAS_ON = [*FAST, "method=ddtas"]
+DDTAS_ON = [*FAST, "objective.name=DDTASObjective"]
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -115,9 +116,10 @@ def test_without_the_otg_it_is_the_standard_miner_and_loss(tmp_path: Path) -> No
     (about lr·sign(g)) turn float rounding in near-zero gradients into visible differences."""
     steps = [*FAST, "train.max_steps=4"]
     Trainer(load_config(None, steps), tmp_path / "standard").fit()
-    off = [*steps, "method=ddtas", "ddtas.otg=false"]
+    off = [*steps, "objective.name=DDTASObjective", "objective.options.otg=false"]
+    assert isinstance(Trainer(load_config(None, steps)).objective, MetricLossObjective)
     trainer = Trainer(load_config(None, off), tmp_path / "ddtas")
-    assert isinstance(trainer.ddtas, DDTAS) and trainer.ddtas.otg is None
+    assert isinstance(trainer.objective, DDTASObjective) and trainer.objective.method.otg is None
     trainer.fit()
     standard = _rows(tmp_path / "standard" / "train.csv")
     ddtas = _rows(tmp_path / "ddtas" / "train.csv")
@@ -128,13 +130,13 @@ def test_without_the_otg_it_is_the_standard_miner_and_loss(tmp_path: Path) -> No
 
 
 def test_virtual_lr_defaults_to_the_optimiser_lr() -> None:
-    trainer = Trainer(load_config(None, [*DDTAS_ON, "optimizer.lr=3e-4"]))
-    assert trainer.ddtas is not None and trainer.ddtas.otg is not None
-    assert trainer.ddtas.otg.virtual_lr == 3e-4
-    assert isinstance(trainer.ddtas.miner, ATASMSMiner)
-    own = Trainer(load_config(None, [*DDTAS_ON, "ddtas.virtual_lr=0.01"]))
-    assert own.ddtas is not None and own.ddtas.otg is not None
-    assert own.ddtas.otg.virtual_lr == 0.01
+    objective = Trainer(load_config(None, [*DDTAS_ON, "optimizer.lr=3e-4"])).objective
+    assert isinstance(objective, DDTASObjective) and objective.method.otg is not None
+    assert objective.method.otg.virtual_lr == 3e-4
+    assert isinstance(objective.method.miner, ATASMSMiner)
+    own = Trainer(load_config(None, [*DDTAS_ON, "objective.options.virtual_lr=0.01"])).objective
+    assert isinstance(own, DDTASObjective) and own.method.otg is not None
+    assert own.method.otg.virtual_lr == 0.01
 
 
 def test_bad_ddtas_settings_are_config_errors() -> None:
@@ -142,38 +144,40 @@ def test_bad_ddtas_settings_are_config_errors() -> None:
         (["loss.name=MultiSimilarityLoss"], "set loss.name to SoftContrastiveLoss"),
         (["miner.name=TripletMarginMiner"], "needs miner.name ATASMSMiner"),
         (["miner.name=null"], "needs miner.name ATASMSMiner, ASMSMiner or MultiSimilarityMiner"),
-        (["ddtas.reading=additive"], "use method='double_backward'"),
-        (["ddtas.virtual_lr=-1"], "virtual_lr must be a positive number"),
+        (["objective.options.reading=additive"], "use method='double_backward'"),
+        (["objective.options.virtual_lr=-1"], "virtual_lr must be a positive number"),
+        (["train.device=cpu", "objective.options.meta_samples=0"], "meta_samples at least 2"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             Trainer(load_config(None, [*DDTAS_ON, *overrides]))
-    with pytest.raises(ConfigError, match=r"ddtas\.meta_samples must be at least 1"):
-        load_config(None, [*DDTAS_ON, "ddtas.meta_samples=0"])
-    with pytest.raises(ConfigError, match=r"ddtas\.normalization: 'both' is not one of"):
-        load_config(None, [*DDTAS_ON, "ddtas.normalization=both"])
-    with pytest.raises(ConfigError, match=r"'methd'.*did you mean 'method'"):
-        load_config(None, ["methd=ddtas"])
+    with pytest.raises(ConfigError, match=r"objective\.options\.normalization: 'both' is not one"):
+        load_config(None, [*DDTAS_ON, "objective.options.normalization=both"])
+    with pytest.raises(ConfigError, match=r"objective\.name: unknown objective 'DDTAS'; did you"):
+        load_config(None, [*FAST, "objective.name=DDTAS"])
 
 
 @pytest.mark.parametrize("name", ["cub200", "cars196", "sop"])
 def test_recipe_configs_build_the_full_method(name: str) -> None:
     config = load_config(ROOT / "configs" / f"{name}_ddtas.yaml")
-    assert config.method == "ddtas"
-    assert config.ddtas.otg
+    assert config.objective.name == "DDTASObjective"
+    assert config.objective.options["otg"]
     assert config.loss.name == "SoftContrastiveLoss"
     assert config.miner.name == "ATASMSMiner"
     # SOP too: the script's 10 × 1 meta batch has no positive pair, so every step would skip.
-    assert (config.ddtas.meta_classes, config.ddtas.meta_samples) == (5, 2)
+    options = config.objective.options
+    assert (options["meta_classes"], options["meta_samples"]) == (5, 2)
     assert config.model.pooling == ("avgmax" if name == "sop" else "max")
 
 
 def test_meta_batches_need_positive_pairs_and_enough_classes() -> None:
-    with pytest.raises(ConfigError, match=r"ddtas\.meta_samples must be at least 2 with the OTG"):
-        load_config(None, [*DDTAS_ON, "ddtas.meta_samples=1"])
-    load_config(None, [*DDTAS_ON, "ddtas.meta_samples=1", "ddtas.otg=false"])  # no meta batch
-    with pytest.raises(ConfigError, match=r"ddtas\.meta_classes / meta_samples"):
-        Trainer(load_config(None, [*DDTAS_ON, "ddtas.meta_classes=50"]))
+    with pytest.raises(ConfigError, match=r"meta_samples at least 2 with the OTG, got 5 and 1"):
+        Trainer(load_config(None, [*DDTAS_ON, "objective.options.meta_samples=1"]))
+    no_meta_batch = ["objective.options.meta_samples=1", "objective.options.otg=false"]
+    Trainer(load_config(None, [*DDTAS_ON, *no_meta_batch]))
+    too_many = r"DDTASObjective: meta batches \(meta_classes, meta_samples\): classes_per_batch=50"
+    with pytest.raises(ConfigError, match=too_many):
+        Trainer(load_config(None, [*DDTAS_ON, "objective.options.meta_classes=50"]))
 
 
 def test_skipped_steps_are_logged_cumulatively_whatever_the_logging_interval(
@@ -183,7 +187,13 @@ def test_skipped_steps_are_logged_cumulatively_whatever_the_logging_interval(
     loss counts): every step is skipped, and the log's cumulative count says so even when only
     every other step is logged."""
     config = load_config(
-        None, [*DDTAS_ON, "ddtas.meta_classes=1", "logging.log_every=2", "train.max_steps=4"]
+        None,
+        [
+            *DDTAS_ON,
+            "objective.options.meta_classes=1",
+            "logging.log_every=2",
+            "train.max_steps=4",
+        ],
     )
     trainer = Trainer(config, tmp_path)
     start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -197,16 +207,51 @@ def test_skipped_steps_are_logged_cumulatively_whatever_the_logging_interval(
         assert torch.equal(p, start[name]), name
 
 
-def test_resume_accepts_a_checkpoint_written_before_the_ddtas_settings_existed(
+# Weights of the trainer that special-cased DDTAS (commit 6175339, before the objective
+# interface) on our CPU machines (OMP_NUM_THREADS=1): (steps, sum of every floating-point weight,
+# sum of their magnitudes), in float64. The objective interface alone reproduced all of them bit
+# for bit. Writing the Soft Contrastive loss once (one formula for the loss class and the OTG)
+# then changed float32 rounding by about 1e-7 per step; Adam's first updates (about lr·sign(g))
+# turn that into visible weight differences over a run, so the DDTAS runs are compared after 4
+# steps, to the relative tolerance that rounding leaves (measured: at most 5e-6).
+BEFORE_THE_OBJECTIVE_INTERFACE = {
+    "standard": (58, 367.107938861015, None),
+    "closed_form": (4, 418.92485007076164, 5991.942741229786),
+    "double_backward_additive": (4, 416.1140377684809, 5991.789628914408),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE_THE_OBJECTIVE_INTERFACE))
+def test_same_seed_gives_the_weights_of_the_trainer_before_objectives(
+    tmp_path: Path, case: str
+) -> None:
+    steps, total, magnitude = BEFORE_THE_OBJECTIVE_INTERFACE[case]
+    runs = {
+        "standard": [o for o in FAST if not o.startswith(("loss.", "miner."))],  # the defaults
+        "closed_form": DDTAS_ON,
+        "double_backward_additive": [
+            *DDTAS_ON,
+            "objective.options.otg_method=double_backward",
+            "objective.options.reading=additive",
+        ],
+    }
+    Trainer(load_config(None, [*runs[case], f"train.max_steps={steps}"]), tmp_path).fit()
+    model = load_checkpoint(tmp_path / "last.pt")["model"]
+    weights = [w.double() for w in model.values() if w.is_floating_point()]
+    if magnitude is None:  # bit for bit
+        assert sum(float(w.sum()) for w in weights) == total
+        return
+    assert sum(float(w.sum()) for w in weights) == pytest.approx(total, rel=1e-5)
+    assert sum(float(w.abs().sum()) for w in weights) == pytest.approx(magnitude, rel=1e-5)
+
+
+def test_checkpoints_from_before_the_objective_interface_are_refused_clearly(
     tmp_path: Path,
 ) -> None:
-    config = load_config(None, [*FAST, "train.max_steps=2", "train.epochs=1"])
+    config = load_config(None, [*DDTAS_ON, "train.max_steps=2", "train.epochs=1"])
     Trainer(config, tmp_path).fit()
     payload = load_checkpoint(tmp_path / "last.pt")
-    del payload["config"]["method"], payload["config"]["ddtas"]
-    del payload["state"]["skipped_steps"]
+    payload["loss"] = payload.pop("objective")
     torch.save(payload, tmp_path / "last.pt")
-    resumed = Trainer(load_config(None, [*FAST, "train.max_steps=3", "train.epochs=1"]), tmp_path)
-    with pytest.raises(ConfigError, match=r"differs from the run's in train\.max_steps;"):
-        resumed.fit(resume=True)
-    assert Trainer(config, tmp_path).fit(resume=True).steps == 2
+    with pytest.raises(ConfigError, match=r"written before the objective interface"):
+        Trainer(config, tmp_path).fit(resume=True)

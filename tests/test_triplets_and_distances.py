@@ -172,3 +172,60 @@ def test_first_two_per_label_matches_first_positive_pair_per_label() -> None:
         expected = first_pair_per_label(a, p, labels)
         got = first_two_per_label(labels)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_cosine_matrix_supports_forward_mode_and_double_backward() -> None:
+    # DDTAS's OTG carries a forward-mode tangent through it and differentiates it twice.
+    x = torch.randn(5, 3, dtype=torch.float64)
+    tangent = torch.randn(5, 3, dtype=torch.float64)
+    _, jvp = torch.func.jvp(F.cosine_similarity_matrix, (x,), (tangent,))
+    eps = 1e-6
+    finite = (F.cosine_similarity_matrix(x + eps * tangent) - F.cosine_similarity_matrix(x)) / eps
+    assert_close(jvp, finite, rtol=1e-4)
+    x.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: F.cosine_similarity_matrix(t).pow(3).sum(), (x,))
+
+
+def test_pair_indices_from_triplets_pairs_and_masks() -> None:
+    a, p, n = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([4, 5])
+    pairs = F.PairIndices.from_tuple((a, p, n))
+    assert (pairs.a1.tolist(), pairs.p.tolist()) == ([0, 2], [1, 3])
+    assert (pairs.a2.tolist(), pairs.n.tolist()) == ([0, 2], [4, 5])
+    assert pairs.is_pos.tolist() == [True, True, False, False] and len(pairs) == 4
+    quad = F.PairIndices.from_tuple((a, p, torch.tensor([1]), torch.tensor([0])))
+    assert (quad.anchors.tolist(), quad.references.tolist(), quad.num_pos) == (
+        [0, 2, 1],
+        [1, 3, 0],
+        2,
+    )
+    pos, neg = F.label_weights(torch.tensor([0, 0, 1]))
+    masked = F.PairIndices.from_masks(pos, neg)
+    assert list(zip(masked.anchors.tolist(), masked.references.tolist(), strict=True)) == [
+        (0, 1),
+        (1, 0),
+        (0, 2),
+        (1, 2),
+        (2, 0),
+        (2, 1),
+    ]
+    assert masked.num_pos == 2
+
+
+def test_pair_indices_take_gathers_and_differentiates_twice() -> None:
+    mat = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    pairs = F.PairIndices.from_lists(
+        torch.tensor([0, 2, 2]), torch.tensor([5, 1, 1]), torch.tensor([1]), torch.tensor([4])
+    )
+    values = pairs.take(mat)
+    assert values.tolist() == [
+        mat[0, 5].item(),
+        mat[2, 1].item(),
+        mat[2, 1].item(),
+        mat[1, 4].item(),
+    ]
+    (grad,) = torch.autograd.grad(values.pow(2).sum(), mat, create_graph=True)
+    expected = torch.zeros_like(mat)
+    expected[0, 5], expected[2, 1], expected[1, 4] = 2 * mat[0, 5], 4 * mat[2, 1], 2 * mat[1, 4]
+    assert_close(grad, expected)
+    (second,) = torch.autograd.grad(grad.sum(), mat)
+    assert second[2, 1].item() == 4.0 and second[0, 0].item() == 0.0

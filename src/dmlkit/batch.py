@@ -12,9 +12,10 @@ from .functional.masks import (
     PairIndices,
     PairWeights,
     batch_pair_weights,
+    drop_self_pairs,
     label_weights,
 )
-from .validation import IndicesTuple, check_batch, check_indices_tuple
+from .validation import IndicesTuple, check_anchor_in_ref, check_batch, check_indices_tuple
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -31,7 +32,10 @@ class Batch:
         labels: (N,) labels, or None when an indices tuple replaces them.
         ref_emb: (M, D) separate reference set, or None for the batch against itself.
         ref_labels: (M,) labels of ``ref_emb``.
-        indices_tuple: Mined (a, p, n) or (a1, p, a2, n), or None.
+        indices_tuple: Mined (a, p, n) or (a1, p, a2, n), or None; without the entries that
+            pair an anchor with itself through ``anchor_in_ref``.
+        anchor_in_ref: (N,) row of ``ref_emb`` holding each anchor itself, or −1; None when
+            the reference set holds no anchor (or there is none).
     """
 
     embeddings: Tensor
@@ -39,6 +43,7 @@ class Batch:
     ref_emb: Tensor | None
     ref_labels: Tensor | None
     indices_tuple: IndicesTuple | None
+    anchor_in_ref: Tensor | None = None
 
     @classmethod
     def from_call(
@@ -48,6 +53,7 @@ class Batch:
         indices_tuple: object | None = None,
         ref_emb: object | None = None,
         ref_labels: object | None = None,
+        anchor_in_ref: object | None = None,
         *,
         labels_required: bool = False,
     ) -> Batch:
@@ -65,10 +71,17 @@ class Batch:
             if indices_tuple is None
             else check_indices_tuple(indices_tuple, emb.shape[0], n_refs, emb.device)  # type: ignore[arg-type]
         )
+        itself = None
+        if anchor_in_ref is not None:
+            itself = check_anchor_in_ref(
+                anchor_in_ref, emb.shape[0], None if ref is None else n_refs, emb.device
+            )
+            if indices is not None:
+                indices = drop_self_pairs(indices, itself)
         if emb.dtype in _LOW_PRECISION:
             emb = emb.float()
             ref = None if ref is None else ref.float()
-        return cls(emb, lab, ref, ref_lab, indices)
+        return cls(emb, lab, ref, ref_lab, indices, itself)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -82,10 +95,12 @@ class Batch:
 
     def label_weights(self) -> tuple[Tensor, Tensor]:
         """0/1 float (N, M) positive and negative pair weights from the labels, in the compute
-        dtype (self-pairs excluded by index)."""
+        dtype (each anchor's pair with itself excluded by index)."""
         if self.labels is None:
             raise ValueError("labels are required here")
-        return label_weights(self.labels, self.ref_labels, self.embeddings.dtype)
+        return label_weights(
+            self.labels, self.ref_labels, self.embeddings.dtype, self.anchor_in_ref
+        )
 
     def pairs(self) -> PairWeights | PairIndices:
         """The mined pairs as index lists if an indices tuple was given, else every labelled
@@ -105,4 +120,5 @@ class Batch:
             self.embeddings.device,
             self.embeddings.dtype,
             binary,
+            self.anchor_in_ref,
         )

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .display import print_line
 from .training import (
     ConfigError,
     Trainer,
@@ -100,7 +101,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .protocol.sweep import parse_values, run_sweep, sweep_markdown
+    from .protocol import parse_values, run_sweep, sweep_markdown
     from .viz.sweep import plot_sweep
 
     if args.smooth is not None and args.smooth < 1:
@@ -130,7 +131,7 @@ def _report(args: argparse.Namespace) -> int:
         embeddings=not args.no_embeddings,
         device=args.device,
     )
-    path = write_report(args.folder, args.out, options, say=lambda line: print(line, flush=True))
+    path = write_report(args.folder, args.out, options, say=print_line)
     print(f"Report: {path}")
     return 0
 

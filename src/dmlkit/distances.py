@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import pairwise
+from .registry import DISTANCES
 
 
 class BaseDistance:
@@ -61,6 +62,7 @@ class BaseDistance:
         )
 
 
+@DISTANCES.register()
 class LpDistance(BaseDistance):
     """Minkowski distance ``‖x − y‖_p`` (p = 2: Euclidean, via one matrix product).
 
@@ -80,6 +82,7 @@ class LpDistance(BaseDistance):
         return diff.norm(p=self.p, dim=1) ** self.power
 
 
+@DISTANCES.register()
 class DotProductSimilarity(BaseDistance):
     """Dot product ``x · y``; like PML it L2-normalises by default, which makes it cosine."""
 
@@ -93,6 +96,7 @@ class DotProductSimilarity(BaseDistance):
         return (q * r).sum(1) ** self.power
 
 
+@DISTANCES.register()
 class CosineSimilarity(DotProductSimilarity):
     """Cosine similarity: always normalised."""
 
@@ -100,4 +104,36 @@ class CosineSimilarity(DotProductSimilarity):
         super().__init__(normalize_embeddings=True, p=2, power=power)
 
 
-__all__ = ["BaseDistance", "CosineSimilarity", "DotProductSimilarity", "LpDistance"]
+# A loss's or miner's ``requires_similarity``: False for any distance, True for any similarity
+# (``is_inverted``), or the one similarity class its formula is written for.
+SimilarityRequirement = bool | type[BaseDistance]
+
+
+def check_distance(owner: str, distance: BaseDistance, requirement: SimilarityRequirement) -> None:
+    """Raises ``ValueError`` unless ``distance`` meets ``requirement``.
+
+    Args:
+        owner: The loss or miner, for the message.
+        distance: Its distance.
+        requirement: Its ``requires_similarity``.
+    """
+    if isinstance(requirement, type):
+        if not isinstance(distance, requirement):
+            raise ValueError(
+                f"{owner} requires {requirement.__name__}, got {type(distance).__name__}"
+            )
+    elif requirement and not distance.is_inverted:
+        raise ValueError(
+            f"{owner} needs a similarity (a distance with is_inverted=True, such as "
+            f"CosineSimilarity or DotProductSimilarity), got {type(distance).__name__}"
+        )
+
+
+__all__ = [
+    "BaseDistance",
+    "CosineSimilarity",
+    "DotProductSimilarity",
+    "LpDistance",
+    "SimilarityRequirement",
+    "check_distance",
+]

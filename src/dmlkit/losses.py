@@ -1,14 +1,19 @@
 """Metric learning losses with PML's call contract.
 
 Every loss is called as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None,
-ref_labels=None)`` and returns a scalar tensor. Class names, constructor parameters and defaults
-are PML 2.9's, so switching is a change of import; ``distance=`` takes a
-:mod:`dmlkit.distances` object and ``reducer=`` a :mod:`dmlkit.reducers` object.
+ref_labels=None, anchor_in_ref=None)`` and returns a scalar tensor. Class names, constructor
+parameters and defaults are PML 2.9's, so switching is a change of import; ``distance=`` takes a
+:mod:`dmlkit.distances` object and ``reducer=`` a :mod:`dmlkit.reducers` object, and
+``loss.distance`` and ``loss.reducer`` are the objects in use, defaults included.
 
 Differences from PML, all deliberate:
 
-* Self-pairs are excluded by index whenever no ``ref_emb`` is given, and never otherwise: a
-  reference set is always treated as distinct items (PML decides by object identity).
+* Self-pairs are excluded by index, never by value or object identity. Without ``ref_emb`` they
+  are the diagonal. With ``ref_emb``, the reference set is distinct items unless
+  ``anchor_in_ref`` says which row of it each anchor is (−1 for none), as a cross-batch memory
+  or a gathered distributed batch knows; those (anchor, itself) pairs are then left out of the
+  labelled pairs and of any ``indices_tuple``, as PML's ``CrossBatchMemory`` removes them. PML
+  decides by object identity (``ref_emb is embeddings``).
 * A loss over a single positive and a single negative pair is computed, not returned as 0.
 * Half-precision inputs are computed in float32 and the result cast back.
 """
@@ -21,34 +26,57 @@ import torch
 from torch import Tensor, nn
 
 from .batch import Batch
-from .distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from .distances import (
+    BaseDistance,
+    CosineSimilarity,
+    DotProductSimilarity,
+    LpDistance,
+    SimilarityRequirement,
+    check_distance,
+)
 from .functional import losses as fl
 from .functional.masks import first_pair_per_label, first_two_per_label, tuple_to_pair_weights
-from .functional.reduction import AvgNonZeroReducer, Reducer
+from .functional.reduction import AvgNonZeroReducer, MeanReducer, Reducer
 from .functional.triplets import DEFAULT_CHUNK_ELEMENTS, all_triplets_margin_loss
+from .registry import LOSSES
 
 
 class BaseMetricLossFunction(nn.Module):
     """Shared call contract: checks inputs, computes, casts back to the input dtype.
 
+    Attributes:
+        labels_required: The loss needs labels even with an ``indices_tuple``.
+        supports_ref: The loss accepts ``ref_emb``.
+        requires_similarity: What ``distance`` must be: False for anything, True for any
+            similarity, or the one similarity class the formula is written for.
+
     Args:
-        distance: The distance or similarity; each loss has PML's default.
-        reducer: How per-element losses become a scalar; each loss has PML's default.
+        distance: The distance or similarity; None for ``default_distance()`` (PML's).
+        reducer: How per-element losses become a scalar; None for ``default_reducer()``
+            (PML's).
     """
 
     labels_required: ClassVar[bool] = False
     supports_ref: ClassVar[bool] = True
+    requires_similarity: ClassVar[SimilarityRequirement] = False
 
     def __init__(
         self, distance: BaseDistance | None = None, reducer: Reducer | None = None
     ) -> None:
         super().__init__()
         self.distance = self.default_distance() if distance is None else distance
-        self.reducer = reducer
+        self.reducer = self.default_reducer() if reducer is None else reducer
+        check_distance(type(self).__name__, self.distance, self.requires_similarity)
 
     @staticmethod
     def default_distance() -> BaseDistance:
+        """The distance used when none is given."""
         return LpDistance()
+
+    @staticmethod
+    def default_reducer() -> Reducer:
+        """The reducer used when none is given."""
+        return MeanReducer()
 
     def forward(
         self,
@@ -57,6 +85,7 @@ class BaseMetricLossFunction(nn.Module):
         indices_tuple: tuple[Tensor, ...] | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        anchor_in_ref: Tensor | None = None,
     ) -> Tensor:
         """Computes the loss.
 
@@ -68,6 +97,9 @@ class BaseMetricLossFunction(nn.Module):
             ref_emb: (M, D) reference embeddings: anchors come from ``embeddings``, positives
                 and negatives from ``ref_emb``.
             ref_labels: (M,) labels of ``ref_emb``.
+            anchor_in_ref: (N,) integer row of ``ref_emb`` holding each anchor itself, or −1
+                where the anchor is not in the reference set; those (anchor, itself) pairs are
+                left out, from the labelled pairs and from ``indices_tuple``.
 
         Returns:
             Scalar loss, in the dtype of ``embeddings``; a zero that keeps the graph when
@@ -81,6 +113,7 @@ class BaseMetricLossFunction(nn.Module):
             indices_tuple,
             ref_emb,
             ref_labels,
+            anchor_in_ref,
             labels_required=self.labels_required,
         )
         return self.compute_loss(batch).to(embeddings.dtype)
@@ -92,14 +125,7 @@ class BaseMetricLossFunction(nn.Module):
         return f"distance={self.distance!r}, reducer={self.reducer!r}"
 
 
-def _require_similarity(loss: BaseMetricLossFunction) -> None:
-    if not loss.distance.is_inverted:
-        raise ValueError(
-            f"{type(loss).__name__} needs a similarity (CosineSimilarity or "
-            f"DotProductSimilarity), got {type(loss.distance).__name__}"
-        )
-
-
+@LOSSES.register()
 class ContrastiveLoss(BaseMetricLossFunction):
     """Contrastive loss: positives pulled within ``pos_margin``, negatives pushed beyond
     ``neg_margin``; each side averaged over its non-zero terms, then summed.
@@ -122,6 +148,10 @@ class ContrastiveLoss(BaseMetricLossFunction):
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
 
+    @staticmethod
+    def default_reducer() -> Reducer:
+        return AvgNonZeroReducer()
+
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.contrastive_loss(
             batch.matrix(self.distance),
@@ -129,10 +159,11 @@ class ContrastiveLoss(BaseMetricLossFunction):
             self.pos_margin,
             self.neg_margin,
             self.distance.is_inverted,
-            self.reducer,
+            reducer=self.reducer,
         )
 
 
+@LOSSES.register()
 class TripletMarginLoss(BaseMetricLossFunction):
     """Triplet margin loss ``[d_ap − d_an + margin]₊`` averaged over non-zero triplets.
 
@@ -173,6 +204,10 @@ class TripletMarginLoss(BaseMetricLossFunction):
         self.triplets_per_anchor = triplets_per_anchor
         self.chunk_elements = chunk_elements
 
+    @staticmethod
+    def default_reducer() -> Reducer:
+        return AvgNonZeroReducer()
+
     def _distance_like(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
         mat = batch.matrix(self.distance)
         dist = -mat if self.distance.is_inverted else mat
@@ -184,7 +219,6 @@ class TripletMarginLoss(BaseMetricLossFunction):
         return dist, -ref_mat if self.distance.is_inverted else ref_mat
 
     def compute_loss(self, batch: Batch) -> Tensor:
-        reducer = self.reducer or AvgNonZeroReducer()
         dist, swap_dist = self._distance_like(batch)
         indices = batch.indices_tuple
         if indices is None and self.triplets_per_anchor != "all":
@@ -196,7 +230,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
                 d_an = torch.minimum(d_an, swap_dist[p, n])
             violation = dist[a, p] - d_an + self.margin
             losses = nn.functional.softplus(violation) if self.smooth_loss else violation.relu()
-            return reducer(losses) if a.numel() else fl.zero_loss(dist)
+            return self.reducer(losses) if a.numel() else fl.zero_loss(dist)
         if indices is None:
             pos, neg_weights = batch.label_weights()
             anchors, positives = pos.nonzero(as_tuple=True)
@@ -209,7 +243,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
             positives,
             neg_weights,
             self.margin,
-            reducer,
+            self.reducer,
             smooth=self.smooth_loss,
             swap_dist=swap_dist,
             chunk_elements=self.chunk_elements,
@@ -228,6 +262,7 @@ def _sample_triplets(pos: Tensor, neg: Tensor, per_anchor: int) -> tuple[Tensor,
     return anchors.repeat_interleave(per_anchor), p.flatten(), n.flatten()
 
 
+@LOSSES.register()
 class NPairsLoss(BaseMetricLossFunction):
     """N-pair loss: one (anchor, positive) pair per label; each anchor's positive must win a
     softmax over all the positives. ``ref_emb`` is not supported.
@@ -260,9 +295,10 @@ class NPairsLoss(BaseMetricLossFunction):
         if anchors.numel() == 0:
             return fl.zero_loss(batch.embeddings)
         mat = self.distance(batch.embeddings[anchors], batch.embeddings[positives])
-        return fl.npairs_loss(mat, self.distance.is_inverted, self.reducer)
+        return fl.npairs_loss(mat, self.distance.is_inverted, reducer=self.reducer)
 
 
+@LOSSES.register()
 class CircleLoss(BaseMetricLossFunction):
     """Circle loss for pair labels (Sun et al. 2020).
 
@@ -273,6 +309,8 @@ class CircleLoss(BaseMetricLossFunction):
         reducer: Default ``AvgNonZeroReducer()``.
     """
 
+    requires_similarity = CosineSimilarity
+
     def __init__(
         self,
         m: float = 0.4,
@@ -281,10 +319,6 @@ class CircleLoss(BaseMetricLossFunction):
         reducer: Reducer | None = None,
     ) -> None:
         super().__init__(distance, reducer)
-        if not isinstance(self.distance, CosineSimilarity):
-            raise ValueError(
-                f"CircleLoss requires CosineSimilarity, got {type(self.distance).__name__}"
-            )
         self.m = m
         self.gamma = gamma
 
@@ -292,16 +326,21 @@ class CircleLoss(BaseMetricLossFunction):
     def default_distance() -> BaseDistance:
         return CosineSimilarity()
 
+    @staticmethod
+    def default_reducer() -> Reducer:
+        return AvgNonZeroReducer()
+
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.circle_loss(
             batch.matrix(self.distance),
             batch.pair_weights(binary=True),
             self.m,
             self.gamma,
-            self.reducer,
+            reducer=self.reducer,
         )
 
 
+@LOSSES.register()
 class MultiSimilarityLoss(BaseMetricLossFunction):
     """Multi-similarity loss (Wang et al. 2019). ``alpha`` scales positives, ``beta`` negatives.
 
@@ -338,10 +377,11 @@ class MultiSimilarityLoss(BaseMetricLossFunction):
             self.beta,
             self.base,
             self.distance.is_inverted,
-            self.reducer,
+            reducer=self.reducer,
         )
 
 
+@LOSSES.register()
 class LiftedStructureLoss(BaseMetricLossFunction):
     """Lifted structure loss (Oh Song et al. 2016), per positive pair.
 
@@ -370,10 +410,11 @@ class LiftedStructureLoss(BaseMetricLossFunction):
             self.neg_margin,
             self.pos_margin,
             self.distance.is_inverted,
-            self.reducer,
+            reducer=self.reducer,
         )
 
 
+@LOSSES.register()
 class GeneralizedLiftedStructureLoss(LiftedStructureLoss):
     """Generalised lifted structure loss (Hermans et al. 2017), per anchor.
 
@@ -391,10 +432,11 @@ class GeneralizedLiftedStructureLoss(LiftedStructureLoss):
             self.neg_margin,
             self.pos_margin,
             self.distance.is_inverted,
-            self.reducer,
+            reducer=self.reducer,
         )
 
 
+@LOSSES.register()
 class NTXentLoss(BaseMetricLossFunction):
     """NT-Xent (InfoNCE) loss over positive pairs.
 
@@ -423,10 +465,11 @@ class NTXentLoss(BaseMetricLossFunction):
             batch.pair_weights(),
             self.temperature,
             self.distance.is_inverted,
-            self.reducer,
+            reducer=self.reducer,
         )
 
 
+@LOSSES.register()
 class SupConLoss(NTXentLoss):
     """Supervised contrastive loss (Khosla et al. 2020), per anchor.
 
@@ -444,23 +487,30 @@ class SupConLoss(NTXentLoss):
     ) -> None:
         super().__init__(temperature, distance, reducer)
 
+    @staticmethod
+    def default_reducer() -> Reducer:
+        return AvgNonZeroReducer()
+
     def compute_loss(self, batch: Batch) -> Tensor:
         return fl.supcon_loss(
             batch.matrix(self.distance),
             batch.pair_weights(binary=True),
             self.temperature,
             self.distance.is_inverted,
-            self.reducer,
+            reducer=self.reducer,
         )
 
 
+@LOSSES.register()
 class SoftContrastiveLoss(BaseMetricLossFunction):
-    """DDTAS's Soft Contrastive loss with the released reduction (ddtas.md §4).
+    """DDTAS's Soft Contrastive loss (docs/ddtas.md §4), by default with the released
+    reduction.
 
     Per anchor with mined positives and negatives:
-    ``(2/β)·mean_P softplus(−β(S − λ)) + (2/α)·mean_N softplus(α(S − λ))``; the sum over those
-    anchors is divided by the full batch size. Pass the pairs of ``ATASMSMiner`` or
-    ``ASMSMiner`` as ``indices_tuple``; without one, every pair is used.
+    ``(2/β)·mean_P softplus(−β(S − λ)) + (2/α)·mean_N softplus(α(S − λ))``, and 0 for the
+    other anchors; the default ``MeanReducer()`` averages over all anchors, skipped ones
+    included, as released. Pass the pairs of ``ATASMSMiner`` or ``ASMSMiner`` as
+    ``indices_tuple``; without one, every pair is used.
 
     Parameters are named by role. The DDTAS paper's letters are swapped relative to the MS
     loss: its ``alpha`` is the *negative* scale (``neg_scale``), its ``beta`` the *positive*
@@ -475,7 +525,10 @@ class SoftContrastiveLoss(BaseMetricLossFunction):
         beta: Alias of ``pos_scale``.
         lam: Alias of ``threshold``.
         distance: A similarity; default ``CosineSimilarity()``.
+        reducer: Over anchors; default ``MeanReducer()``.
     """
+
+    requires_similarity = True
 
     def __init__(
         self,
@@ -487,9 +540,9 @@ class SoftContrastiveLoss(BaseMetricLossFunction):
         beta: float | None = None,
         lam: float | None = None,
         distance: BaseDistance | None = None,
+        reducer: Reducer | None = None,
     ) -> None:
-        super().__init__(distance, None)
-        _require_similarity(self)
+        super().__init__(distance, reducer)
         self.pos_scale = _alias(pos_scale, 2.0, beta, "pos_scale", "beta")
         self.neg_scale = _alias(neg_scale, 40.0, alpha, "neg_scale", "alpha")
         self.threshold = _alias(threshold, 0.7, lam, "threshold", "lam")
@@ -507,6 +560,7 @@ class SoftContrastiveLoss(BaseMetricLossFunction):
             self.pos_scale,
             self.neg_scale,
             self.threshold,
+            reducer=self.reducer,
         )
 
 
@@ -518,6 +572,7 @@ def _alias(value: float, default: float, alias: float | None, name: str, alias_n
     return float(alias)
 
 
+@LOSSES.register()
 class SoftWeightedTripletLoss(BaseMetricLossFunction):
     """fast-reid's soft-weighted batch triplet loss.
 
@@ -554,7 +609,7 @@ class SoftWeightedTripletLoss(BaseMetricLossFunction):
             pairs.neg > 0,
             self.margin,
             self.distance.is_inverted,
-            self.reducer,
+            reducer=self.reducer,
         )
 
 

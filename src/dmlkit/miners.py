@@ -1,27 +1,37 @@
 """Online miners with PML's call contract.
 
-``miner(embeddings, labels, ref_emb=None, ref_labels=None)`` returns triplets (a, p, n) or pairs
-(a1, p, a2, n) as ``torch.long`` index tensors, which dmlkit and PML losses both accept. Mining
-runs without gradient. After each call, ``miner.last_stats`` holds what was mined (and
-``num_pos_pairs``, ``num_neg_pairs``, ``num_triplets`` read as in PML) for logging.
+``miner(embeddings, labels, ref_emb=None, ref_labels=None, anchor_in_ref=None)`` returns triplets
+(a, p, n) or pairs (a1, p, a2, n) as ``torch.long`` index tensors, which dmlkit and PML losses
+both accept. Mining runs without gradient. After each call, ``miner.last_stats`` holds what was
+mined (and ``num_pos_pairs``, ``num_neg_pairs``, ``num_triplets`` read as in PML) for logging.
+
+Each anchor's pair with itself is never mined: the diagonal without ``ref_emb``, and the pairs
+``anchor_in_ref`` names with it. They are left out before mining, as in a batch against itself,
+so an anchor's own copy in the reference set never sets a mining threshold (PML's
+``CrossBatchMemory`` removes them from the mined tuple afterwards).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .batch import Batch
-from .distances import BaseDistance, CosineSimilarity, LpDistance
+from .distances import (
+    BaseDistance,
+    CosineSimilarity,
+    LpDistance,
+    SimilarityRequirement,
+    check_distance,
+)
 from .functional import mining
 from .functional.masks import label_weights
 from .functional.triplets import DEFAULT_CHUNK_ELEMENTS, mine_triplets
-from .validation import check_embeddings, check_labels
-
-MinedTuple = tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]
+from .registry import MINERS
+from .validation import IndicesTuple, check_embeddings, check_labels
 
 
 @dataclass(frozen=True)
@@ -67,17 +77,25 @@ class ASMSStats(MiningStats):
 class BaseMiner(nn.Module):
     """Shared call contract: checks inputs, mines without gradient, records what it mined.
 
+    Attributes:
+        requires_similarity: What ``distance`` must be: False for anything, True for any
+            similarity, or the one similarity class the rule is written for.
+
     Args:
-        distance: The distance or similarity; each miner has PML's default.
+        distance: The distance or similarity; None for ``default_distance()`` (PML's).
     """
+
+    requires_similarity: ClassVar[SimilarityRequirement] = False
 
     def __init__(self, distance: BaseDistance | None = None) -> None:
         super().__init__()
         self.distance = self.default_distance() if distance is None else distance
+        check_distance(type(self).__name__, self.distance, self.requires_similarity)
         self.last_stats: MiningStats = MiningStats()
 
     @staticmethod
     def default_distance() -> BaseDistance:
+        """The distance used when none is given."""
         return LpDistance()
 
     @property
@@ -98,7 +116,8 @@ class BaseMiner(nn.Module):
         labels: Tensor,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
-    ) -> MinedTuple:
+        anchor_in_ref: Tensor | None = None,
+    ) -> IndicesTuple:
         """Mines one batch.
 
         Args:
@@ -106,19 +125,23 @@ class BaseMiner(nn.Module):
             labels: (N,) integer labels.
             ref_emb: (M, D) reference embeddings for positives and negatives.
             ref_labels: (M,) labels of ``ref_emb``.
+            anchor_in_ref: (N,) integer row of ``ref_emb`` holding each anchor itself, or −1
+                where the anchor is not in the reference set; those pairs are never mined.
 
         Returns:
             (a, p, n) or (a1, p, a2, n): anchors index ``embeddings``, positives and negatives
             index ``ref_emb`` (or ``embeddings`` when no reference set is given).
         """
-        batch = Batch.from_call(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
+        batch = Batch.from_call(
+            embeddings, labels, None, ref_emb, ref_labels, anchor_in_ref, labels_required=True
+        )
         with torch.no_grad():
             mat = batch.matrix(self.distance)
             sim = mat if self.distance.is_inverted else mat.neg_()
             pos, neg = batch.label_weights()
         return self._mine_and_record(sim, pos, neg)
 
-    def mine_similarities(self, sim: Tensor, labels: Tensor) -> MinedTuple:
+    def mine_similarities(self, sim: Tensor, labels: Tensor) -> IndicesTuple:
         """Mines a batch against itself from its (N, N) similarity matrix, already computed
         with this miner's distance (which must be a similarity); as ``forward`` otherwise.
 
@@ -136,31 +159,33 @@ class BaseMiner(nn.Module):
             pos, neg = label_weights(labels, None, sim.dtype)
             return self._mine_and_record(sim.detach().clone(), pos, neg)
 
-    def _mine_and_record(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+    def _mine_and_record(self, sim: Tensor, pos: Tensor, neg: Tensor) -> IndicesTuple:
         with torch.no_grad():
-            mined = self.mine(sim, pos, neg)
+            mined, stats = self.mine(sim, pos, neg)
         if len(mined) == 3:
-            self.last_stats = self.stats_for(mined, MiningStats(num_triplets=len(mined[0])))
+            self.last_stats = replace(stats, num_triplets=len(mined[0]))
         else:
-            self.last_stats = self.stats_for(
-                mined, MiningStats(num_pos_pairs=len(mined[0]), num_neg_pairs=len(mined[2]))
+            self.last_stats = replace(
+                stats, num_pos_pairs=len(mined[0]), num_neg_pairs=len(mined[2])
             )
         return mined
 
-    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
         """Mines from a similarity-like matrix (distances arrive negated) and 0/1 float label
         weights of the positive and negative pairs; all three are the miner's own buffers and
-        may be overwritten."""
-        raise NotImplementedError
+        may be overwritten.
 
-    def stats_for(self, mined: MinedTuple, counts: MiningStats) -> MiningStats:
-        """The stats recorded for this call; miners with more to tell extend ``counts``."""
-        return counts
+        Returns:
+            The mined tuple, and this call's stats beyond the counts of what was mined (which
+            the caller fills in): ``MiningStats()`` for miners with nothing more to tell.
+        """
+        raise NotImplementedError
 
 
 TripletType = Literal["all", "hard", "semihard", "easy"]
 
 
+@MINERS.register()
 class TripletMarginMiner(BaseMiner):
     """Triplets by their margin t = d_an − d_ap: ``"all"`` t ≤ margin, ``"hard"`` t ≤ 0
     (and ≤ margin), ``"semihard"`` 0 < t ≤ margin, ``"easy"`` t > margin.
@@ -192,7 +217,7 @@ class TripletMarginMiner(BaseMiner):
         self.type_of_triplets = type_of_triplets
         self.chunk_elements = chunk_elements
 
-    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
         bounds: dict[str, tuple[float | None, float | None]] = {
             "all": (None, self.margin),
             "hard": (None, min(self.margin, 0.0)),
@@ -201,9 +226,11 @@ class TripletMarginMiner(BaseMiner):
         }
         low, high = bounds[self.type_of_triplets]
         anchors, positives = pos.nonzero(as_tuple=True)
-        return mine_triplets(-sim, anchors, positives, neg, low, high, self.chunk_elements)
+        mined = mine_triplets(-sim, anchors, positives, neg, low, high, self.chunk_elements)
+        return mined, MiningStats()
 
 
+@MINERS.register()
 class BatchHardMiner(BaseMiner):
     """One triplet per anchor: its farthest positive and nearest negative.
 
@@ -211,10 +238,11 @@ class BatchHardMiner(BaseMiner):
         distance: Default ``LpDistance()``.
     """
 
-    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
-        return mining.batch_hard_triplets(sim, pos, neg)
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
+        return mining.batch_hard_triplets(sim, pos, neg), MiningStats()
 
 
+@MINERS.register()
 class PairMarginMiner(BaseMiner):
     """Positive pairs farther than ``pos_margin`` and negative pairs nearer than ``neg_margin``
     (for similarities: positives below ``pos_margin``, negatives above ``neg_margin``).
@@ -235,16 +263,17 @@ class PairMarginMiner(BaseMiner):
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
 
-    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
         # On the similarity-like matrix (distances negated), "farther than the positive
         # margin" is below it and "nearer than the negative margin" is above it.
         sign = 1.0 if self.distance.is_inverted else -1.0
         condition = torch.empty_like(sim)
         pos.mul_(torch.lt(sim, sign * self.pos_margin, out=condition))
         neg.mul_(torch.gt(sim, sign * self.neg_margin, out=condition))
-        return mining.pairs_from_masks(pos, neg)
+        return mining.pairs_from_masks(pos, neg), MiningStats()
 
 
+@MINERS.register()
 class MultiSimilarityMiner(BaseMiner):
     """Multi-similarity mining: positives less similar than the hardest negative plus
     ``epsilon``, negatives more similar than the hardest positive minus ``epsilon`` (strict).
@@ -262,15 +291,16 @@ class MultiSimilarityMiner(BaseMiner):
     def default_distance() -> BaseDistance:
         return CosineSimilarity()
 
-    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
         keep_pos, keep_neg = mining.asymmetric_mining_masks(
             sim, pos, neg, self.epsilon, self.epsilon
         )
-        return mining.pairs_from_masks(keep_pos, keep_neg)
+        return mining.pairs_from_masks(keep_pos, keep_neg), MiningStats()
 
 
+@MINERS.register()
 class ASMSMiner(BaseMiner):
-    """DDTAS's asymmetric sample mining (ddtas.md §2): multi-similarity mining with a separate
+    """DDTAS's asymmetric sample mining (docs/ddtas.md §2): multi-similarity mining with a separate
     tolerance per side, ``S_ij − γ_pos < maxN_i`` for positives and ``S_ij + γ_neg > minP_i``
     for negatives; it keeps more positives and fewer negatives than symmetric mining.
 
@@ -284,6 +314,8 @@ class ASMSMiner(BaseMiner):
         distance: A similarity; default ``CosineSimilarity()``.
     """
 
+    requires_similarity = True
+
     def __init__(
         self,
         gamma_pos: float = 0.1,
@@ -293,17 +325,12 @@ class ASMSMiner(BaseMiner):
         distance: BaseDistance | None = None,
     ) -> None:
         super().__init__(distance)
-        if not self.distance.is_inverted:
-            raise ValueError(
-                f"{type(self).__name__} needs a similarity, got {type(self.distance).__name__}"
-            )
         if negative_rule not in ("code", "figure"):
             raise ValueError(f"negative_rule must be 'code' or 'figure', got {negative_rule!r}")
         self.gamma_pos = gamma_pos
         self.gamma_neg = gamma_neg
         self.negative_rule: mining.NegativeRule = negative_rule
         self.exclude_self_by_value = exclude_self_by_value
-        self._tolerances = mining.AdaptiveTolerances(gamma_pos, gamma_neg, None, 0.0, 0, 0)
 
     @staticmethod
     def default_distance() -> BaseDistance:
@@ -313,36 +340,26 @@ class ASMSMiner(BaseMiner):
         """The tolerances for this batch: static for ASMS."""
         return mining.AdaptiveTolerances(self.gamma_pos, self.gamma_neg, None, 0.0, 0, 0)
 
-    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> MinedTuple:
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
         if self.exclude_self_by_value:
             pos.mul_(sim < 1 - 1e-6)
-        self._tolerances = self.tolerances(sim, pos, neg)
+        used = self.tolerances(sim, pos, neg)
         keep_pos, keep_neg = mining.asymmetric_mining_masks(
-            sim,
-            pos,
-            neg,
-            self._tolerances.gamma_pos,
-            self._tolerances.gamma_neg,
-            self.negative_rule,
+            sim, pos, neg, used.gamma_pos, used.gamma_neg, self.negative_rule
         )
-        self._num_skipped = int((keep_pos.sum(1) * keep_neg.sum(1) == 0).sum())
-        return mining.pairs_from_masks(keep_pos, keep_neg)
-
-    def stats_for(self, mined: MinedTuple, counts: MiningStats) -> MiningStats:
-        t = self._tolerances
-        return ASMSStats(
-            num_pos_pairs=counts.num_pos_pairs,
-            num_neg_pairs=counts.num_neg_pairs,
-            gamma_pos=t.gamma_pos,
-            gamma_neg=t.gamma_neg,
-            ratio=t.ratio,
-            tau=t.tau,
-            num_skipped_anchors=self._num_skipped,
+        stats = ASMSStats(
+            gamma_pos=used.gamma_pos,
+            gamma_neg=used.gamma_neg,
+            ratio=used.ratio,
+            tau=used.tau,
+            num_skipped_anchors=int((keep_pos.sum(1) * keep_neg.sum(1) == 0).sum()),
         )
+        return mining.pairs_from_masks(keep_pos, keep_neg), stats
 
 
+@MINERS.register()
 class ATASMSMiner(ASMSMiner):
-    """DDTAS's adaptive-tolerance ASMS (ddtas.md §3), stateless.
+    """DDTAS's adaptive-tolerance ASMS (docs/ddtas.md §3), stateless.
 
     Every batch: count the negatives that symmetric mining at ``epsilon`` keeps (n_neg) and all
     positive pairs (N_pos); if r = n_neg / N_pos > 1 then τ = k·σ(r),

@@ -1,4 +1,8 @@
-"""Reducers for the ``reducer=`` slot of every loss (PML's names and meanings)."""
+"""Reducers for the ``reducer=`` slot of every loss (PML's names and meanings).
+
+The reducers are plain dataclasses of :mod:`dmlkit.functional.reduction` (the ground floor, which
+knows no registry); they are registered here, where the loss floor publishes them.
+"""
 
 from .functional.reduction import (
     AvgNonZeroReducer,
@@ -7,5 +11,9 @@ from .functional.reduction import (
     SumReducer,
     ThresholdReducer,
 )
+from .registry import REDUCERS
+
+for _reducer in (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer):
+    REDUCERS.add(_reducer)
 
 __all__ = ["AvgNonZeroReducer", "MeanReducer", "Reducer", "SumReducer", "ThresholdReducer"]

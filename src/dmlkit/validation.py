@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+# A miner's output and a loss's ``indices_tuple``: triplets (a, p, n) or pairs (a1, p, a2, n).
 IndicesTuple = tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]
 
 
@@ -130,6 +131,48 @@ def check_indices_tuple(
             f"{len(out[0])}, {len(out[1])}, {len(out[2])}, {len(out[3])}"
         )
     return tuple(out)  # type: ignore[return-value]
+
+
+def check_anchor_in_ref(
+    anchor_in_ref: object, n_anchors: int, n_refs: int | None, device: torch.device
+) -> Tensor:
+    """Checks ``anchor_in_ref``: for each anchor, the row of ``ref_emb`` holding the same item,
+    or −1 where the anchor is not in the reference set.
+
+    Args:
+        anchor_in_ref: The value to check.
+        n_anchors: Number of embeddings.
+        n_refs: Number of reference embeddings, or None when no ``ref_emb`` was given.
+        device: The device of the embeddings; the indices are moved there.
+
+    Returns:
+        The indices as ``torch.long`` on ``device``.
+    """
+    if n_refs is None:
+        raise ValueError(
+            "anchor_in_ref was given without ref_emb; it says which row of ref_emb each anchor is"
+        )
+    index = _require_tensor(anchor_in_ref, "anchor_in_ref")
+    if index.ndim != 1:
+        raise ValueError(
+            f"anchor_in_ref must be 1-D, got {index.ndim}-D shape {tuple(index.shape)}"
+        )
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise ValueError(f"anchor_in_ref must have an integer dtype, got {index.dtype}")
+    if index.shape[0] != n_anchors:
+        raise ValueError(
+            f"anchor_in_ref has length {index.shape[0]} but there are {n_anchors} embeddings; "
+            "they must match"
+        )
+    index = index.to(device=device, dtype=torch.long)
+    if index.numel():
+        low, high = torch.stack(torch.aminmax(index)).tolist()
+        if low < -1 or high >= n_refs:
+            raise ValueError(
+                f"anchor_in_ref must hold -1 or a row of ref_emb in [0, {n_refs}): "
+                f"min {low}, max {high}"
+            )
+    return index
 
 
 def check_batch(

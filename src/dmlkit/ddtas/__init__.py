@@ -1,14 +1,12 @@
 """DDTAS: asymmetric mining, the Online Threshold Generator and the Soft Contrastive loss as one
-training method (specification: ddtas.md in the project's shared docs)."""
+training method (specification: docs/ddtas.md)."""
 
 from .method import DDTAS, DDTASOutput, DDTASStats, DegenerateThresholdsError, OTGSettings
-from .otg import MinedPairs
 
 __all__ = [
     "DDTAS",
     "DDTASOutput",
     "DDTASStats",
     "DegenerateThresholdsError",
-    "MinedPairs",
     "OTGSettings",
 ]

@@ -1,5 +1,5 @@
 """DDTAS as one object: mining (AT-ASMS), the Online Threshold Generator and the Soft Contrastive
-loss for a training batch, given the model and a source of meta batches (ddtas.md §5.8)."""
+loss for a training batch, given the model and a source of meta batches (docs/ddtas.md §5.8)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..functional.masks import label_masks
+from ..functional.masks import PairIndices, label_masks, pairs_per_anchor
+from ..functional.pairwise import cosine_similarity_matrix
 from ..functional.thresholds import (
     Normalization,
     PairLossForm,
@@ -21,9 +22,7 @@ from ..functional.thresholds import (
 )
 from ..miners import ASMSStats, ATASMSMiner, BaseMiner, MiningStats
 from .otg import (
-    MinedPairs,
     closed_form_scores,
-    cosine_matrix,
     double_backward_gradient,
     meta_gradient,
     similarities_with_tangent,
@@ -39,7 +38,7 @@ class DegenerateThresholdsError(RuntimeError):
 
 @dataclass(frozen=True)
 class OTGSettings:
-    """How the Online Threshold Generator runs (ddtas.md §5.9; defaults first there).
+    """How the Online Threshold Generator runs (docs/ddtas.md §5.9; defaults first there).
 
     Attributes:
         method: ``closed_form`` (one Jacobian-vector product, §5.3) or ``double_backward``
@@ -152,7 +151,7 @@ def _mean(values: Tensor) -> float | None:
 
 
 class DDTAS:
-    """Dual Dynamic Threshold Adjustment Strategy for one batch at a time (ddtas.md §5.8).
+    """Dual Dynamic Threshold Adjustment Strategy for one batch at a time (docs/ddtas.md §5.8).
 
     Each call: embed the batch, mine pairs (AT-ASMS by default), run the Online Threshold
     Generator on those pairs against a meta batch, and return the Soft Contrastive loss with the
@@ -215,7 +214,7 @@ class DDTAS:
 
     # ------------------------------------------------------------------ losses
 
-    def training_loss(self, pairs: MinedPairs, n_anchors: int) -> _TrainingLoss:
+    def training_loss(self, pairs: PairIndices, n_anchors: int) -> _TrainingLoss:
         """L^t(S_pairs, λ) for these pairs, in the configured reading."""
         return _TrainingLoss(self, pairs, n_anchors)
 
@@ -225,7 +224,7 @@ class DDTAS:
         return _MetaLoss(self, labels)
 
     def _loss(
-        self, values: Tensor, pairs: MinedPairs, n: int, thresholds: float | Tensor
+        self, values: Tensor, pairs: PairIndices, n: int, thresholds: float | Tensor
     ) -> Tensor:
         return pair_loss(
             values,
@@ -265,7 +264,7 @@ class DDTAS:
         """
         otg = self.otg
         if otg is None:
-            sim = cosine_matrix(model(x))
+            sim = cosine_similarity_matrix(model(x))
             pairs, mined = self._mine(sim, labels)
             return self._output(
                 sim, pairs, mined, pairs.take(sim), self.threshold, None, None, None
@@ -289,7 +288,7 @@ class DDTAS:
             )
             scores = closed_form_scores(slopes, sim_tangent, pairs, otg.virtual_lr)
         else:
-            sim = cosine_matrix(model(x))
+            sim = cosine_similarity_matrix(model(x))
             pairs, mined = self._mine(sim, labels)
             start = torch.full(
                 (len(pairs),),
@@ -324,14 +323,14 @@ class DDTAS:
 
     # ------------------------------------------------------------------ helpers
 
-    def _mine(self, sim: Tensor, labels: Tensor) -> tuple[MinedPairs, MiningStats]:
+    def _mine(self, sim: Tensor, labels: Tensor) -> tuple[PairIndices, MiningStats]:
         """The miner's pairs and its stats for this call (read before any other mining)."""
         mined = self.miner.mine_similarities(sim.detach(), labels)
         if len(mined) != 4:
             raise ValueError(
                 f"DDTAS needs a pair miner, but {type(self.miner).__name__} returns triplets"
             )
-        return _flat_pairs(*mined), self.miner.last_stats
+        return PairIndices.from_tuple(mined), self.miner.last_stats
 
     def _meta(
         self, meta_batch: tuple[Tensor, Tensor] | None, device: torch.device
@@ -349,7 +348,7 @@ class DDTAS:
     def _output(
         self,
         sim: Tensor,
-        pairs: MinedPairs,
+        pairs: PairIndices,
         mined: MiningStats,
         values: Tensor | None,
         thresholds: float | Tensor | None,
@@ -376,7 +375,7 @@ class DDTAS:
     def _stats(
         self,
         sim: Tensor,
-        pairs: MinedPairs,
+        pairs: PairIndices,
         mined: MiningStats,
         otg_values: Tensor | None,
         meta_value: Tensor | None,
@@ -414,19 +413,10 @@ class DDTAS:
         )
 
 
-def _no_anchor_counts(pairs: MinedPairs, n_anchors: int) -> bool:
+def _no_anchor_counts(pairs: PairIndices, n_anchors: int) -> bool:
     """No anchor has both a mined positive and a mined negative (the loss skips them all)."""
-    with_pos = torch.zeros(n_anchors, dtype=torch.bool, device=pairs.anchors.device)
-    with_neg = torch.zeros_like(with_pos)
-    with_pos[pairs.anchors[pairs.is_pos]] = True
-    with_neg[pairs.anchors[~pairs.is_pos]] = True
-    return not bool((with_pos & with_neg).any())
-
-
-def _flat_pairs(a1: Tensor, p: Tensor, a2: Tensor, n: Tensor) -> MinedPairs:
-    is_pos = torch.zeros(a1.numel() + a2.numel(), dtype=torch.bool, device=a1.device)
-    is_pos[: a1.numel()] = True
-    return MinedPairs(torch.cat([a1, a2]), torch.cat([p, n]), is_pos)
+    n_pos, n_neg = pairs_per_anchor(pairs.anchors, pairs.is_pos, n_anchors)
+    return not bool(((n_pos > 0) & (n_neg > 0)).any())
 
 
 @dataclass(frozen=True)
@@ -434,7 +424,7 @@ class _TrainingLoss:
     """L^t(S_pairs, λ) of one batch: λ multiplies S, or is the per-pair threshold."""
 
     method: DDTAS
-    pairs: MinedPairs
+    pairs: PairIndices
     n_anchors: int
 
     def __call__(self, similarities: Tensor, variables: Tensor) -> Tensor:
@@ -456,8 +446,5 @@ class _MetaLoss:
         if method.otg is not None and method.otg.meta_mining:
             pairs, _ = method._mine(sim, self.labels)
         else:
-            pos, neg = label_masks(self.labels)
-            a1, p = pos.nonzero(as_tuple=True)
-            a2, n = neg.nonzero(as_tuple=True)
-            pairs = _flat_pairs(a1, p, a2, n)
+            pairs = PairIndices.from_masks(*label_masks(self.labels))
         return method._loss(pairs.take(sim), pairs, sim.shape[0], method.threshold)

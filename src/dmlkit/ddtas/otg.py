@@ -1,4 +1,4 @@
-"""The Online Threshold Generator's computations on a model (ddtas.md §5), with torch.func.
+"""The Online Threshold Generator's computations on a model (docs/ddtas.md §5), with torch.func.
 
 Both exact forms are here. The literal one (§5.1) takes a virtual SGD step
 θ̂ = θ − η·∇_θ L^t(θ, λ), evaluates the meta loss at θ̂ and differentiates it with respect to the
@@ -16,48 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..functional.masks import PairIndices
+from ..functional.pairwise import cosine_similarity_matrix
 
 # The loss of a batch as a function of its (B, B) cosine similarity matrix (the meta loss), or
 # of the mined pairs' similarities and the per-pair OTG variables (the training loss).
 MetaLoss = Callable[[Tensor], Tensor]
 PairTrainingLoss = Callable[[Tensor, Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class MinedPairs:
-    """The mined pairs of a batch in one flat list: positives first, then negatives.
-
-    Attributes:
-        anchors: (K,) anchor of each pair.
-        references: (K,) other element of each pair.
-        is_pos: (K,) bool, True for positive pairs.
-    """
-
-    anchors: Tensor
-    references: Tensor
-    is_pos: Tensor
-
-    def __len__(self) -> int:
-        return int(self.anchors.shape[0])
-
-    def take(self, sim: Tensor) -> Tensor:
-        """The pairs' entries of a (B, B) matrix."""
-        return sim[self.anchors, self.references]
-
-
-def cosine_matrix(embeddings: Tensor) -> Tensor:
-    """(B, B) cosine similarities, written with plain ops so that forward- and second-order
-    differentiation work."""
-    unit = F.normalize(embeddings, dim=1)
-    return unit @ unit.T
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -77,7 +49,9 @@ def _buffer_copies(model: nn.Module) -> dict[str, Tensor]:
 
 def _similarities(model: nn.Module, parameters: dict[str, Tensor], x: Tensor) -> Tensor:
     """Cosine matrix of the model's embeddings with swapped parameters, buffers untouched."""
-    return cosine_matrix(functional_call(model, {**parameters, **_buffer_copies(model)}, (x,)))
+    return cosine_similarity_matrix(
+        functional_call(model, {**parameters, **_buffer_copies(model)}, (x,))
+    )
 
 
 def meta_gradient(
@@ -118,16 +92,18 @@ def similarities_with_tangent(
     parameters = trainable_parameters(model)
     with fwAD.dual_level(), _math_attention():
         duals = {name: fwAD.make_dual(p, tangent[name]) for name, p in parameters.items()}
-        sim, sim_tangent = fwAD.unpack_dual(cosine_matrix(functional_call(model, duals, (x,))))
+        sim, sim_tangent = fwAD.unpack_dual(
+            cosine_similarity_matrix(functional_call(model, duals, (x,)))
+        )
     if sim_tangent is None:
         raise ValueError("the model's output does not depend on any parameter that requires grad")
     return sim, sim_tangent.detach()
 
 
 def closed_form_scores(
-    slopes: Tensor, sim_tangent: Tensor, pairs: MinedPairs, virtual_lr: float
+    slopes: Tensor, sim_tangent: Tensor, pairs: PairIndices, virtual_lr: float
 ) -> Tensor:
-    """u_k = η·c_k·(J_S·v)_k (ddtas.md §5.3): exact at λ = 0.
+    """u_k = η·c_k·(J_S·v)_k (docs/ddtas.md §5.3): exact at λ = 0.
 
     Args:
         slopes: (K,) c_k = ∂L^t/∂(λ_k S_k) at λ = 0.
@@ -141,12 +117,12 @@ def closed_form_scores(
 def virtual_parameters(
     model: nn.Module,
     x: Tensor,
-    pairs: MinedPairs,
+    pairs: PairIndices,
     variables: Tensor,
     training_loss: PairTrainingLoss,
     virtual_lr: float,
 ) -> dict[str, Tensor]:
-    """θ̂ = θ − η·∇_θ L^t(θ, λ), differentiable with respect to λ (ddtas.md §5.1 step 5).
+    """θ̂ = θ − η·∇_θ L^t(θ, λ), differentiable with respect to λ (docs/ddtas.md §5.1 step 5).
 
     Args:
         model: The embedding model.
@@ -177,14 +153,14 @@ def virtual_parameters(
 def double_backward_gradient(
     model: nn.Module,
     x: Tensor,
-    pairs: MinedPairs,
+    pairs: PairIndices,
     variables: Tensor,
     training_loss: PairTrainingLoss,
     x_meta: Tensor,
     meta_loss: MetaLoss,
     virtual_lr: float,
 ) -> tuple[Tensor, Tensor]:
-    """∂L^m(θ̂(λ))/∂λ by double backward through the virtual step (ddtas.md §5.1 steps 5–8).
+    """∂L^m(θ̂(λ))/∂λ by double backward through the virtual step (docs/ddtas.md §5.1 steps 5–8).
 
     Returns:
         ((K,) gradient with respect to λ, the meta loss at θ̂, detached).

@@ -20,7 +20,6 @@ from .retrieval import (
     KNNBackend,
     RetrievalResult,
     evaluate,
-    metric_label,
 )
 
 __all__ = [
@@ -42,6 +41,5 @@ __all__ = [
     "clustering_scores",
     "evaluate",
     "faiss_available",
-    "metric_label",
     "metrics",
 ]

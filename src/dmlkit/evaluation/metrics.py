@@ -5,8 +5,9 @@ Notation, for one query: its neighbours are ranked 1, 2, … (nearest first, sel
 references that share the query's label (the query itself not counted); ``P(i) = (c_1 + … + c_i)
 / i`` is the precision at rank i. Every function takes ``correct``, the (B, k) matrix of ``c_i``
 for a block of B queries over their first k ranks, and returns one float64 value per query.
-Definitions follow PML's ``AccuracyCalculator`` (``../shared/docs/peers.md`` §3) and, for
-Recall@K, the DDTAS evaluation code (``ddtas.md`` §8).
+Definitions follow pytorch-metric-learning's ``AccuracyCalculator`` (2.9.0) and, for Recall@K,
+the DDTAS authors' evaluation code: a query is a hit at K when fewer than K other-label
+references score strictly above its best same-label reference, so ties count in its favour.
 """
 
 from __future__ import annotations

@@ -367,37 +367,6 @@ def _cutoffs(values: Sequence[int], available: int, name: str) -> tuple[int, ...
     return out
 
 
-_LABELS = {
-    "precision_at_1": "P@1",
-    "r_precision": "R-Precision",
-    "mean_average_precision_at_r": "MAP@R",
-    "mean_average_precision": "MAP",
-    "mean_reciprocal_rank": "MRR",
-}
-_PREFIX_LABELS = (
-    ("recall_at_", "Recall@"),
-    ("precision_at_", "P@"),
-    ("mean_average_precision_at_", "MAP@"),
-)
-
-
-def metric_label(name: str) -> str:
-    """A metric's short name for tables and plots: ``P@1``, ``Recall@4``, ``MAP@R``, ``NMI``.
-
-    Args:
-        name: A key of :attr:`RetrievalResult.metrics` (``recall_at_4``, ...).
-
-    Returns:
-        The short name; an unknown name comes back unchanged.
-    """
-    if name in _LABELS:
-        return _LABELS[name]
-    for prefix, short in _PREFIX_LABELS:
-        if name.startswith(prefix) and name.removeprefix(prefix).isdigit():
-            return short + name.removeprefix(prefix)
-    return name
-
-
 def _precision_key(k: int) -> str:
     return "precision_at_1" if k == 1 else f"precision_at_{k}"
 

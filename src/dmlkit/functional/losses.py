@@ -1,9 +1,11 @@
-"""Loss formulas on dense (N, M) similarity or distance matrices.
+"""Loss formulas on (N, M) similarity or distance matrices.
 
-Every function takes the matrix ``mat`` between anchors (rows) and references (columns), the pair
-weights to use, and ``is_similarity`` (True when larger means closer: cosine or dot product). In
-PML's terms ``margin(x, y)`` is ``x − y`` for distances and ``y − x`` for similarities, which lets
-one formula serve both.
+Every loss function takes the matrix ``mat`` between anchors (rows) and references (columns), the
+pairs to use, ``is_inverted`` (True when larger means closer: cosine or dot product, PML's name)
+and the reducer, which the caller always gives. In PML's terms ``margin(x, y)`` is ``x − y`` for
+distances and ``y − x`` for similarities, which lets one formula serve both. DDTAS's losses are
+written once on per-pair values (``*_per_anchor``), which its Online Threshold Generator also
+differentiates.
 
 All formulas are written so that entries outside the selected pairs never produce Inf or NaN,
 in forward or backward, and an empty selection gives a zero that keeps the graph.
@@ -18,21 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .logsumexp import masked_logsumexp
-from .masks import PairIndices, PairWeights
-from .reduction import (
-    AvgNonZeroReducer,
-    ElementwiseTerm,
-    MeanReducer,
-    Reducer,
-    SumReducer,
-    reduce_elementwise_terms,
-)
+from .masks import PairIndices, PairWeights, side_groups
+from .reduction import ElementwiseTerm, Reducer, reduce_elementwise_terms
 
 
-def margin(x: Tensor | float, y: Tensor | float, is_similarity: bool) -> Tensor:
+def margin(x: Tensor | float, y: Tensor | float, is_inverted: bool) -> Tensor:
     """How far ``x`` is beyond ``y`` in the "farther apart" direction: x − y for distances,
     y − x for similarities."""
-    out = y - x if is_similarity else x - y
+    out = y - x if is_inverted else x - y
     assert isinstance(out, Tensor)
     return out
 
@@ -52,8 +47,9 @@ def contrastive_loss(
     pairs: PairWeights | PairIndices,
     pos_margin: float = 0.0,
     neg_margin: float = 1.0,
-    is_similarity: bool = False,
-    reducer: Reducer | None = None,
+    is_inverted: bool = False,
+    *,
+    reducer: Reducer,
 ) -> Tensor:
     """Contrastive loss: ``[margin(d, pos_margin)]₊`` on positive pairs plus
     ``[margin(neg_margin, d)]₊`` on negative pairs, each side reduced on its own, then summed.
@@ -63,17 +59,18 @@ def contrastive_loss(
         pairs: Dense pair weights, or mined index lists (gathered: cost scales with the pairs).
         pos_margin: Positive pairs farther than this are penalised.
         neg_margin: Negative pairs closer than this are penalised.
-        is_similarity: Whether ``mat`` holds similarities.
-        reducer: Applied to each side separately; default ``AvgNonZeroReducer``.
+        is_inverted: Whether ``mat`` holds similarities.
+        reducer: Applied to each side separately.
 
     Returns:
         Scalar loss.
     """
-    reducer = reducer or AvgNonZeroReducer()
-    sign = -1.0 if is_similarity else 1.0
+    sign = -1.0 if is_inverted else 1.0
     pos_fn, neg_fn = _hinge(sign, -sign * pos_margin), _hinge(-sign, sign * neg_margin)
     if isinstance(pairs, PairIndices):
-        values, pos_w, neg_w = pairs.gather(mat)
+        values = pairs.take(mat)
+        pos_w = pairs.is_pos.to(values.dtype)
+        neg_w = 1.0 - pos_w
     else:
         values, pos_w, neg_w = mat, pairs.pos, pairs.neg
     return reduce_elementwise_terms(
@@ -91,24 +88,15 @@ def _hinge(slope: float, offset: float) -> Callable[[Tensor], tuple[Tensor, Tens
     return value_and_slope
 
 
-def _softplus(scale: float, offset: float) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    """``x ↦ (softplus(scale·x + offset), scale·σ(scale·x + offset))``."""
-
-    def value_and_slope(x: Tensor) -> tuple[Tensor, Tensor]:
-        z = torch.mul(x, scale).add_(offset)
-        return F.softplus(z), z.sigmoid_().mul_(scale)
-
-    return value_and_slope
-
-
 def multi_similarity_loss(
     mat: Tensor,
     pairs: PairWeights,
     alpha: float = 2.0,
     beta: float = 50.0,
     base: float = 0.5,
-    is_similarity: bool = True,
-    reducer: Reducer | None = None,
+    is_inverted: bool = True,
+    *,
+    reducer: Reducer,
 ) -> Tensor:
     """Multi-similarity loss (Wang et al. 2019), per anchor i:
     ``(1/α)·log(1 + Σ_P exp(α·margin(S, base))) + (1/β)·log(1 + Σ_N exp(β·margin(base, S)))``.
@@ -121,14 +109,13 @@ def multi_similarity_loss(
         alpha: Positive scale.
         beta: Negative scale.
         base: The similarity the scales are centred on.
-        is_similarity: Whether ``mat`` holds similarities.
-        reducer: Over anchors; default ``MeanReducer`` (every anchor counts).
+        is_inverted: Whether ``mat`` holds similarities.
+        reducer: Over anchors.
 
     Returns:
         Scalar loss.
     """
-    reducer = reducer or MeanReducer()
-    sign = -1.0 if is_similarity else 1.0  # margin(x, y) = sign·(x − y)
+    sign = -1.0 if is_inverted else 1.0  # margin(x, y) = sign·(x − y)
     pos_lse, _ = masked_logsumexp(
         mat, pairs.pos_indicator(), add_one=True, scale=alpha * sign, offset=-alpha * sign * base
     )
@@ -143,7 +130,8 @@ def circle_loss(
     pairs: PairWeights,
     m: float = 0.4,
     gamma: float = 80.0,
-    reducer: Reducer | None = None,
+    *,
+    reducer: Reducer,
 ) -> Tensor:
     """Circle loss (Sun et al. 2020) for pair labels, per anchor:
     ``softplus(LSE_P(−γ·[1 + m − s]₊·(s − 1 + m)) + LSE_N(γ·[s + m]₊·(s − m)))``;
@@ -154,12 +142,11 @@ def circle_loss(
         pairs: Pair weights; repeated pairs count once.
         m: Relaxation margin.
         gamma: Scale.
-        reducer: Over anchors; default ``AvgNonZeroReducer``.
+        reducer: Over anchors.
 
     Returns:
         Scalar loss.
     """
-    reducer = reducer or AvgNonZeroReducer()
     detached = sim.detach()
     pos_logits = -gamma * F.relu(1.0 + m - detached) * (sim - (1.0 - m))
     neg_logits = gamma * F.relu(detached + m) * (sim - m)
@@ -173,8 +160,9 @@ def ntxent_loss(
     mat: Tensor,
     pairs: PairWeights,
     temperature: float = 0.07,
-    is_similarity: bool = True,
-    reducer: Reducer | None = None,
+    is_inverted: bool = True,
+    *,
+    reducer: Reducer,
 ) -> Tensor:
     """NT-Xent / InfoNCE, per positive pair (a, p):
     ``−log(e^{s_ap/τ} / (e^{s_ap/τ} + Σ_{n ∈ N_a} e^{s_an/τ}))``, negative distances for distances.
@@ -183,16 +171,15 @@ def ntxent_loss(
         mat: (N, M) similarities (or distances).
         pairs: Pair weights; repeated pairs count as often as they occur.
         temperature: τ.
-        is_similarity: Whether ``mat`` holds similarities.
-        reducer: Over positive pairs; default ``MeanReducer``.
+        is_inverted: Whether ``mat`` holds similarities.
+        reducer: Over positive pairs.
 
     Returns:
         Scalar loss.
     """
-    reducer = reducer or MeanReducer()
     if _lacks_a_side(pairs):
         return zero_loss(mat)
-    sign = 1.0 if is_similarity else -1.0
+    sign = 1.0 if is_inverted else -1.0
     logits = mat * (sign / temperature)
     neg_lse, has_neg = masked_logsumexp(mat, pairs.neg, scale=sign / temperature)
     losses = F.softplus(neg_lse - logits) * has_neg
@@ -203,8 +190,9 @@ def supcon_loss(
     mat: Tensor,
     pairs: PairWeights,
     temperature: float = 0.1,
-    is_similarity: bool = True,
-    reducer: Reducer | None = None,
+    is_inverted: bool = True,
+    *,
+    reducer: Reducer,
 ) -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020), per anchor i:
     ``−mean_{p ∈ P_i} [s_ip/τ − log Σ_{j ∈ P_i ∪ N_i} e^{s_ij/τ}]``.
@@ -213,17 +201,16 @@ def supcon_loss(
         mat: (N, M) similarities (or distances).
         pairs: Pair weights; repeated pairs count once.
         temperature: τ.
-        is_similarity: Whether ``mat`` holds similarities.
-        reducer: Over anchors; default ``AvgNonZeroReducer``.
+        is_inverted: Whether ``mat`` holds similarities.
+        reducer: Over anchors.
 
     Returns:
         Scalar loss.
     """
-    reducer = reducer or AvgNonZeroReducer()
     if _lacks_a_side(pairs):
         return zero_loss(mat)
     pos, neg = pairs.pos_indicator(), pairs.neg_indicator()
-    logits = (mat if is_similarity else -mat) / temperature
+    logits = (mat if is_inverted else -mat) / temperature
     denominator, _ = masked_logsumexp(logits, (pos + neg).clamp_max_(1.0))
     # mean_p (logit_ip − lse_i) = (Σ_p logit_ip)/|P_i| − lse_i, without an N × M log-prob matrix.
     n_pos = pos.sum(1, keepdim=True)
@@ -237,8 +224,9 @@ def lifted_structure_loss(
     pairs: PairWeights,
     neg_margin: float = 1.0,
     pos_margin: float = 0.0,
-    is_similarity: bool = False,
-    reducer: Reducer | None = None,
+    is_inverted: bool = False,
+    *,
+    reducer: Reducer,
 ) -> Tensor:
     """Lifted structure loss (Oh Song et al. 2016), per positive pair (a, p):
     ``½·[LSE_{n ∈ N_a ∪ N_p} margin(neg_margin, d_n) + margin(d_ap, pos_margin)]₊²``.
@@ -252,17 +240,16 @@ def lifted_structure_loss(
         pairs: Pair weights; repeated pairs count as often as they occur.
         neg_margin: Negatives closer than this are penalised.
         pos_margin: Positives farther than this are penalised.
-        is_similarity: Whether ``mat`` holds similarities.
-        reducer: Over positive pairs; default ``MeanReducer``.
+        is_inverted: Whether ``mat`` holds similarities.
+        reducer: Over positive pairs.
 
     Returns:
         Scalar loss.
     """
-    reducer = reducer or MeanReducer()
     if _lacks_a_side(pairs):
         return zero_loss(mat)
     n_rows, n_cols = mat.shape
-    sign = -1.0 if is_similarity else 1.0
+    sign = -1.0 if is_inverted else 1.0
     row_lse, has_neg = masked_logsumexp(mat, pairs.neg, scale=-sign, offset=sign * neg_margin)
     lowest = torch.finfo(row_lse.dtype).min
     anchor_lse = torch.where(has_neg > 0, row_lse, lowest)  # (N, 1)
@@ -278,7 +265,7 @@ def lifted_structure_loss(
     same_index = torch.arange(k, device=mat.device)
     combined = combined.index_put((same_index, same_index), anchor_lse[:k, 0])
     combined = combined * torch.clamp_max(has_neg + col_has_neg, 1.0)
-    losses = F.relu(combined + margin(mat, pos_margin, is_similarity)).pow(2) / 2
+    losses = F.relu(combined + margin(mat, pos_margin, is_inverted)).pow(2) / 2
     return reducer(losses, pairs.pos)
 
 
@@ -287,8 +274,9 @@ def generalized_lifted_structure_loss(
     pairs: PairWeights,
     neg_margin: float = 1.0,
     pos_margin: float = 0.0,
-    is_similarity: bool = False,
-    reducer: Reducer | None = None,
+    is_inverted: bool = False,
+    *,
+    reducer: Reducer,
 ) -> Tensor:
     """Generalised lifted structure loss (Hermans et al. 2017), per anchor:
     ``[LSE_P margin(d, pos_margin) + LSE_N margin(neg_margin, d)]₊``.
@@ -298,84 +286,206 @@ def generalized_lifted_structure_loss(
         pairs: Pair weights; repeated pairs count once.
         neg_margin: Negative margin.
         pos_margin: Positive margin.
-        is_similarity: Whether ``mat`` holds similarities.
-        reducer: Over anchors; default ``MeanReducer``.
+        is_inverted: Whether ``mat`` holds similarities.
+        reducer: Over anchors.
 
     Returns:
         Scalar loss.
     """
-    reducer = reducer or MeanReducer()
-    sign = -1.0 if is_similarity else 1.0
+    sign = -1.0 if is_inverted else 1.0
     pos_lse, _ = masked_logsumexp(mat, pairs.pos_indicator(), scale=sign, offset=-sign * pos_margin)
     neg_lse, _ = masked_logsumexp(mat, pairs.neg_indicator(), scale=-sign, offset=sign * neg_margin)
     return reducer(F.relu(pos_lse + neg_lse).squeeze(1))
 
 
-def npairs_loss(mat: Tensor, is_similarity: bool = True, reducer: Reducer | None = None) -> Tensor:
+def npairs_loss(mat: Tensor, is_inverted: bool = True, *, reducer: Reducer) -> Tensor:
     """N-pair loss (Sohn 2016): cross-entropy of each anchor against all positives.
 
     Args:
         mat: (P, P) similarities between P anchors (one per class) and their positives.
-        is_similarity: Whether ``mat`` holds similarities.
-        reducer: Over anchors; default ``MeanReducer``.
+        is_inverted: Whether ``mat`` holds similarities.
+        reducer: Over anchors.
 
     Returns:
         Scalar loss.
     """
-    reducer = reducer or MeanReducer()
-    logits = mat if is_similarity else -mat
+    logits = mat if is_inverted else -mat
     losses = torch.logsumexp(logits, dim=1) - logits.diagonal()
     return reducer(losses)
 
 
+def _ddtas_sides(
+    values: Tensor,
+    anchors: Tensor,
+    is_pos: Tensor,
+    n_anchors: int,
+    pos_scale: float,
+    neg_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The constants DDTAS's per-pair losses share, without gradient.
+
+    Returns:
+        (group, sizes, side_weight, slope): each pair's (anchor, side) group (see
+        :func:`side_groups`); the (n_anchors, 2) number of pairs of each group; the
+        (n_anchors, 2) side scales 2/β and 2/α, zeroed for anchors lacking a side (skipped);
+        and each pair's slope, −β for positive pairs and α for negative ones.
+    """
+    with torch.no_grad():
+        group = side_groups(anchors, is_pos)
+        sizes = torch.bincount(group, minlength=2 * n_anchors).view(n_anchors, 2)
+        side_weight = _side_weights(sizes, pos_scale, neg_scale, values)
+        slope = torch.where(is_pos, values.new_tensor(-pos_scale), values.new_tensor(neg_scale))
+    return group, sizes, side_weight, slope
+
+
+def soft_contrastive_per_anchor(
+    values: Tensor,
+    anchors: Tensor,
+    is_pos: Tensor,
+    n_anchors: int,
+    pos_scale: float = 2.0,
+    neg_scale: float = 40.0,
+    thresholds: float | Tensor = 0.7,
+) -> Tensor:
+    """DDTAS's Soft Contrastive loss of each anchor (docs/ddtas.md §4), from per-pair values.
+
+    For an anchor i with at least one positive and one negative pair,
+    ``ℓ_i = (2/β)·mean_{P_i} softplus(−β(x − t)) + (2/α)·mean_{N_i} softplus(α(x − t))`` with
+    β = ``pos_scale``, α = ``neg_scale`` and t the threshold; every other anchor has ℓ_i = 0.
+    The released reduction is the mean over all anchors, skipped ones included.
+
+    Plain autograd on the K pair values: twice differentiable, as the Online Threshold
+    Generator needs, and its cost scales with the pairs.
+
+    Args:
+        values: (K,) per-pair values x_k (similarities, or similarities times per-pair weights).
+        anchors: (K,) anchor index of each pair, in any order; repeats count as often as they
+            occur.
+        is_pos: (K,) bool, True for positive pairs.
+        n_anchors: Number of anchors.
+        pos_scale: β, the positive scale.
+        neg_scale: α, the negative scale.
+        thresholds: t, a number or one per pair.
+
+    Returns:
+        (n_anchors,) losses; a graph to ``values`` even when every anchor is skipped.
+    """
+    group, sizes, _, slope = _ddtas_sides(values, anchors, is_pos, n_anchors, pos_scale, neg_scale)
+    terms = F.softplus(slope * (values - thresholds))
+    side_sums = values.new_zeros(2 * n_anchors).index_add(0, group, terms).view(n_anchors, 2)
+    return _soft_contrastive_combine(side_sums, sizes, pos_scale, neg_scale)
+
+
+def _soft_contrastive_combine(
+    side_sums: Tensor, sizes: Tensor, pos_scale: float, neg_scale: float
+) -> Tensor:
+    """ℓ_i from each anchor's (positive, negative) sums of softplus terms and pair counts, both
+    (N, 2): the one place the Soft Contrastive loss's per-anchor form is written, whichever way
+    the pairs are held (index lists or dense weights)."""
+    with torch.no_grad():
+        scale = _side_weights(sizes, pos_scale, neg_scale, side_sums) / sizes.clamp_min(1)
+    return (side_sums * scale).sum(1)
+
+
+def _side_weights(sizes: Tensor, pos_scale: float, neg_scale: float, like: Tensor) -> Tensor:
+    """(N, 2) side scales 2/β and 2/α, zeroed for anchors lacking a side (they are skipped)."""
+    counted = (sizes > 0).all(1, keepdim=True)
+    # Constants in the values' dtype (a float32 0.05 is off by 1.5e-8 in float64).
+    return counted * like.new_tensor([2.0 / pos_scale, 2.0 / neg_scale])
+
+
+def _soft_contrastive_dense(
+    sim: Tensor, pairs: PairWeights, pos_scale: float, neg_scale: float, threshold: float
+) -> Tensor:
+    """:func:`soft_contrastive_per_anchor` over dense pair weights: row sums instead of index
+    lists, so using every labelled pair costs no N × M ``nonzero``."""
+    shifted = sim - threshold
+    pos_sums = (F.softplus(shifted * -pos_scale) * pairs.pos).sum(1)
+    neg_sums = (F.softplus(shifted * neg_scale) * pairs.neg).sum(1)
+    with torch.no_grad():
+        sizes = torch.stack([pairs.pos.sum(1), pairs.neg.sum(1)], dim=1)
+    return _soft_contrastive_combine(
+        torch.stack([pos_sums, neg_sums], dim=1), sizes, pos_scale, neg_scale
+    )
+
+
+def otg_multi_similarity_per_anchor(
+    values: Tensor,
+    anchors: Tensor,
+    is_pos: Tensor,
+    n_anchors: int,
+    pos_scale: float = 2.0,
+    neg_scale: float = 40.0,
+    thresholds: float | Tensor = 0.7,
+) -> Tensor:
+    """The multi-similarity form of DDTAS's released OTG loss (docs/ddtas.md §5.1 step 4), per
+    anchor, from per-pair values.
+
+    For an anchor i with at least one positive and one negative pair,
+    ``ℓ_i = (2/β)·log(1 + Σ_{P_i} exp(−β(x − t))) + (2/α)·log(1 + Σ_{N_i} exp(α(x − t)))``;
+    every other anchor has ℓ_i = 0. Each log(1 + Σ exp) is the softplus of a per-group
+    log-sum-exp, stable for large exponents. Plain autograd, twice differentiable.
+
+    Args:
+        values: (K,) per-pair values x_k.
+        anchors: (K,) anchor index of each pair, in any order.
+        is_pos: (K,) bool, True for positive pairs.
+        n_anchors: Number of anchors.
+        pos_scale: β, the positive scale.
+        neg_scale: α, the negative scale.
+        thresholds: t (the base b of the MS loss), a number or one per pair.
+
+    Returns:
+        (n_anchors,) losses; a graph to ``values`` even when every anchor is skipped.
+    """
+    group, _, side_weight, slope = _ddtas_sides(
+        values, anchors, is_pos, n_anchors, pos_scale, neg_scale
+    )
+    exponent = slope * (values - thresholds)
+    with torch.no_grad():
+        peak = values.new_full((2 * n_anchors,), float("-inf"))
+        peak = peak.scatter_reduce(0, group, exponent.detach(), "amax")
+        present = torch.isfinite(peak)
+        peak = torch.where(present, peak, 0.0)
+    sums = values.new_zeros(2 * n_anchors).index_add(0, group, torch.exp(exponent - peak[group]))
+    lse = peak + torch.log(torch.where(present, sums, 1.0))
+    return (F.softplus(lse).view(n_anchors, 2) * side_weight).sum(1)
+
+
 def soft_contrastive_loss(
     sim: Tensor,
-    pairs: PairWeights | PairIndices,
+    pairs: PairIndices | PairWeights,
     pos_scale: float = 2.0,
     neg_scale: float = 40.0,
     threshold: float = 0.7,
+    *,
+    reducer: Reducer,
 ) -> Tensor:
-    """DDTAS's Soft Contrastive loss with its released reduction (ddtas.md §4):
+    """DDTAS's Soft Contrastive loss (docs/ddtas.md §4): :func:`soft_contrastive_per_anchor` on
+    the pairs' similarities, reduced over anchors. ``MeanReducer`` gives the released reduction:
 
     ``L = (1/B)·Σ_{i: P_i ≠ ∅, N_i ≠ ∅} [(2/β)·mean_{P_i} softplus(−β(S − λ))
-    + (2/α)·mean_{N_i} softplus(α(S − λ))]`` with β = ``pos_scale``, α = ``neg_scale``,
-    λ = ``threshold`` and B the number of anchors, skipped ones included.
+    + (2/α)·mean_{N_i} softplus(α(S − λ))]`` with B the number of anchors, skipped ones
+    included.
 
     Args:
         sim: (B, M) similarities.
-        pairs: Mined pairs, as index lists (gathered: cost scales with the pairs) or dense
-            weights; repeated pairs count as often as they occur.
+        pairs: The pairs, as index lists (mined: cost scales with the pairs) or dense weights
+            (every labelled pair); repeated pairs count as often as they occur.
         pos_scale: β, the positive scale.
         neg_scale: α, the negative scale.
         threshold: λ.
+        reducer: Over anchors (skipped anchors hold 0).
 
     Returns:
         Scalar loss (zero with a graph when every anchor is skipped).
     """
-    n_anchors = sim.shape[0]
-    pos_fn = _softplus(-pos_scale, pos_scale * threshold)
-    neg_fn = _softplus(neg_scale, -neg_scale * threshold)
-    total = SumReducer()
-    with torch.no_grad():
-        if isinstance(pairs, PairIndices):
-            n_pos = torch.bincount(pairs.a1, minlength=n_anchors).to(sim.dtype)
-            n_neg = torch.bincount(pairs.a2, minlength=n_anchors).to(sim.dtype)
-        else:
-            n_pos, n_neg = pairs.pos.to(sim.dtype).sum(1), pairs.neg.to(sim.dtype).sum(1)
-        valid = ((n_pos > 0) & (n_neg > 0)).to(sim.dtype) / n_anchors
-        pos_per_anchor = valid * (2.0 / pos_scale) / n_pos.clamp_min(1.0)
-        neg_per_anchor = valid * (2.0 / neg_scale) / n_neg.clamp_min(1.0)
-    if isinstance(pairs, PairIndices):
-        values, is_pos, is_neg = pairs.gather(sim)
-        anchors = torch.cat([pairs.a1, pairs.a2])
-        pos_w, neg_w = is_pos * pos_per_anchor[anchors], is_neg * neg_per_anchor[anchors]
-    else:
-        values = sim
-        pos_w = pairs.pos.to(sim.dtype) * pos_per_anchor[:, None]
-        neg_w = pairs.neg.to(sim.dtype) * neg_per_anchor[:, None]
-    return reduce_elementwise_terms(
-        values, [ElementwiseTerm(pos_fn, pos_w, total), ElementwiseTerm(neg_fn, neg_w, total)]
+    if isinstance(pairs, PairWeights):
+        return reducer(_soft_contrastive_dense(sim, pairs, pos_scale, neg_scale, threshold))
+    per_anchor = soft_contrastive_per_anchor(
+        pairs.take(sim), pairs.anchors, pairs.is_pos, sim.shape[0], pos_scale, neg_scale, threshold
     )
+    return reducer(per_anchor)
 
 
 def soft_weighted_triplet_loss(
@@ -383,8 +493,9 @@ def soft_weighted_triplet_loss(
     pos_mask: Tensor,
     neg_mask: Tensor,
     margin_value: float = 0.3,
-    is_similarity: bool = False,
-    reducer: Reducer | None = None,
+    is_inverted: bool = False,
+    *,
+    reducer: Reducer,
 ) -> Tensor:
     """fast-reid's soft-weighted batch triplet loss: for each anchor, the positive distance is
     averaged with softmax weights over its positives' distances (the farthest weigh most) and
@@ -397,14 +508,13 @@ def soft_weighted_triplet_loss(
         pos_mask: Bool (N, M) positives.
         neg_mask: Bool (N, M) negatives.
         margin_value: The margin; ≤ 0 selects the soft margin.
-        is_similarity: Whether ``mat`` holds similarities.
-        reducer: Over anchors having both a positive and a negative; default ``MeanReducer``.
+        is_inverted: Whether ``mat`` holds similarities.
+        reducer: Over anchors having both a positive and a negative.
 
     Returns:
         Scalar loss.
     """
-    reducer = reducer or MeanReducer()
-    dist = -mat if is_similarity else mat
+    dist = -mat if is_inverted else mat
     lowest = torch.finfo(dist.dtype).min
     valid = pos_mask.any(1) & neg_mask.any(1)
     pos_w = torch.softmax(torch.where(pos_mask, dist, lowest), dim=1)

@@ -1,13 +1,24 @@
-"""Label masks and conversions between index tuples and dense pair weights.
+"""Label masks, and the two forms in which a loss receives its (anchor, reference) pairs.
 
-Internally dmlkit works on dense (N, M) matrices: a pair (i, j) is selected by a mask or weighted
-by how many times it occurs in a mined tuple. Index tuples in PML's formats, triplets (a, p, n)
-and pairs (a1, p, a2, n), are converted at the boundary.
+Index tuples in PML's formats, triplets (a, p, n) and pairs (a1, p, a2, n), are converted at the
+boundary into one of two types, kept apart on purpose:
+
+* :class:`PairWeights`: dense (N, M) weights, 0/1 or counts of repeats. Formulas over each
+  anchor's whole row (log-sum-exps, per-anchor means, the fused elementwise kernels) run on it
+  in a few passes over the matrix with no index arithmetic: the fast path when all or most
+  pairs count, which is every call without a miner.
+* :class:`PairIndices`: one flat list of K pairs, positives first. Per-pair formulas whose cost
+  should scale with the mined pairs (K ≪ N·M), and DDTAS's Online Threshold Generator (one
+  variable per mined pair), use it.
+
+One type for both would cost either an N × M scatter and N × M work for every mined list, or
+two 8-byte indices per pair (and gathers and scatters) for every labelled pair.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -37,7 +48,10 @@ def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tenso
 
 
 def label_weights(
-    labels: Tensor, ref_labels: Tensor | None = None, dtype: torch.dtype = torch.float32
+    labels: Tensor,
+    ref_labels: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    anchor_in_ref: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``label_masks`` as 0/1 floating-point weights (the form the loss kernels use: float
     arithmetic is several times faster than boolean masking on CPU).
@@ -46,6 +60,9 @@ def label_weights(
         labels: (N,) labels of the anchors.
         ref_labels: (M,) labels of a separate reference set, or None (self-pairs excluded).
         dtype: Floating dtype of the result.
+        anchor_in_ref: (N,) row of the reference set holding each anchor itself, or −1: those
+            (anchor, itself) pairs are excluded from both sides, as the diagonal is for a
+            batch against itself.
 
     Returns:
         (pos, neg) float (N, M) weights.
@@ -57,7 +74,33 @@ def label_weights(
     neg = torch.ne(query[:, None], key[None, :], out=torch.empty_like(pos))
     if ref_labels is None:
         pos.fill_diagonal_(0.0)
+    if anchor_in_ref is not None:
+        rows = torch.nonzero(anchor_in_ref >= 0).squeeze(1)
+        cols = anchor_in_ref[rows]
+        pos[rows, cols] = 0.0
+        neg[rows, cols] = 0.0
     return pos, neg
+
+
+def drop_self_pairs(indices_tuple: IndicesTuple, anchor_in_ref: Tensor) -> IndicesTuple:
+    """A mined tuple without the entries that pair an anchor with itself in the reference set.
+
+    Args:
+        indices_tuple: (a, p, n) or (a1, p, a2, n), references indexing the reference set.
+        anchor_in_ref: (N,) row of the reference set holding each anchor itself, or −1.
+
+    Returns:
+        The tuple without the triplets whose positive or negative is the anchor itself, or
+        without the pairs (of either side) whose reference is the anchor itself.
+    """
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        itself = anchor_in_ref[a]
+        keep = (p != itself) & (n != itself)
+        return a[keep], p[keep], n[keep]
+    a1, p, a2, n = indices_tuple
+    keep_pos, keep_neg = p != anchor_in_ref[a1], n != anchor_in_ref[a2]
+    return a1[keep_pos], p[keep_pos], a2[keep_neg], n[keep_neg]
 
 
 def _comparable(labels: Tensor, ref_labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,40 +140,96 @@ class PairWeights:
 
 @dataclass(frozen=True)
 class PairIndices:
-    """Mined pairs as index lists (repeats allowed, each counted), for per-pair losses whose
-    cost should scale with the number of mined pairs rather than with N × M.
+    """Pairs as one flat index list, positives first, then negatives; repeats allowed, each
+    counted.
 
     Attributes:
-        a1: Anchor of each positive pair.
-        p: Reference index of each positive pair.
-        a2: Anchor of each negative pair.
-        n: Reference index of each negative pair.
+        anchors: (K,) anchor of each pair.
+        references: (K,) reference index of each pair.
+        num_pos: How many of the pairs, from the start, are positive.
     """
 
-    a1: Tensor
-    p: Tensor
-    a2: Tensor
-    n: Tensor
+    anchors: Tensor
+    references: Tensor
+    num_pos: int
 
-    def gather(self, mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Both sides' entries of ``mat`` in one gather, with 0/1 indicators of each side.
-
-        Returns:
-            (values, is_pos, is_neg): the positive pairs' entries followed by the negative
-            pairs', and float indicators of which are which.
-        """
-        values = mat[torch.cat([self.a1, self.a2]), torch.cat([self.p, self.n])]
-        is_pos = torch.zeros_like(values.detach())
-        is_pos[: self.a1.numel()] = 1.0
-        return values, is_pos, 1.0 - is_pos
+    @classmethod
+    def from_lists(cls, a1: Tensor, p: Tensor, a2: Tensor, n: Tensor) -> PairIndices:
+        """Positive pairs (a1, p) and negative pairs (a2, n)."""
+        return cls(torch.cat([a1, a2]), torch.cat([p, n]), a1.numel())
 
     @classmethod
     def from_tuple(cls, indices_tuple: IndicesTuple) -> PairIndices:
         """Pairs of a mined tuple; triplets (a, p, n) give (a, p) and (a, n), as in PML."""
         if len(indices_tuple) == 3:
             a, p, n = indices_tuple
-            return cls(a, p, a, n)
-        return cls(*indices_tuple)
+            return cls.from_lists(a, p, a, n)
+        return cls.from_lists(*indices_tuple)
+
+    @classmethod
+    def from_masks(cls, pos: Tensor, neg: Tensor) -> PairIndices:
+        """The non-zero entries of (N, M) positive and negative masks, in row-major order."""
+        a1, p = pos.nonzero(as_tuple=True)
+        a2, n = neg.nonzero(as_tuple=True)
+        return cls.from_lists(a1, p, a2, n)
+
+    def __len__(self) -> int:
+        return int(self.anchors.shape[0])
+
+    @cached_property
+    def is_pos(self) -> Tensor:
+        """(K,) bool, True for the positive pairs."""
+        return torch.arange(len(self), device=self.anchors.device) < self.num_pos
+
+    @property
+    def a1(self) -> Tensor:
+        """Anchor of each positive pair."""
+        return self.anchors[: self.num_pos]
+
+    @property
+    def p(self) -> Tensor:
+        """Reference of each positive pair."""
+        return self.references[: self.num_pos]
+
+    @property
+    def a2(self) -> Tensor:
+        """Anchor of each negative pair."""
+        return self.anchors[self.num_pos :]
+
+    @property
+    def n(self) -> Tensor:
+        """Reference of each negative pair."""
+        return self.references[self.num_pos :]
+
+    def take(self, mat: Tensor) -> Tensor:
+        """(K,) entries of an (N, M) matrix at the pairs, in one gather."""
+        # A 1-D index_select, whose backward is an index_add: several times faster than
+        # mat[anchors, references], whose backward is an accumulating index_put.
+        flat = self.anchors * mat.shape[1] + self.references
+        return mat.reshape(-1).index_select(0, flat)
+
+
+def side_groups(anchors: Tensor, is_pos: Tensor) -> Tensor:
+    """(K,) index of each pair's (anchor, side) group: 2·anchor for a positive pair,
+    2·anchor + 1 for a negative one (per-anchor, per-side sums without boolean indexing).
+
+    Args:
+        anchors: (K,) anchor of each pair.
+        is_pos: (K,) bool, True for positive pairs.
+    """
+    return (2 * anchors).add_(~is_pos)
+
+
+def pairs_per_anchor(anchors: Tensor, is_pos: Tensor, n_anchors: int) -> tuple[Tensor, Tensor]:
+    """(n_anchors,) numbers of positive and of negative pairs of each anchor.
+
+    Args:
+        anchors: (K,) anchor of each pair.
+        is_pos: (K,) bool, True for positive pairs.
+        n_anchors: Number of anchors.
+    """
+    counts = torch.bincount(side_groups(anchors, is_pos), minlength=2 * n_anchors)
+    return counts[0::2], counts[1::2]
 
 
 def _counts(
@@ -185,16 +284,19 @@ def batch_pair_weights(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     binary: bool = False,
+    anchor_in_ref: Tensor | None = None,
 ) -> PairWeights:
     """The pairs a pair-based loss uses: the mined ones if given, else every labelled pair.
 
-    ``binary`` counts repeated mined pairs once (for losses over pair sets per anchor).
+    ``binary`` counts repeated mined pairs once (for losses over pair sets per anchor);
+    ``anchor_in_ref`` leaves each anchor's pairs with itself out of the labelled pairs (see
+    :func:`label_weights`; a mined tuple is filtered with :func:`drop_self_pairs`).
     """
     if indices_tuple is not None:
         return tuple_to_pair_weights(indices_tuple, shape, device, dtype, binary)
     if labels is None:
         raise ValueError("labels are required when no indices_tuple is given")
-    return PairWeights(*label_weights(labels, ref_labels, dtype), binary=True)
+    return PairWeights(*label_weights(labels, ref_labels, dtype, anchor_in_ref), binary=True)
 
 
 def first_pair_per_label(

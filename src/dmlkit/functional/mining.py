@@ -48,7 +48,7 @@ def asymmetric_mining_masks(
     gamma_neg: float,
     negative_rule: NegativeRule = "code",
 ) -> tuple[Tensor, Tensor]:
-    """ASMS (ddtas.md §2), of which multi-similarity mining is the case γ_pos = γ_neg = ε:
+    """ASMS (docs/ddtas.md §2), of which multi-similarity mining is the case γ_pos = γ_neg = ε:
 
     ``P*_i = {j ∈ P_i : S_ij − γ_pos < maxN_i}`` and ``N*_i = {j ∈ N_i : S_ij + γ_neg > minP_i}``,
     both strict. The ``"figure"`` negative rule is the framework figure's variant
@@ -79,7 +79,7 @@ def asymmetric_mining_masks(
 
 @dataclass(frozen=True)
 class AdaptiveTolerances:
-    """The tolerances AT-ASMS chose for one batch (ddtas.md §3).
+    """The tolerances AT-ASMS chose for one batch (docs/ddtas.md §3).
 
     Attributes:
         gamma_pos: γ̂_pos used for re-mining.
@@ -139,7 +139,7 @@ def adaptive_tolerances(
 def tolerances_from_ratio(
     ratio: float | None, gamma_pos: float, gamma_neg: float, k: float = 0.5
 ) -> tuple[float, float, float]:
-    """AT-ASMS's update rule: (γ̂_pos, γ̂_neg, τ) for the ratio r (ddtas.md §3 table).
+    """AT-ASMS's update rule: (γ̂_pos, γ̂_neg, τ) for the ratio r (docs/ddtas.md §3 table).
 
     Strictly r > 1 adapts, with τ = k·σ(r); r ≤ 1, or no ratio at all (no positive pair),
     keeps the static tolerances.

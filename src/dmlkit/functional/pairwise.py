@@ -32,6 +32,9 @@ def dot_product_matrix(x: Tensor, y: Tensor | None = None) -> Tensor:
 def cosine_similarity_matrix(x: Tensor, y: Tensor | None = None) -> Tensor:
     """Cosine similarities ``S[i, j] = x_i · y_j / (‖x_i‖ ‖y_j‖)``.
 
+    Written with plain differentiable ops (no fused kernel), so forward-mode and second-order
+    differentiation work: DDTAS's Online Threshold Generator relies on both.
+
     Args:
         x: (N, D) query embeddings.
         y: (M, D) reference embeddings; ``x`` itself when None.

@@ -1,8 +1,8 @@
 """Per-pair training losses and threshold normalisation for DDTAS's Online Threshold Generator.
 
-The OTG (ddtas.md §5) differentiates the training loss with respect to one variable per mined
-pair, and through a virtual parameter step, so everything here is plain, twice-differentiable
-autograd on 1-D per-pair values (no fused first-order kernels).
+The OTG (docs/ddtas.md §5) differentiates the training loss with respect to one variable per
+mined pair, and through a virtual parameter step, so everything here is plain,
+twice-differentiable autograd on 1-D per-pair values (no fused first-order kernels).
 
 A mined pair k is described by its anchor ``anchors[k]`` and whether it is positive
 (``is_pos[k]``); its value ``values[k]`` is λ_k·S_k in the multiplier reading of the OTG (λ = 1
@@ -14,17 +14,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .losses import otg_multi_similarity_per_anchor, soft_contrastive_per_anchor
+from .reduction import MeanReducer
 
 PairLossForm = Literal["soft_contrastive", "multi_similarity"]
 Normalization = Literal["joint", "separate"]
-
-
-def _side_counts(anchors: Tensor, is_pos: Tensor, n_anchors: int) -> tuple[Tensor, Tensor]:
-    n_pos = torch.bincount(anchors[is_pos], minlength=n_anchors)
-    n_neg = torch.bincount(anchors[~is_pos], minlength=n_anchors)
-    return n_pos, n_neg
 
 
 def pair_loss(
@@ -42,12 +38,13 @@ def pair_loss(
     With β = ``pos_scale``, α = ``neg_scale`` and t the threshold, for every anchor i having at
     least one positive and one negative pair:
 
-    - ``soft_contrastive`` (ddtas.md §4): ``(2/β)·mean_P softplus(−β(x − t))
-      + (2/α)·mean_N softplus(α(x − t))``;
-    - ``multi_similarity`` (the MS form of the released OTG, §5.1 step 4, t = b):
+    - ``soft_contrastive`` (docs/ddtas.md §4; :func:`soft_contrastive_per_anchor`):
+      ``(2/β)·mean_P softplus(−β(x − t)) + (2/α)·mean_N softplus(α(x − t))``;
+    - ``multi_similarity`` (the MS form of the released OTG, §5.1 step 4, t = b;
+      :func:`otg_multi_similarity_per_anchor`):
       ``(2/β)·log(1 + Σ_P exp(−β(x − t))) + (2/α)·log(1 + Σ_N exp(α(x − t)))``;
 
-    summed over those anchors and divided by ``n_anchors`` (skipped anchors included).
+    averaged over all ``n_anchors`` anchors, skipped ones counting 0 (``MeanReducer``).
 
     Args:
         values: (K,) per-pair values x_k.
@@ -64,34 +61,12 @@ def pair_loss(
     """
     if form not in ("soft_contrastive", "multi_similarity"):
         raise ValueError(f"form must be 'soft_contrastive' or 'multi_similarity', got {form!r}")
-    with torch.no_grad():
-        n_pos, n_neg = _side_counts(anchors, is_pos, n_anchors)
-        valid = ((n_pos > 0) & (n_neg > 0)).to(values.dtype) / n_anchors
-        # Constants in the values' dtype: torch.where on Python numbers would round to float32.
-        pair_scale = torch.where(
-            is_pos, values.new_tensor(2.0 / pos_scale), values.new_tensor(2.0 / neg_scale)
-        )
-        slope = torch.where(is_pos, values.new_tensor(-pos_scale), values.new_tensor(neg_scale))
-    exponent = slope * (values - thresholds)
-    if form == "soft_contrastive":
-        with torch.no_grad():
-            size = torch.where(is_pos, n_pos[anchors], n_neg[anchors]).clamp_min(1)
-            weight = pair_scale * valid[anchors] / size
-        return (F.softplus(exponent) * weight).sum()
-    # log(1 + Σ_group exp(z)) per (anchor, side) group, as softplus of a segment log-sum-exp.
-    group = 2 * anchors + (~is_pos).long()
-    n_groups = 2 * n_anchors
-    with torch.no_grad():
-        peak = torch.full((n_groups,), float("-inf"), dtype=values.dtype, device=values.device)
-        peak = peak.scatter_reduce(0, group, exponent.detach(), "amax")
-        present = torch.isfinite(peak)
-        peak = torch.where(present, peak, 0.0)
-        group_weight = torch.zeros(n_groups, dtype=values.dtype, device=values.device)
-        group_weight[group] = pair_scale * valid[anchors]
-    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device)
-    sums = sums.index_add(0, group, torch.exp(exponent - peak[group]))
-    lse = peak + torch.log(torch.where(present, sums, 1.0))
-    return (F.softplus(lse) * group_weight * present).sum()
+    per_anchor = (
+        soft_contrastive_per_anchor
+        if form == "soft_contrastive"
+        else otg_multi_similarity_per_anchor
+    )(values, anchors, is_pos, n_anchors, pos_scale, neg_scale, thresholds)
+    return MeanReducer()(per_anchor)
 
 
 def pair_loss_slopes(
@@ -104,7 +79,7 @@ def pair_loss_slopes(
     threshold: float = 0.7,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """c_k = ∂L^t/∂x_k at x = 0 (ddtas.md §5.3), the factor of the OTG's closed form.
+    """c_k = ∂L^t/∂x_k at x = 0 (docs/ddtas.md §5.3), the factor of the OTG's closed form.
 
     Computed by autograd on :func:`pair_loss`, so it holds for either form and reduction.
 
@@ -122,7 +97,7 @@ def pair_loss_slopes(
 def normalize_thresholds(
     scores: Tensor, is_pos: Tensor | None = None, normalization: Normalization = "joint"
 ) -> Tensor | None:
-    """The OTG's weights λ* = relu(u) / max relu(u) (ddtas.md §5.1 step 8, §5.5).
+    """The OTG's weights λ* = relu(u) / max relu(u) (docs/ddtas.md §5.1 step 8, §5.5).
 
     With ``normalization="separate"`` (a deviation, §5.4) positive and negative pairs are each
     divided by their own maximum; otherwise the released joint maximum, which a positive pair

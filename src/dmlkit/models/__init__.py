@@ -7,7 +7,7 @@ checkpoints load with :func:`load_weights`. :func:`build_model` is the one way t
 
 from .base import Backbone
 from .bninception import BNInception
-from .cache import FeatureCache, LabelledDataset, cache_features, load_feature_cache
+from .cache import FeatureCache, cache_features, load_feature_cache
 from .convnet import ConvNet
 from .embedding import EmbeddingHead, EmbeddingModel, GlobalPool, Pooling, build_model
 from .loading import LoadReport, StateDictSource, load_weights, read_state_dict
@@ -24,7 +24,6 @@ __all__ = [
     "EmbeddingModel",
     "FeatureCache",
     "GlobalPool",
-    "LabelledDataset",
     "LoadReport",
     "MobileNetV2",
     "Pooling",

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import BACKBONES
 from .base import Backbone, check_num_classes, check_positive, init_weights
 
 
@@ -49,6 +50,7 @@ _BLOCKS = (
 _NUM_FEATURES = 1024
 
 
+@BACKBONES.register("bn_inception")
 class BNInception(Backbone):
     """BN-Inception whose ``forward`` returns the 1024-channel ``inception_5b`` feature map.
 

@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,22 +21,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..data.datasets import LabelledDataset
 from .base import check_positive
 from .embedding import EmbeddingModel
 
 _FORMAT = "dmlkit-feature-cache"
 _VERSION = 1
 _SUFFIXES = (".pt", ".npz")
-
-
-class LabelledDataset(Protocol):
-    """A map-style dataset of ``(image tensor, int label)`` items with a ``labels`` array."""
-
-    labels: np.ndarray
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]: ...
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import BACKBONES
 from .base import Backbone, check_positive, conv_bn_act, init_weights
 
 
+@BACKBONES.register("convnet")
 class ConvNet(Backbone):
     """``depth`` blocks of conv 3x3, BatchNorm, ReLU, each followed by 2x2 max pooling.
 

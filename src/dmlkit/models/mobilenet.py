@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..registry import BACKBONES
 from .base import Backbone, check_num_classes, check_positive, conv_bn_act, init_weights
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s), as in the paper.
@@ -57,6 +58,7 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
+@BACKBONES.register("mobilenet_v2")
 class MobileNetV2(Backbone):
     """MobileNetV2 (width 1.0) whose ``forward`` returns the 1280-channel feature map.
 

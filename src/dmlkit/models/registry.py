@@ -1,27 +1,19 @@
-"""Backbones by name: :func:`create_backbone` and :func:`list_backbones`."""
+"""Backbones by name: :func:`create_backbone` and :func:`list_backbones`.
+
+Built-in backbones are registered in :data:`dmlkit.registry.BACKBONES` where they are defined;
+a user's backbone (a :class:`~dmlkit.models.Backbone` subclass, or a function returning one,
+taking ``in_channels``) is named by import path, ``"my_package.nets:MyNet"``.
+"""
 
 from __future__ import annotations
 
-import difflib
-import inspect
-from collections.abc import Callable
 from typing import Any
 
+from ..registry import BACKBONES, Spec
 from .base import Backbone
-from .bninception import BNInception
-from .convnet import ConvNet
 from .loading import StateDictSource
-from .mobilenet import MobileNetV2
-from .resnet import resnet18, resnet50
 from .timm_backbone import TimmBackbone
 
-_BUILDERS: dict[str, Callable[..., Backbone]] = {
-    "bn_inception": BNInception,
-    "convnet": ConvNet,
-    "mobilenet_v2": MobileNetV2,
-    "resnet18": resnet18,
-    "resnet50": resnet50,
-}
 TIMM_PREFIX = "timm:"
 
 
@@ -31,27 +23,7 @@ def list_backbones() -> list[str]:
     Returns:
         The sorted names.
     """
-    return sorted(_BUILDERS)
-
-
-def _unknown_name_message(name: str) -> str:
-    known = list_backbones()
-    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return (
-        f"unknown backbone {name!r}{hint}. Known backbones: {', '.join(known)}, or "
-        f"'{TIMM_PREFIX}<model name>' for a timm model."
-    )
-
-
-def _check_options(name: str, builder: Callable[..., Backbone], options: dict[str, Any]) -> None:
-    accepted = [p for p in inspect.signature(builder).parameters if p != "in_channels"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"backbone {name!r} does not accept option(s) {', '.join(unknown)}; "
-            f"it accepts: {', '.join(accepted) or 'none'}"
-        )
+    return BACKBONES.names()
 
 
 def create_backbone(
@@ -64,7 +36,8 @@ def create_backbone(
     """Builds a backbone by name and optionally loads weights into it.
 
     Built-in names are those of :func:`list_backbones`; ``"timm:<name>"`` builds a timm model
-    (see :class:`~dmlkit.models.TimmBackbone`; needs an importable timm).
+    (see :class:`~dmlkit.models.TimmBackbone`; needs an importable timm); ``"package.module:Name"``
+    builds a user's backbone.
 
     Args:
         name: The backbone name.
@@ -78,6 +51,9 @@ def create_backbone(
 
     Returns:
         The backbone, in training mode.
+
+    Raises:
+        ConfigError: (a ValueError) Unknown backbone or option, or a bad value.
     """
     if not isinstance(name, str):
         raise TypeError(f"backbone name must be a str, got {type(name).__name__}")
@@ -88,11 +64,13 @@ def create_backbone(
             raise ValueError(f"{name!r} names no timm model; use e.g. 'timm:resnet18'")
         backbone = TimmBackbone(timm_name, in_channels=in_channels, **options)
     else:
-        builder = _BUILDERS.get(name)
-        if builder is None:
-            raise ValueError(_unknown_name_message(name))
-        _check_options(name, builder, options)
-        backbone = builder(in_channels=in_channels, **options)
+        try:
+            BACKBONES.get(name, "model.backbone")
+        except ValueError as error:
+            raise type(error)(f"{error}; or '{TIMM_PREFIX}<model name>' for a timm model") from None
+        backbone = BACKBONES.build(Spec(name, options), "model.backbone", in_channels=in_channels)
+        if not isinstance(backbone, Backbone):
+            raise ValueError(f"model.backbone: {name!r} did not build a dmlkit.models.Backbone")
     if pretrained is not None:
         backbone.load_pretrained(pretrained)
     return backbone

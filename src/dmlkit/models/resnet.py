@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..registry import BACKBONES
 from .base import Backbone, check_num_classes, check_positive, conv2d, init_weights
 
 
@@ -151,6 +152,7 @@ class ResNet(Backbone):
         return out
 
 
+@BACKBONES.register("resnet18")
 def resnet18(in_channels: int = 3, num_classes: int | None = None) -> ResNet:
     """ResNet-18: 512 feature channels; 11,689,512 parameters with a 1000-class ``fc``.
 
@@ -164,6 +166,7 @@ def resnet18(in_channels: int = 3, num_classes: int | None = None) -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2), in_channels=in_channels, num_classes=num_classes)
 
 
+@BACKBONES.register("resnet50")
 def resnet50(in_channels: int = 3, num_classes: int | None = None) -> ResNet:
     """ResNet-50 (v1.5): 2048 feature channels; 25,557,032 parameters with a 1000-class ``fc``.
 

@@ -12,7 +12,8 @@
 
 ``dmlkit tune CONFIG`` runs the search, ``dmlkit bench CONFIG`` the search and the test re-runs;
 see :mod:`dmlkit.protocol.config` for the config file. ``dmlkit sweep`` (:mod:`.sweep`) trains a
-config once per value of one hyperparameter, for sensitivity plots.
+config once per value of one hyperparameter, for sensitivity plots; :mod:`.sweep_values` parses
+its values and :mod:`.sweep_results` tabulates, writes and reads back its results.
 """
 
 from .bench import (
@@ -37,17 +38,17 @@ from .config import (
 )
 from .stats import Interval, confidence_interval
 from .study import completed, open_study, run_fold, trial_dir, tune, tune_worker
-from .sweep import (
+from .sweep import run_sweep
+from .sweep_results import (
     SweepResult,
     SweepRun,
     load_sweep,
-    parse_values,
-    run_sweep,
     sweep_caption,
     sweep_markdown,
     sweep_table,
     write_sweep_results,
 )
+from .sweep_values import parse_values
 
 __all__ = [
     "TEST_METRICS",

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from optuna.trial import FrozenTrial
 from torch import Tensor
 
-from ..evaluation import evaluate, metric_label
+from ..display import markdown_table, metric_label, print_line, short_value
+from ..evaluation import evaluate
 from ..training import (
     ConfigError,
     build_run_data,
@@ -39,14 +40,13 @@ from ..training import (
     save_atomic,
 )
 from .config import TEST_METRICS, BenchConfig
-from .stats import Interval, confidence_interval, short_value
+from .stats import Interval, confidence_interval
 from .study import (
     Progress,
     base_seed,
     check_run_folder,
     completed,
     open_study,
-    print_line,
     run_fold,
     target_trials,
 )
@@ -346,25 +346,29 @@ def results_markdown(bench: BenchConfig, results: Sequence[MethodResult]) -> str
     protocol = bench.protocol
     level = f"{protocol.confidence:.0%}"
     names = [metric_label(m) for m in TEST_METRICS]
+    header = [
+        "Method",
+        "Val MAP@R",
+        *(f"Sep. {name}" for name in names),
+        *(f"Concat. {name}" for name in names),
+        "Trials",
+    ]
+    rows = [
+        [
+            result.method,
+            f"{result.best_validation:.4f}",
+            *(str(result.summary[r][m]) for r in READINGS for m in TEST_METRICS),
+            str(result.trials),
+        ]
+        for result in results
+    ]
     lines = [
         f"Test classes, mean ± {level} confidence interval over {protocol.reruns} re-runs of the "
         f"best hyperparameters ({protocol.folds} folds each). Separated: each fold's model alone, "
         "averaged; concatenated: the folds' L2-normalised embeddings concatenated.",
         "",
-        "| Method | Val MAP@R | "
-        + " | ".join(f"Sep. {name}" for name in names)
-        + " | "
-        + " | ".join(f"Concat. {name}" for name in names)
-        + " | Trials |",
-        "|---|---|" + "---|" * (2 * len(names)) + "---|",
+        *markdown_table(header, rows),
     ]
-    for result in results:
-        cells = [str(result.summary[r][m]) for r in READINGS for m in TEST_METRICS]
-        lines.append(
-            f"| {result.method} | {result.best_validation:.4f} | "
-            + " | ".join(cells)
-            + f" | {result.trials} |"
-        )
     lines += ["", "Best hyperparameters (trial number, mean validation MAP@R over the folds):", ""]
     for result in results:
         params = ", ".join(f"`{k}`={short_value(v)}" for k, v in result.params.items())

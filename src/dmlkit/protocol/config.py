@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from ..registry import LOSSES, MINERS
 from ..training import (
     RESUMABLE_CHANGES,
     Config,
@@ -40,15 +41,16 @@ from ..training import (
     config_from_dict,
     set_config_key,
 )
-from ..training.builders import build_ddtas, build_loss, build_miner
-from ..training.config import dataclass_from_mapping, unknown_key_error
+from ..training.builders import build_loss, build_miner
+from ..typed_values import dataclass_from_mapping, unknown_key_error
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 SELECTION_METRIC = "mean_average_precision_at_r"
 TEST_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 # Settings the protocol decides for every run; a method or a search space may not change them.
-REPLACED = ("loss", "miner")  # method sections that replace the base config's, not merge
+# Method sections that replace the base config's, not merge.
+REPLACED = ("loss", "miner", "objective")
 
 PROTOCOL_KEYS = (
     "data.val_classes",
@@ -468,14 +470,19 @@ def bench_config_from_dict(
 
 
 def check_buildable(config: Config, where: str) -> None:
-    """Build the run's loss and miner (and DDTAS), and check its validation metric, so a
-    misspelt class or option is an error now rather than a failure of every run."""
+    """Check the run's validation metric and build its loss and miner (reading a config has
+    already checked every part's name and options), so that a value their constructors refuse
+    is an error now rather than a failure of every run. Parts that need the number of training
+    classes are left to the run, which knows it.
+    """
     try:
         check_selection_metric(config.validation.metric, config.validation.metrics)
-        loss = build_loss(config.loss)
-        miner = build_miner(config.miner)
-        if config.method == "ddtas":
-            build_ddtas(config.ddtas, loss, miner, config.optimizer.lr)
+        sizes = {"embedding_size": config.model.embedding_dim}
+        if "num_classes" not in LOSSES.parameters(config.loss.name, "loss"):
+            build_loss(config.loss, **sizes)
+        miner = config.miner.name
+        if miner is not None and "num_classes" not in MINERS.parameters(miner, "miner"):
+            build_miner(config.miner, **sizes)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
 

@@ -30,14 +30,6 @@ class Interval:
         return f"{self.mean:.4f} ± {self.half_width:.4f}"
 
 
-def short_value(value: object) -> str:
-    """A hyperparameter's value for tables and progress lines: floats to 4 significant digits
-    (so 1e-05 does not read as 0.0000), anything else as it prints."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def confidence_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     """The Student-t confidence interval of the mean of independent measurements.
 

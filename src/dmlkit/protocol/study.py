@@ -33,6 +33,7 @@ import yaml
 from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from ..display import print_line, short_value
 from ..training import (
     Config,
     ConfigError,
@@ -43,7 +44,6 @@ from ..training import (
     config_from_dict,
 )
 from .config import BenchConfig
-from .stats import short_value
 
 Progress = Callable[[str], None]
 
@@ -59,11 +59,6 @@ class TrialFailedError(RuntimeError):
     The trial is recorded as failed and the search goes on. A ConfigError is not one: it is a
     mistake in the benchmark config and stops the search.
     """
-
-
-def print_line(message: str) -> None:
-    """Print one progress line at once (workers share the terminal)."""
-    print(message, flush=True)
 
 
 @dataclass(frozen=True)

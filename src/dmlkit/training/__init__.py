@@ -2,50 +2,57 @@
 
 - :func:`load_config` reads a YAML config into a typed :class:`Config`, with ``key=value``
   overrides and suggestions for unknown keys.
-- :class:`Trainer` trains an embedding network on P×K batches, validates on held-out classes,
-  stops early, logs (CSV, TensorBoard, progress bar) and resumes exactly from its checkpoints.
+- :class:`Trainer` trains an embedding network on P×K batches through a training objective
+  (:mod:`dmlkit.objectives`), validates on held-out classes, stops early, logs (CSV,
+  TensorBoard, progress bar) and resumes exactly from its checkpoints.
 - :func:`load_trained_model` and :func:`embed_dataset` use a finished run.
 """
 
-from .checkpoint import load_checkpoint, save_atomic, seed_everything, write_text_atomic
+from ..typed_values import ConfigError
+from .builders import build_loss, build_miner, build_objective, check_parts
+from .checkpoint import RunRandomness, load_checkpoint, save_atomic, write_text_atomic
 from .config import (
-    RESUMABLE_CHANGES,
     Config,
-    ConfigError,
     DataConfig,
-    DDTASConfig,
     LoggingConfig,
     LossConfig,
     MinerConfig,
     ModelConfig,
+    ObjectiveConfig,
     OptimizerConfig,
     SamplerConfig,
     SchedulerConfig,
     TrainConfig,
     TransformConfig,
     ValidationConfig,
+)
+from .config_loading import (
+    RESUMABLE_CHANGES,
     apply_override,
     config_differences,
     config_from_dict,
     load_config,
     set_config_key,
 )
+from .datasets import real_data_dir
 from .inference import embed_dataset, load_trained_model
-from .run_data import RunData, build_run_data, shared_data_dir, split_dataset
+from .optimization import build_optimizer, lr_factor, parameter_groups
+from .run_data import RunData, build_run_data, split_dataset
 from .trainer import Trainer, TrainResult, TrainState, check_selection_metric, resolve_device
 
 __all__ = [
     "RESUMABLE_CHANGES",
     "Config",
     "ConfigError",
-    "DDTASConfig",
     "DataConfig",
     "LoggingConfig",
     "LossConfig",
     "MinerConfig",
     "ModelConfig",
+    "ObjectiveConfig",
     "OptimizerConfig",
     "RunData",
+    "RunRandomness",
     "SamplerConfig",
     "SchedulerConfig",
     "TrainConfig",
@@ -55,7 +62,12 @@ __all__ = [
     "TransformConfig",
     "ValidationConfig",
     "apply_override",
+    "build_loss",
+    "build_miner",
+    "build_objective",
+    "build_optimizer",
     "build_run_data",
+    "check_parts",
     "check_selection_metric",
     "config_differences",
     "config_from_dict",
@@ -63,11 +75,12 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_trained_model",
+    "lr_factor",
+    "parameter_groups",
+    "real_data_dir",
     "resolve_device",
     "save_atomic",
-    "seed_everything",
     "set_config_key",
-    "shared_data_dir",
     "split_dataset",
     "write_text_atomic",
 ]

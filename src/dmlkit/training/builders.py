@@ -1,215 +1,133 @@
-"""Objects of a run built from its config: loss, miner, optimiser and learning-rate schedule."""
+"""The parts of a run built from its config through :mod:`dmlkit.registry`: loss, miner and
+objective, with the values only the run knows."""
 
 from __future__ import annotations
 
-import inspect
-import math
-from collections.abc import Callable, Iterable
-from types import ModuleType
 from typing import Any
 
-import torch
-from torch import nn
-
-from .. import distances, losses, miners, reducers
-from ..ddtas import DDTAS, OTGSettings
 from ..losses import BaseMetricLossFunction
 from ..miners import BaseMiner
-from .config import (
-    ConfigError,
-    DDTASConfig,
-    LossConfig,
-    MinerConfig,
-    OptimizerConfig,
-    SchedulerConfig,
+from ..models import EmbeddingModel, build_model
+from ..models.registry import TIMM_PREFIX
+from ..objectives import Objective
+from ..registry import (
+    BACKBONES,
+    DATASETS,
+    LOSSES,
+    MINERS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    SCHEDULES,
+    Spec,
 )
-from .config import _suggest as suggest
+from ..typed_values import ConfigError
+from .config import Config, LossConfig, MinerConfig, ModelConfig, ObjectiveConfig
+
+# What the trainer gives an objective's constructor, by parameter name (see Objective).
+OBJECTIVE_RUN_VALUES = ("loss", "miner", "lr", "seed", "batch_source")
+# What the trainer gives a loss's or miner's constructor, by parameter name.
+PART_RUN_VALUES = ("num_classes", "embedding_size")
+# What a run gives a dataset loader, by parameter name (see dmlkit.training.datasets).
+DATASET_RUN_VALUES = ("split", "transform", "root", "data_dir", "download", "test_root", "on_error")
 
 
-def _classes(module: ModuleType, base: type) -> dict[str, type]:
-    return {
-        name: value
-        for name, value in vars(module).items()
-        if inspect.isclass(value) and issubclass(value, base) and not name.startswith("Base")
-    }
+def build_embedding_model(
+    config: ModelConfig, in_channels: int, *, pretrained: bool = True
+) -> EmbeddingModel:
+    """The configured embedding model.
+
+    Args:
+        config: The model section.
+        in_channels: Image channels of the data.
+        pretrained: Load ``config.pretrained`` into the backbone (False when every weight will
+            come from a run's checkpoint).
+    """
+    return build_model(
+        config.backbone,
+        config.embedding_dim,
+        pretrained=config.pretrained if pretrained else None,
+        pooling=config.pooling,
+        hidden_dim=config.hidden_dim,
+        normalize=config.normalize,
+        freeze_bn=config.freeze_bn,
+        in_channels=in_channels,
+        **config.backbone_options,
+    )
 
 
-def _instantiate(
-    kind: str, module: ModuleType, base: type, name: str, options: dict[str, Any]
-) -> Any:
-    known = _classes(module, base)
-    if name not in known:
-        raise ConfigError(f"{kind}.name: unknown {kind} {name!r}{suggest(name, sorted(known))}")
-    cls = known[name]
-    parameters = inspect.signature(cls).parameters
-    accepted = [p for p in parameters if p not in ("self", "args", "kwargs")]
-    resolved = {}
-    for key, value in options.items():
-        if key not in accepted:
-            raise ConfigError(
-                f"{kind}.options.{key}: {name} has no option {key!r}{suggest(key, accepted)}"
-            )
-        resolved[key] = _option(value, str(parameters[key].annotation), f"{kind}.options.{key}")
-    try:
-        return cls(**resolved)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{kind} {name}: {error}") from error
+def build_loss(config: LossConfig, **run_values: Any) -> BaseMetricLossFunction:
+    """The configured loss.
 
-
-def _option(value: Any, annotation: str, where: str) -> Any:
-    """A loss or miner option from a config: distances and reducers are given by class name,
-    and numbers that YAML 1.1 reads as strings (``1e-5``) become floats."""
-    if "BaseDistance" in annotation:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: give the distance as a class name, got {value!r}")
-        return _instantiate("distance", distances, distances.BaseDistance, value, {})
-    if "Reducer" in annotation:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: give the reducer as a class name, got {value!r}")
-        return _instantiate("reducer", reducers, reducers.Reducer, value, {})
-    if isinstance(value, str) and "float" in annotation and "str" not in annotation:
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    return value
-
-
-def build_loss(config: LossConfig) -> BaseMetricLossFunction:
-    """The loss class of :mod:`dmlkit.losses` named in the config, with its options.
+    Args:
+        config: The loss section.
+        **run_values: ``num_classes``, ``embedding_size``: given to a loss taking them.
 
     Raises:
         ConfigError: Unknown loss or option (closest name suggested), or an invalid value.
     """
-    loss = _instantiate("loss", losses, BaseMetricLossFunction, config.name, config.options)
-    assert isinstance(loss, BaseMetricLossFunction)
+    loss: BaseMetricLossFunction = LOSSES.build(config.spec(), "loss", **run_values)
     return loss
 
 
-def build_miner(config: MinerConfig) -> BaseMiner | None:
-    """The miner of :mod:`dmlkit.miners` named in the config, or None when no miner is named."""
+def build_miner(config: MinerConfig, **run_values: Any) -> BaseMiner | None:
+    """The configured miner, or None when ``miner.name`` is null."""
     if config.name is None:
         if config.options:
             raise ConfigError("miner.options given but miner.name is null")
         return None
-    miner = _instantiate("miner", miners, BaseMiner, config.name, config.options)
-    assert isinstance(miner, BaseMiner)
+    miner: BaseMiner = MINERS.build(Spec(config.name, config.options), "miner", **run_values)
     return miner
 
 
-def build_ddtas(config: DDTASConfig, loss: nn.Module, miner: BaseMiner | None, lr: float) -> DDTAS:
-    """The DDTAS method of a ``method: ddtas`` run: its miner, the Soft Contrastive loss's
-    scales and threshold, and the OTG settings (the virtual step defaults to ``lr``).
+def build_objective(config: ObjectiveConfig, **run_values: Any) -> Objective:
+    """The configured training objective, given the run's values (:data:`OBJECTIVE_RUN_VALUES`
+    and :data:`PART_RUN_VALUES`).
 
     Raises:
-        ConfigError: The loss is not ``SoftContrastiveLoss``, there is no pair miner on
-            cosine similarity, or an OTG setting is invalid.
+        ConfigError: Unknown objective or option, an invalid value, or not an
+            :class:`~dmlkit.objectives.Objective`.
     """
-    if not isinstance(loss, losses.SoftContrastiveLoss):
+    objective = OBJECTIVES.build(config.spec(), "objective", **run_values)
+    if not isinstance(objective, Objective):
         raise ConfigError(
-            f"method ddtas trains the Soft Contrastive loss: set loss.name to "
-            f"SoftContrastiveLoss (got {type(loss).__name__})"
+            f"objective.name: {config.name!r} is not a dmlkit.objectives.Objective subclass"
         )
-    pair_miners = (miners.MultiSimilarityMiner, miners.ASMSMiner)
-    if not isinstance(miner, pair_miners):
-        raise ConfigError(
-            "method ddtas needs miner.name ATASMSMiner, ASMSMiner or MultiSimilarityMiner, got "
-            f"{None if miner is None else type(miner).__name__}"
-        )
-    otg = None
-    if config.otg:
-        try:
-            otg = OTGSettings(
-                method=config.otg_method,
-                normalization=config.normalization,
-                reading=config.reading,
-                virtual_lr=lr if config.virtual_lr is None else config.virtual_lr,
-                threshold_lr=config.threshold_lr,
-                meta_mining=config.meta_mining,
-                on_degenerate=config.on_degenerate,
-            )
-        except ValueError as error:
-            raise ConfigError(f"ddtas: {error}") from None
-    try:
-        return DDTAS(miner, loss.pos_scale, loss.neg_scale, loss.threshold, config.form, otg=otg)
-    except ValueError as error:
-        raise ConfigError(f"ddtas: {error}") from None
+    return objective
 
 
-def parameter_groups(
-    config: OptimizerConfig, groups: Iterable[tuple[str, Iterable[nn.Parameter]]]
-) -> list[dict[str, Any]]:
-    """Optimiser parameter groups with each group's learning rate.
+def check_parts(config: Config) -> None:
+    """Check every part the config names — dataset, backbone, loss, miner, objective,
+    optimiser, schedule — without building them or reading data: names, options and their
+    types, nested specs, required options. Run when a config is read, so a misspelt part is an
+    error then, not at the start (or in the middle) of a run.
 
-    Args:
-        config: Gives ``lr`` and the per-group ``backbone_lr``, ``head_lr``, ``loss_lr``.
-        groups: (``"backbone"`` | ``"head"`` | ``"loss"``, parameters) pairs.
-
-    Returns:
-        Groups with a ``name`` and ``lr``; a group whose learning rate is 0 is left out and its
-        parameters frozen (``requires_grad=False``), and empty groups are dropped.
+    Raises:
+        ConfigError: What :meth:`~dmlkit.registry.Registry.check` finds.
     """
-    rates = {"backbone": config.backbone_lr, "head": config.head_lr, "loss": config.loss_lr}
-    result = []
-    for name, parameters in groups:
-        params = [p for p in parameters if p.requires_grad]
-        lr = config.lr if rates[name] is None else rates[name]
-        if lr == 0:
-            for p in params:
-                p.requires_grad_(False)
-            continue
-        if params:
-            result.append({"name": name, "params": params, "lr": lr})
-    if not result:
-        raise ConfigError("the optimiser has no parameter to train (every learning rate is 0?)")
-    return result
-
-
-def build_optimizer(config: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """Adam, AdamW, RMSprop or SGD over the given parameter groups."""
-    if config.lr <= 0:
-        raise ConfigError(f"optimizer.lr must be positive, got {config.lr}")
-    decay = config.weight_decay
-    if config.name == "adam":
-        return torch.optim.Adam(groups, lr=config.lr, weight_decay=decay)
-    if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=decay)
-    if config.name == "rmsprop":
-        return torch.optim.RMSprop(
-            groups, lr=config.lr, weight_decay=decay, momentum=config.momentum
+    DATASETS.check(Spec(config.data.name, config.data.options), "data", *DATASET_RUN_VALUES)
+    if not config.model.backbone.startswith(TIMM_PREFIX):
+        BACKBONES.check(
+            Spec(config.model.backbone, config.model.backbone_options),
+            "model.backbone",
+            "in_channels",
         )
-    return torch.optim.SGD(groups, lr=config.lr, weight_decay=decay, momentum=config.momentum)
-
-
-def lr_factor(config: SchedulerConfig, base_lr: float, total_steps: int) -> Callable[[int], float]:
-    """The learning-rate multiplier at each step: linear warm-up, then the named schedule.
-
-    Args:
-        config: The schedule.
-        base_lr: The optimiser's base learning rate (for ``cosine``'s ``min_lr``).
-        total_steps: Steps of the whole run (for ``cosine``).
-
-    Returns:
-        A function from the step index (0-based) to the multiplier.
-    """
-    warmup = config.warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = step - warmup
-        if config.name == "step":
-            return float(config.gamma ** (t // config.step_size))
-        if config.name == "multistep":
-            return float(config.gamma ** sum(t >= m - warmup for m in config.milestones))
-        if config.name == "exponential":
-            return float(config.gamma**t)
-        if config.name == "cosine":
-            span = max(total_steps - warmup, 1)
-            floor = config.min_lr / base_lr
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t / span, 1.0)))
-        return 1.0
-
-    if config.name == "step" and config.step_size <= 0:
-        raise ConfigError(f"scheduler.step_size must be positive, got {config.step_size}")
-    return factor
+    LOSSES.check(config.loss.spec(), "loss", *PART_RUN_VALUES)
+    if config.miner.name is None:
+        if config.miner.options:
+            raise ConfigError("miner.options given but miner.name is null")
+    else:
+        MINERS.check(Spec(config.miner.name, config.miner.options), "miner", *PART_RUN_VALUES)
+    OBJECTIVES.check(config.objective.spec(), "objective", *OBJECTIVE_RUN_VALUES, *PART_RUN_VALUES)
+    OPTIMIZERS.check(
+        Spec(config.optimizer.name, config.optimizer.options),
+        "optimizer",
+        "params",
+        "lr",
+        "weight_decay",
+    )
+    SCHEDULES.check(
+        Spec(config.scheduler.name, config.scheduler.options),
+        "scheduler",
+        "base_lr",
+        "total_steps",
+    )

@@ -8,13 +8,12 @@ checkpoint or the new complete one, never a truncated file.
 from __future__ import annotations
 
 import os
-import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 
@@ -75,29 +74,44 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+class RunRandomness:
+    """A run's own torch random stream: the CPU generator and the training device's, seeded
+    from the run's seed, active only inside :meth:`active`, so a run never reseeds or consumes
+    the caller's global generators, and its checkpoints carry exactly its own state.
 
+    Args:
+        seed: The run's seed.
+        device: The training device (its CUDA generator is part of the stream).
+    """
 
-def rng_state() -> dict[str, Any]:
-    """The global generators' states, for :func:`set_rng_state` after a resume."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self._devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=self._devices):
+            torch.manual_seed(seed)
+            self._state = self._capture()
 
+    def _capture(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self._devices:
+            state["cuda"] = torch.cuda.get_rng_state(self._devices[0])
+        return state
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the states captured by :func:`rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Draws inside this block come from, and advance, the run's stream."""
+        with torch.random.fork_rng(devices=self._devices):
+            torch.set_rng_state(self._state["torch"])
+            if self._devices and "cuda" in self._state:
+                torch.cuda.set_rng_state(self._state["cuda"], self._devices[0])
+            try:
+                yield
+            finally:
+                self._state = self._capture()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's state, for a checkpoint."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the stream from a checkpoint's state."""
+        self._state = dict(state)

@@ -11,9 +11,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import LabelledDataset
-from ..models import EmbeddingModel, build_model
+from ..models import EmbeddingModel
+from .builders import build_embedding_model
 from .checkpoint import load_checkpoint
-from .config import Config, config_from_dict
+from .config import Config
+from .config_loading import config_from_dict
 
 
 @torch.no_grad()
@@ -64,14 +66,6 @@ def load_trained_model(path: str | Path) -> tuple[Config, EmbeddingModel]:
     """
     payload = load_checkpoint(path)
     config = config_from_dict(payload["config"])
-    model = build_model(
-        config.model.backbone,
-        config.model.embedding_dim,
-        pooling=config.model.pooling,
-        hidden_dim=config.model.hidden_dim,
-        normalize=config.model.normalize,
-        freeze_bn=config.model.freeze_bn,
-        in_channels=int(payload["in_channels"]),
-    )
+    model = build_embedding_model(config.model, int(payload["in_channels"]), pretrained=False)
     model.load_state_dict(payload["model"])
     return config, model.eval()

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,17 +19,9 @@ import torch.nn.functional as F
 
 from .. import data
 from ..data import ArrayDataset, LabelledDataset, class_kfold, classes_subset, subset
-from .config import ConfigError, DataConfig, TransformConfig
-
-IMAGE_DATASETS = ("cub200", "cars196", "sop", "cub100_subset", "folder", "csv")
-ARRAY_DATASETS = ("digits", "omniglot")
-DATASETS = ARRAY_DATASETS + IMAGE_DATASETS
-
-
-def shared_data_dir() -> Path:
-    """The shared real-data folder: ``$DMLKIT_DATA``, else ``../shared/data`` beside the project."""
-    default = Path(__file__).resolve().parents[4] / "shared" / "data"
-    return Path(os.environ.get("DMLKIT_DATA", default))
+from ..registry import DATASETS, Spec
+from ..typed_values import ConfigError
+from .config import DataConfig, TransformConfig
 
 
 @dataclass(frozen=True)
@@ -87,52 +77,30 @@ def _image_transforms(config: TransformConfig) -> tuple[Callable[..., Any], Call
     return train, evaluation
 
 
-def _root(config: DataConfig, default_name: str | None = None) -> Path:
-    if config.root is not None:
-        return Path(config.root).expanduser()
-    if default_name is not None:
-        return shared_data_dir() / default_name
-    raise ConfigError(f"data.root is required for data.name={config.name!r}")
-
-
 def _load(config: DataConfig, split: str, transform: Callable[..., Any] | None) -> LabelledDataset:
-    """One split ("train" or "test") of the configured dataset."""
-    name = config.name
-    errors = {"on_error": config.on_error}
-    if name == "digits":
-        return data.digits(split)
-    if name == "omniglot":
-        subset_name = "background" if split == "train" else "evaluation"
-        return data.omniglot(_root(config, "omniglot"), subset_name)
-    if name == "cub100_subset":
-        return data.cub100_subset(_root(config, "cub100_subset"), split, transform=transform)
-    loaders = {"cub200": data.cub200, "cars196": data.cars196, "sop": data.stanford_online_products}
-    if name in loaders:
-        return loaders[name](
-            _root(config), split, transform=transform, download=config.download, **errors
-        )
-    if name == "folder":
-        if config.test_root is not None:
-            if split == "train":
-                return data.image_folder(_root(config), transform=transform, **errors)
-            test = data.image_folder(
-                Path(config.test_root).expanduser(), transform=transform, **errors
-            )
-            # Both folders number their classes from 0: the test classes follow the training ones.
-            offset = int(data.image_folder(_root(config)).labels.max()) + 1
-            return data.ImageFileDataset(
-                test.paths, test.labels + offset, transform=transform, class_names=None
-            )
-        return _half(data.image_folder(_root(config), transform=transform, **errors), split)
-    if name == "csv":
-        manifest = data.csv_manifest(_root(config), transform=transform, **errors)
-        return _half(manifest, split)
-    raise ConfigError(f"data.name: unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-
-
-def _half(dataset: LabelledDataset, split: str) -> LabelledDataset:
-    first, second = data.class_disjoint_halves(dataset.labels)
-    return subset(dataset, first if split == "train" else second)
+    """One split ("train" or "test") of the configured dataset, the run's values given to the
+    loader's parameters of those names (:mod:`dmlkit.training.datasets`)."""
+    run_values: dict[str, Any] = {"split": split}
+    if transform is not None:
+        run_values["transform"] = transform
+    settings = {
+        "root": config.root,
+        "data_dir": config.data_dir,
+        "download": config.download,
+        "test_root": config.test_root,
+        "on_error": config.on_error,
+    }
+    parameters = DATASETS.parameters(config.name, "data")
+    defaults = DataConfig()
+    for key, value in settings.items():
+        if key in parameters:
+            run_values[key] = value
+        elif value != getattr(defaults, key):
+            raise ConfigError(f"data.{key}: dataset {config.name!r} takes no {key}")
+    dataset = DATASETS.build(Spec(config.name, config.options), "data", **run_values)
+    if not isinstance(getattr(dataset, "labels", None), np.ndarray):
+        raise ConfigError(f"data.name: {config.name!r} gave no LabelledDataset (a labels array)")
+    return dataset  # type: ignore[no-any-return]
 
 
 def _validation_split(
@@ -176,23 +144,21 @@ def build_run_data(config: DataConfig, seed: int = 0) -> RunData:
         ConfigError: Unknown dataset or an impossible validation split.
         FileNotFoundError: The data is not where the config says (the message names the path).
     """
-    if config.name in IMAGE_DATASETS:
+    if "transform" in DATASETS.parameters(config.name, "data"):
         train_transform, eval_transform = _image_transforms(config.transform)
         train = _load(config, "train", train_transform)
         train_eval = _load(config, "train", eval_transform)
         test = _load(config, "test", eval_transform)
         in_channels = 3
-    elif config.name in ARRAY_DATASETS:
-        loaded_train = _load(config, "train", None)
-        loaded_test = _load(config, "test", None)
-        assert isinstance(loaded_train, ArrayDataset) and isinstance(loaded_test, ArrayDataset)
+    else:
+        loaded_train, loaded_test = _load(config, "train", None), _load(config, "test", None)
+        if not (isinstance(loaded_train, ArrayDataset) and isinstance(loaded_test, ArrayDataset)):
+            raise ConfigError(
+                f"data.name: {config.name!r} takes no transform, so it must give ArrayDatasets"
+            )
         train = train_eval = _resized(loaded_train, config.image_size)
         test = _resized(loaded_test, config.image_size)
         in_channels = int(train.data.shape[1])
-    else:
-        raise ConfigError(
-            f"data.name: unknown dataset {config.name!r}; known: {', '.join(DATASETS)}"
-        )
     split = _validation_split(train.labels, config, seed)
     val = None
     if split is not None:

@@ -1,5 +1,8 @@
-"""The training loop: P×K batches → embeddings → miner → loss → optimiser, with validation, early
-stopping, logs and exactly resumable checkpoints.
+"""The training loop: P×K batches → the objective (embed, mine, loss) → optimiser, with
+validation, early stopping, logs and exactly resumable checkpoints.
+
+The loop knows no method: what a step optimises is an :class:`~dmlkit.objectives.Objective`
+(the config's ``objective`` section, or one passed in from Python).
 
 Exact resumption rests on three rules:
 
@@ -7,7 +10,8 @@ Exact resumption rests on three rules:
   sampler's batches come from (seed, epoch), and each sample's augmentation runs under its own
   seed, so the images of a batch do not depend on worker processes or on where a run restarted;
 - the checkpoint holds everything else that changes: model, optimiser, schedule, gradient scaler,
-  loss parameters, the global generators, the position in the epoch and the early-stopping state;
+  the objective's state, the run's own random stream (the global generators are never touched),
+  the position in the epoch and the early-stopping state;
 - evaluation runs under a forked generator, so validating does not change the training draws.
 """
 
@@ -27,29 +31,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import ArrayDataset, LabelledDataset
-from ..ddtas import DDTAS
 from ..evaluation import evaluate
-from ..models import EmbeddingModel, build_model, cache_features
+from ..models import EmbeddingModel, cache_features
+from ..objectives import BatchStream, Objective
 from ..samplers import PKSampler
-from .builders import (
-    build_ddtas,
-    build_loss,
-    build_miner,
-    build_optimizer,
-    lr_factor,
-    parameter_groups,
-)
-from .checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_atomic,
-    seed_everything,
-    set_rng_state,
-    write_text_atomic,
-)
-from .config import Config, ConfigError, config_differences
+from ..typed_values import ConfigError
+from .builders import build_embedding_model, build_loss, build_miner, build_objective
+from .checkpoint import RunRandomness, load_checkpoint, save_atomic, write_text_atomic
+from .config import Config
+from .config_loading import config_differences
 from .inference import embed_dataset
 from .logs import CSVLog, TensorBoardLog, progress_bar
+from .optimization import build_optimizer, lr_factor, parameter_groups
 from .run_data import RunData, build_run_data
 
 
@@ -67,8 +60,8 @@ class TrainState:
         bad_validations: Validations since the last improvement (for early stopping).
         stopped_early: Whether early stopping ended the run.
         before: Test metrics of the untrained network.
-        skipped_steps: Steps without an optimiser update because DDTAS's OTG weights were
-            undefined for the batch.
+        skipped_steps: Steps without an optimiser update because the objective asked to skip
+            them.
     """
 
     epoch: int = 0
@@ -110,10 +103,12 @@ class TrainResult:
 
 class _SeededSamples(Dataset[tuple[Tensor, int]]):
     """Runs each ``dataset[index]`` under the sample's own seed, so that random augmentations
-    depend only on the sample's place in the run, not on the process or worker that loads it."""
+    depend only on the sample's place in the run, not on the process or worker that loads it;
+    labels become contiguous class indices."""
 
-    def __init__(self, dataset: LabelledDataset) -> None:
+    def __init__(self, dataset: LabelledDataset, classes: np.ndarray) -> None:
         self.dataset = dataset
+        self.class_index = {int(label): index for index, label in enumerate(classes)}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -122,7 +117,8 @@ class _SeededSamples(Dataset[tuple[Tensor, int]]):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.dataset[index]
+            item, label = self.dataset[index]
+        return item, self.class_index[int(label)]
 
 
 class _SeededBatches:
@@ -147,6 +143,36 @@ class _SeededBatches:
                 len(batch), dtype=np.uint64
             )
             yield [(int(i), int(s >> np.uint64(1))) for i, s in zip(batch, seeds, strict=True)]
+
+
+class _SeededStream:
+    """A :class:`~dmlkit.objectives.BatchStream`: endless batches of a seeded P×K sampler,
+    from the one for a given step on."""
+
+    def __init__(self, batches: _SeededBatches, loader: DataLoader[tuple[Tensor, int]]) -> None:
+        self.batches = batches
+        self.loader = loader
+
+    def from_step(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch, batch = divmod(step, len(self.batches.sampler))
+        while True:
+            self.batches.set_epoch(epoch, batch)
+            yield from self.loader
+            epoch, batch = epoch + 1, 0
+
+
+class _AutocastModel(nn.Module):
+    """The model under float16 autocast, returning float32 embeddings (mixed precision)."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.model = model
+        self.device_type = device.type
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(self.device_type, dtype=torch.float16):
+            embeddings: Tensor = self.model(x)
+        return embeddings.float()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,9 +213,15 @@ def check_selection_metric(metric: str, metrics: Sequence[str]) -> None:
 class Trainer:
     """Trains an embedding network as a :class:`~dmlkit.training.Config` describes.
 
+    Training labels are mapped to contiguous class indices 0..C−1 (``classes[i]`` is the
+    original label of class i; saved in checkpoints and ``results.json``), so parts with
+    per-class parameters can index them; evaluation uses the original labels.
+
     Args:
         config: The run.
         run_dir: Output folder; ``config.logging.run_dir`` or ``runs/<timestamp>`` when None.
+        objective: What each step optimises, instead of the config's ``objective`` section
+            (the config's ``loss`` and ``miner`` are then not built).
         callbacks: Called with the :class:`TrainState` after every training step (for example
             to stop a run from outside).
     """
@@ -199,6 +231,7 @@ class Trainer:
         config: Config,
         run_dir: str | Path | None = None,
         *,
+        objective: Objective | None = None,
         callbacks: Sequence[Callable[[TrainState], None]] = (),
     ) -> None:
         self.config = config
@@ -208,33 +241,24 @@ class Trainer:
         self.device = resolve_device(config.train.device)
         self.amp = config.train.amp and self.device.type == "cuda"
         self.state = TrainState()
+        self.randomness = RunRandomness(config.train.seed, self.device)
 
-        seed_everything(config.train.seed)
         self.data: RunData = build_run_data(config.data, config.train.seed)
+        self.classes = np.unique(self.data.train.labels)
         model_config = config.model
-        self.model: EmbeddingModel = build_model(
-            model_config.backbone,
-            model_config.embedding_dim,
-            pretrained=model_config.pretrained,
-            pooling=model_config.pooling,
-            hidden_dim=model_config.hidden_dim,
-            normalize=model_config.normalize,
-            freeze_bn=model_config.freeze_bn,
-            in_channels=self.data.in_channels,
-        ).to(self.device)
-        self.loss = build_loss(config.loss).to(self.device)
-        self.miner = build_miner(config.miner)
-        self.ddtas: DDTAS | None = None
-        if config.method == "ddtas":
-            if self.amp:
-                raise ConfigError(
-                    "train.amp is not supported with method ddtas (its forward-mode and "
-                    "double-backward passes run in float32)"
-                )
-            self.ddtas = build_ddtas(config.ddtas, self.loss, self.miner, config.optimizer.lr)
+        with self.randomness.active():
+            self.model: EmbeddingModel = build_embedding_model(
+                model_config, self.data.in_channels
+            ).to(self.device)
         self.trained_part: nn.Module = self.model
         if model_config.freeze_backbone:
             self._use_cached_features()
+        if config.optimizer.backbone_lr == 0:
+            # A backbone with learning rate 0 is frozen: no gradient (an objective that
+            # differentiates the model must not see it) and no drift of
+            # its BatchNorm statistics.
+            self.model.backbone.requires_grad_(False)
+            self.model.freeze_bn = True
 
         self.sampler = PKSampler(
             self.data.train.labels,
@@ -245,24 +269,19 @@ class Trainer:
             groups_per_class=config.sampler.groups_per_class,
         )
         self.batches, self.loader = self._seeded_loader(self.sampler, config.train.seed)
-        self.meta_batches: _SeededBatches | None = None
-        if self.ddtas is not None and self.ddtas.otg is not None:
-            # The OTG's meta batches: a second P×K sampler over the training classes, with its
-            # own seed, positioned by the step so that a resumed run draws the same ones.
-            try:
-                meta_sampler = PKSampler(
-                    self.data.train.labels,
-                    config.ddtas.meta_classes,
-                    config.ddtas.meta_samples,
-                    seed=config.train.seed + 1,
-                    too_few=config.sampler.too_few,
-                )
-            except ValueError as error:
-                raise ConfigError(f"ddtas.meta_classes / meta_samples: {error}") from None
-            self.meta_batches, self.meta_loader = self._seeded_loader(
-                meta_sampler, config.train.seed + 1
+        with self.randomness.active():
+            self.objective = (self._build_objective() if objective is None else objective).to(
+                self.device
             )
-        groups = [("head", self.model.head.parameters()), ("loss", self.loss.parameters())]
+        if self.amp and self.objective.amp_unsupported:
+            raise ConfigError(
+                f"train.amp is not supported by {type(self.objective).__name__}: "
+                f"{self.objective.amp_unsupported}"
+            )
+        self.step_model = (
+            _AutocastModel(self.trained_part, self.device) if self.amp else self.trained_part
+        )
+        groups = [("head", self.model.head.parameters()), ("loss", self.objective.parameters())]
         if not model_config.freeze_backbone:
             groups.insert(0, ("backbone", self.model.backbone.parameters()))
         self.optimizer = build_optimizer(
@@ -275,17 +294,44 @@ class Trainer:
             self.optimizer, lr_factor(config.scheduler, config.optimizer.lr, self.total_steps)
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        if config.optimizer.backbone_lr == 0:
-            # A frozen backbone must not drift through its BatchNorm statistics either.
-            self.model.freeze_bn = True
         check_selection_metric(config.validation.metric, config.validation.metrics)
+
+    def _build_objective(self) -> Objective:
+        config = self.config
+        part_values = {
+            "num_classes": len(self.classes),
+            "embedding_size": config.model.embedding_dim,
+        }
+        return build_objective(
+            config.objective,
+            loss=build_loss(config.loss, **part_values),
+            miner=build_miner(config.miner, **part_values),
+            lr=config.optimizer.lr,
+            seed=config.train.seed,
+            batch_source=self._batch_stream,
+            **part_values,
+        )
+
+    def _batch_stream(
+        self, classes_per_batch: int, samples_per_class: int, seed: int
+    ) -> BatchStream:
+        """More P×K batches of the training set, for objectives that need them
+        (:data:`~dmlkit.objectives.BatchSource`)."""
+        sampler = PKSampler(
+            self.data.train.labels,
+            classes_per_batch,
+            samples_per_class,
+            seed=seed,
+            too_few=self.config.sampler.too_few,
+        )
+        return _SeededStream(*self._seeded_loader(sampler, seed))
 
     def _seeded_loader(
         self, sampler: PKSampler, seed: int
     ) -> tuple[_SeededBatches, DataLoader[tuple[Tensor, int]]]:
         batches = _SeededBatches(sampler, seed)
         loader = DataLoader(
-            _SeededSamples(self.data.train),
+            _SeededSamples(self.data.train, self.classes),
             batch_sampler=batches,  # type: ignore[arg-type]
             num_workers=self.config.data.num_workers,
             # Our own generator: worker seeding must not consume the global generator.
@@ -293,15 +339,6 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         return batches, loader
-
-    def _meta_stream(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Meta batches from the one for ``step`` on, endlessly."""
-        assert self.meta_batches is not None
-        epoch, batch = divmod(step, len(self.meta_batches.sampler))
-        while True:
-            self.meta_batches.set_epoch(epoch, batch)
-            yield from self.meta_loader
-            epoch, batch = epoch + 1, 0
 
     def _use_cached_features(self) -> None:
         """Replace the datasets by cached backbone features; only the head is trained.
@@ -367,13 +404,14 @@ class Trainer:
     def _payload(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
-            "loss": self.loss.state_dict(),
+            "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": vars(self.state).copy(),
-            "rng": rng_state(),
+            "rng": self.randomness.state_dict(),
             "config": self.config.to_dict(),
+            "classes": self.classes.tolist(),
             "in_channels": self.data.in_channels,
         }
 
@@ -390,13 +428,20 @@ class Trainer:
                 "resume with the run's own config.yaml (only logging, data.num_workers, "
                 "train.device, train.eval_batch_size and train.checkpoint_every may change)"
             )
+        if "objective" not in payload:
+            raise ConfigError(
+                f"cannot resume {path}: it was written before the objective interface (dmlkit "
+                "0.1), whose checkpoints do not hold the objective's state; start a new run"
+            )
+        if payload.get("classes", self.classes.tolist()) != self.classes.tolist():
+            raise ConfigError(f"cannot resume {path}: its training classes differ from this run's")
         self.model.load_state_dict(payload["model"])
-        self.loss.load_state_dict(payload["loss"])
+        self.objective.load_state_dict(payload["objective"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         self.state = TrainState(**payload["state"])
-        set_rng_state(payload["rng"])
+        self.randomness.load_state_dict(payload["rng"])
 
     # ---------------------------------------------------------------- training
 
@@ -441,7 +486,7 @@ class Trainer:
 
         images = 0
         seconds = 0.0
-        meta = self._meta_stream(self.state.step) if self.meta_batches is not None else None
+        self.objective.start(self.state.step)
         finished = self.state.stopped_early or self.state.step >= self.total_steps
         while not finished and self.state.epoch < config.train.epochs:
             self.batches.set_epoch(self.state.epoch, self.state.batch)
@@ -454,7 +499,8 @@ class Trainer:
             self.trained_part.train()
             start = time.perf_counter()
             for x, y in self.loader:
-                loss, extras = self._step(x, y, None if meta is None else next(meta))
+                with self.randomness.active():
+                    loss, extras = self._step(x, y)
                 self.state.batch += 1
                 self.state.step += 1
                 now = time.perf_counter()
@@ -476,7 +522,7 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(
                     loss=f"{loss:.4f}",
-                    mined=extras["mined"],
+                    mined=extras.get("mined"),
                     img_s=f"{images / seconds:.0f}",
                     refresh=False,
                 )
@@ -508,37 +554,18 @@ class Trainer:
             board.close()
         return result
 
-    def _step(
-        self, x: Tensor, y: Tensor, meta_batch: tuple[Tensor, Tensor] | None
-    ) -> tuple[float, dict[str, float | int | None]]:
+    def _step(self, x: Tensor, y: Tensor) -> tuple[float, dict[str, float | int | None]]:
         """One optimisation step; returns the loss and what to log beside it."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        skip = False
-        if self.ddtas is not None:
-            out = self.ddtas(self.trained_part, x, y, meta_batch)
-            loss, skip = out.loss, out.skipped
-            extras: dict[str, float | int | None] = {
-                "mined": out.stats.num_pos_pairs + out.stats.num_neg_pairs,
-                **out.stats.as_dict(),
-            }
-            if self.ddtas.otg is not None:
-                extras["skipped_steps"] = self.state.skipped_steps + int(skip)
-        else:
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                embeddings = self.trained_part(x)
-            embeddings = embeddings.float()
-            pairs = self.miner(embeddings, y) if self.miner is not None else None
-            loss = self.loss(embeddings, y, pairs)
-            extras = {"mined": None}
-            if self.miner is not None:
-                stats = self.miner.last_stats
-                extras["mined"] = stats.num_pos_pairs + stats.num_neg_pairs + stats.num_triplets
+        out = self.objective(self.step_model, x, y)
+        extras = dict(out.stats)
+        if self.objective.may_skip:
+            extras["skipped_steps"] = self.state.skipped_steps + int(out.skip)
         self.optimizer.zero_grad(set_to_none=True)
-        if skip:
-            # DDTAS's released behaviour: no update when the OTG's weights are undefined.
+        if out.skip:
             self.state.skipped_steps += 1
         else:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(out.loss).backward()
             if self.config.optimizer.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -547,7 +574,7 @@ class Trainer:
             self.scaler.update()
         self.scheduler.step()
         # A skipped step has no loss to report (its zero only carries the graph).
-        return (math.nan if skip else float(loss.detach())), extras
+        return (math.nan if out.skip else float(out.loss.detach())), extras
 
     def _validates(self) -> bool:
         return self.data.val is not None and self.config.validation.every > 0
@@ -603,6 +630,7 @@ class Trainer:
             "stopped_early": result.stopped_early,
             "skipped_steps": self.state.skipped_steps,
             "images_per_second": result.images_per_second,
+            "training_classes": self.classes.tolist(),
         }
         # Atomic: the protocol reads a results.json as "this run finished".
         write_text_atomic(json.dumps(summary, indent=2), self.run_dir / "results.json")

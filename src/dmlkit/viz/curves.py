@@ -6,7 +6,7 @@ import csv
 import math
 from pathlib import Path
 
-from ..evaluation import metric_label
+from ..display import metric_label
 from .smoothing import auto_window, moving_average
 
 # How visible the raw curve stays behind its moving average.

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..data import LabelledDataset, subset
-from ..evaluation import metric_label
+from ..display import metric_label, short_value
 from ..training import (
     build_run_data,
     config_from_dict,
@@ -411,7 +411,7 @@ def _sample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
 def _sweep_report(
     folder: Path, plots: Path, options: ReportOptions, say: Say
 ) -> tuple[str, list[Section]]:
-    from ..protocol.sweep import load_sweep, sweep_caption, sweep_table
+    from ..protocol.sweep_results import load_sweep, sweep_caption, sweep_table
     from .sweep import plot_sweep
 
     result = load_sweep(folder)
@@ -434,7 +434,6 @@ def _bench_report(
     folder: Path, plots: Path, options: ReportOptions, say: Say
 ) -> tuple[str, list[Section]]:
     from ..protocol import rerun_dir
-    from ..protocol.stats import short_value
 
     results = _read_json(folder / "results.json")
     protocol = results.get("protocol", {})

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..evaluation import metric_label
+from ..display import metric_label
 from .curves import log_series, read_log
 from .smoothing import auto_window, moving_average
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from matplotlib.colors import Colormap, Normalize
     from matplotlib.figure import Figure
 
-    from ..protocol.sweep import SweepResult
+    from ..protocol.sweep_results import SweepResult
 
 # Values spanning this ratio (two decades: 1e-4, 1e-3, 1e-2) or more get a logarithmic axis.
 _LOG_SPAN = 100.0
@@ -84,7 +84,7 @@ def _plotted_metrics(result: SweepResult) -> list[str]:
 def _metrics_panel(
     axis: Axes, result: SweepResult, positions: list[float], order: list[int], numeric: bool
 ) -> None:
-    from ..protocol.sweep import BEST_VALIDATION
+    from ..protocol.sweep_results import BEST_VALIDATION
 
     with_spread = len(result.seeds) > 1
     labels = result.labels()
@@ -244,7 +244,7 @@ def plot_sweep(
     a finite final metric is named in a note in its panel.
 
     Args:
-        result: The sweep (:func:`dmlkit.protocol.sweep.run_sweep` or ``load_sweep``).
+        result: The sweep (:func:`dmlkit.protocol.run_sweep` or :func:`dmlkit.protocol.load_sweep`).
         path: The PNG to write (its folder is created); ``<sweep folder>/sweep.png`` when None.
         smoothing: Moving-average window of the training-loss curves; None chooses one from
             the curve's length (:func:`dmlkit.viz.smoothing.auto_window`).
@@ -261,7 +261,8 @@ def plot_sweep(
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
 
-    from ..protocol.sweep import BEST_VALIDATION, is_number
+    from ..protocol.sweep_results import BEST_VALIDATION
+    from ..protocol.sweep_values import is_number
 
     if smoothing is not None and (
         isinstance(smoothing, bool) or not isinstance(smoothing, int) or smoothing < 1

@@ -1,0 +1,84 @@
+"""The training-objective interface: given the model and a batch, the loss to optimise, whether
+to skip the update, and the stats to log.
+
+The trainer owns the loop (devices, mixed precision, optimiser, schedule, validation, logs,
+checkpoints) and calls an objective once per step; everything a method does beyond "embed, mine,
+compute the loss" lives in its objective. An objective is an ``nn.Module``: its parameters (a
+loss's proxies, say) are trained with the model, and its ``state_dict`` is checkpointed, so
+exact resume covers it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one training step produced.
+
+    Attributes:
+        loss: The scalar to back-propagate.
+        skip: True when the optimiser must not step on this batch (the trainer counts these
+            in ``skipped_steps``); ``loss`` must still be a tensor with a graph.
+        stats: Values to log beside the loss (``mined`` is shown in the progress bar).
+    """
+
+    loss: Tensor
+    skip: bool = False
+    stats: Mapping[str, float | int | None] = field(default_factory=dict)
+
+
+class BatchStream(Protocol):
+    """Endless seeded P×K batches of the training set, positioned by training step, so that a
+    resumed run draws the same ones."""
+
+    def from_step(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(inputs, labels) batches, the first being the one for ``step``."""
+        ...
+
+
+# (classes per batch, samples per class, seed) → a stream of extra batches from the training
+# set: what the trainer offers an objective that needs more data than the step's batch.
+BatchSource = Callable[[int, int, int], BatchStream]
+
+
+class Objective(nn.Module):
+    """Base of training objectives.
+
+    Subclasses implement :meth:`forward`. Values the run knows are given by the registry to
+    constructor parameters of these names: ``loss`` and ``miner`` (built from the config's
+    sections), ``lr`` (the optimiser's base rate), ``seed``, ``batch_source``
+    (:data:`BatchSource`), ``num_classes`` and ``embedding_size``.
+
+    Attributes:
+        amp_unsupported: Why ``train.amp`` cannot be used with this objective (None: it can).
+    """
+
+    amp_unsupported: ClassVar[str | None] = None
+
+    @property
+    def may_skip(self) -> bool:
+        """Whether :meth:`forward` can ask to skip a step (the trainer then logs the count)."""
+        return False
+
+    def start(self, step: int) -> None:
+        """Training starts, or resumes, at ``step``: position any stream the objective reads."""
+
+    def forward(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> StepOutput:
+        """One step's loss.
+
+        Args:
+            model: The network being trained (in training mode; under autocast when the run
+                uses mixed precision, returning float32 embeddings).
+            inputs: The batch, on the training device.
+            labels: (B,) training labels: contiguous class indices 0..C−1.
+
+        Returns:
+            The loss, whether to skip the update, and what to log.
+        """
+        raise NotImplementedError

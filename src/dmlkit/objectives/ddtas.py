@@ -1,0 +1,134 @@
+"""DDTAS as a training objective: AT-ASMS mining, the Soft Contrastive loss and the Online
+Threshold Generator, which draws its own meta batches from the training set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+from torch import Tensor, nn
+
+from ..ddtas import DDTAS, OTGSettings
+from ..ddtas.method import OTGMethod, OTGReading
+from ..functional.thresholds import Normalization, PairLossForm
+from ..losses import BaseMetricLossFunction, SoftContrastiveLoss
+from ..miners import ASMSMiner, BaseMiner, MultiSimilarityMiner
+from ..registry import OBJECTIVES
+from .base import BatchSource, BatchStream, Objective, StepOutput
+
+
+@OBJECTIVES.register()
+class DDTASObjective(Objective):
+    """DDTAS (docs/ddtas.md §5.8) on each training batch, with the OTG's meta batches drawn
+    from the training classes by a P×K sampler of their own (seeded ``seed + 1``, positioned by
+    the step, so a resumed run draws the same ones).
+
+    The miner and the loss come from the config's ``miner`` and ``loss`` sections: a pair miner
+    on cosine similarity (normally ``ATASMSMiner``) and ``SoftContrastiveLoss``, whose scales
+    and threshold DDTAS uses.
+
+    Args:
+        loss: The Soft Contrastive loss.
+        miner: ``ATASMSMiner``, ``ASMSMiner`` or ``MultiSimilarityMiner``.
+        lr: The optimiser's base learning rate (the virtual step's default, as released).
+        seed: The run's seed.
+        batch_source: Where meta batches come from (given by the trainer).
+        otg: Run the OTG; False leaves mining and the Soft Contrastive loss.
+        otg_method: ``closed_form`` (one Jacobian-vector product) or ``double_backward``.
+        normalization: ``joint`` (released) or ``separate`` per side.
+        reading: ``multiplier`` (released) or ``additive`` (needs ``double_backward``).
+        form: ``soft_contrastive`` or ``multi_similarity`` (the released OTG's MS form).
+        virtual_lr: η of the virtual step; ``lr`` when None, as released.
+        threshold_lr: η_λ of the additive reading.
+        meta_mining: Mine the meta batch too (released: every pair).
+        on_degenerate: ``skip`` steps whose weights are undefined (counted), or ``raise``.
+        meta_classes: Classes per meta batch (released 5).
+        meta_samples: Samples per class in a meta batch (released 2; at least 2 with the OTG,
+            or the meta loss has no positive pair and every step would be skipped).
+    """
+
+    amp_unsupported = "its forward-mode and double-backward passes run in float32"
+
+    def __init__(
+        self,
+        loss: BaseMetricLossFunction,
+        miner: BaseMiner | None,
+        lr: float,
+        seed: int = 0,
+        batch_source: BatchSource | None = None,
+        *,
+        otg: bool = True,
+        otg_method: OTGMethod = "closed_form",
+        normalization: Normalization = "joint",
+        reading: OTGReading = "multiplier",
+        form: PairLossForm = "soft_contrastive",
+        virtual_lr: float | None = None,
+        threshold_lr: float = 1.0,
+        meta_mining: bool = False,
+        on_degenerate: Literal["skip", "raise"] = "skip",
+        meta_classes: int = 5,
+        meta_samples: int = 2,
+    ) -> None:
+        super().__init__()
+        if not isinstance(loss, SoftContrastiveLoss):
+            raise ValueError(
+                "DDTAS trains the Soft Contrastive loss: set loss.name to SoftContrastiveLoss "
+                f"(got {type(loss).__name__})"
+            )
+        if not isinstance(miner, MultiSimilarityMiner | ASMSMiner):
+            raise ValueError(
+                "DDTAS needs miner.name ATASMSMiner, ASMSMiner or MultiSimilarityMiner, got "
+                f"{None if miner is None else type(miner).__name__}"
+            )
+        settings = None
+        self._stream: BatchStream | None = None
+        if otg:
+            settings = OTGSettings(
+                method=otg_method,
+                normalization=normalization,
+                reading=reading,
+                virtual_lr=lr if virtual_lr is None else virtual_lr,
+                threshold_lr=threshold_lr,
+                meta_mining=meta_mining,
+                on_degenerate=on_degenerate,
+            )
+            if meta_classes < 1 or meta_samples < 2:
+                raise ValueError(
+                    "meta_classes must be at least 1 and meta_samples at least 2 with the OTG, "
+                    f"got {meta_classes} and {meta_samples}: a meta batch without positive pairs "
+                    "has a zero meta loss, so every step would be skipped"
+                )
+            if batch_source is None:
+                raise ValueError("the OTG needs meta batches: give batch_source")
+            try:
+                self._stream = batch_source(meta_classes, meta_samples, seed + 1)
+            except ValueError as error:
+                raise ValueError(f"meta batches (meta_classes, meta_samples): {error}") from None
+        self.loss = loss
+        self.miner = miner
+        self.method = DDTAS(
+            miner, loss.pos_scale, loss.neg_scale, loss.threshold, form, otg=settings
+        )
+        self._meta_batches: Iterator[tuple[Tensor, Tensor]] | None = None
+
+    @property
+    def may_skip(self) -> bool:
+        return self.method.otg is not None
+
+    def start(self, step: int) -> None:
+        if self._stream is not None:
+            self._meta_batches = self._stream.from_step(step)
+
+    def forward(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> StepOutput:
+        meta_batch = None
+        if self._stream is not None:
+            if self._meta_batches is None:
+                raise RuntimeError("call start(step) before the first step")
+            meta_batch = next(self._meta_batches)
+        out = self.method(model, inputs, labels, meta_batch)
+        stats = out.stats
+        return StepOutput(
+            out.loss,
+            skip=out.skipped,
+            stats={"mined": stats.num_pos_pairs + stats.num_neg_pairs, **stats.as_dict()},
+        )

@@ -1,0 +1,82 @@
+"""Parts a user defines in their own module, named by import path in configs
+(``"user_parts:CentroidLoss"``): the tests of the open registry and objective interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dmlkit.data import ArrayDataset
+from dmlkit.losses import BaseMetricLossFunction
+from dmlkit.models import Backbone
+from dmlkit.objectives import Objective, StepOutput
+
+
+class CentroidLoss(nn.Module):
+    """A loss with one learnt centre per class: needs ``num_classes`` and ``embedding_size``
+    from the run, and indexes its parameters with the (contiguous) training labels."""
+
+    def __init__(self, num_classes: int, embedding_size: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.centres = nn.Parameter(torch.randn(num_classes, embedding_size))
+        self.scale = scale
+
+    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple: object = None) -> Tensor:
+        logits = self.scale * embeddings @ nn.functional.normalize(self.centres, dim=1).T
+        return nn.functional.cross_entropy(logits, labels)
+
+
+class HardestPairMiner(nn.Module):
+    """A user's miner with PML's call contract and no dmlkit base class: for each anchor, its
+    least similar positive and most similar negative, as pairs (a1, p, a2, n)."""
+
+    def __init__(self, keep_self: bool = False) -> None:
+        super().__init__()
+        self.keep_self = keep_self
+
+    @torch.no_grad()
+    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
+        unit = nn.functional.normalize(embeddings, dim=1)
+        sim = unit @ unit.T
+        same = labels[:, None] == labels[None, :]
+        if not self.keep_self:
+            same.fill_diagonal_(False)
+        hardest_pos = torch.where(same, sim, 2.0).min(1).indices
+        hardest_neg = torch.where(labels[:, None] != labels[None, :], sim, -2.0).max(1).indices
+        anchors = torch.arange(len(labels))[same.any(1) & (~same).any(1)]
+        return anchors, hardest_pos[anchors], anchors, hardest_neg[anchors]
+
+
+class SeenLabels(Objective):
+    """Records the labels the trainer hands it, and trains the given loss on the embeddings."""
+
+    def __init__(self, loss: BaseMetricLossFunction, num_classes: int) -> None:
+        super().__init__()
+        self.loss = loss
+        self.num_classes = num_classes
+        self.seen: set[int] = set()
+
+    def forward(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> StepOutput:
+        self.seen.update(int(label) for label in labels)
+        return StepOutput(self.loss(model(inputs), labels), stats={"mined": None, "custom": 1.5})
+
+
+class TinyNet(Backbone):
+    """A user's backbone: one convolution."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.num_features = channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+def shifted_digits(split: str, shift: int = 100) -> ArrayDataset:
+    """A user's dataset loader: the digits with labels moved far from 0."""
+    from dmlkit.data import digits
+
+    data = digits(split)
+    return ArrayDataset(data.data, torch.from_numpy(np.asarray(data.labels) + shift))
