@@ -17,8 +17,8 @@ the head's, and the one-off feature extraction is reported separately.
 Run ``python benchmarks/training.py`` (about 20 minutes on 2 cores, 7 of them extracting the CUB
 features once; they are kept in ``build/feature_cache``). Results go to
 ``benchmarks/results/training_cpu.{md,json}``. The real-data folder is
-``$DMLKIT_DATA`` (the Makefile sets ``../shared/data``); a set-up whose data is absent is skipped
-with a message.
+``$DMLKIT_DATA`` (the Makefile sets ``../shared/data``; unset, the run stops saying so); a set-up
+whose data is absent is skipped with a message.
 """
 
 from __future__ import annotations

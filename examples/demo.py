@@ -7,7 +7,7 @@ is 200 characters of the evaluation alphabets, disjoint from training: each of i
 queries the others. Precision@1 and MAP@R are printed before and after; about a minute on 2 CPU
 cores.
 
-The data is read from ``../shared/data/omniglot`` beside the project, or ``$DMLKIT_DATA/omniglot``.
+The data is read from ``$DMLKIT_DATA/omniglot`` (``make demo`` sets ``DMLKIT_DATA=../shared/data``).
 
 Why not the digits bundled with scikit-learn: with only 5 training classes every loss we tried
 made retrieval on the 5 unseen digits *worse* (P@1 0.964 → 0.90–0.95): the embedding specialises
@@ -30,8 +30,7 @@ from dmlkit.evaluation import TorchKNN, evaluate
 from dmlkit.losses import SoftContrastiveLoss
 from dmlkit.miners import ATASMSMiner
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DATA_ROOT = Path(os.environ.get("DMLKIT_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+DATA_ROOT = Path(os.environ.get("DMLKIT_DATA", "$DMLKIT_DATA-is-not-set"))
 DRAWERS = 20
 
 
@@ -40,8 +39,8 @@ def load_omniglot(split: str, n_classes: int | None = None) -> tuple[torch.Tenso
     path = DATA_ROOT / "omniglot" / f"images_{split}.npz"
     if not path.exists():
         sys.exit(
-            f"{path} not found: the demo needs Omniglot (see ../shared/data/README.md, or "
-            "set DMLKIT_DATA to a folder holding omniglot/images_background.npz)"
+            f"{path} not found: the demo needs Omniglot; set DMLKIT_DATA to a folder holding "
+            "omniglot/images_background.npz (make demo sets it to ../shared/data)"
         )
     images = np.load(path)["images"][:n_classes]
     x = torch.from_numpy(~images).float().reshape(-1, 1, 105, 105)

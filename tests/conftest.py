@@ -9,11 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from real_data import REAL_DATA
-
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-# Configs that name Omniglot or the CUB subset without a root read the real-data folder.
-os.environ.setdefault("DMLKIT_DATA", str(REAL_DATA))
 
 
 @pytest.fixture(autouse=True)

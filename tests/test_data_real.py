@@ -1,7 +1,7 @@
 """dmlkit.data on the real shared data: Omniglot (npz and PNG) and the 100-class CUB subset.
 
-The data lives outside the repository, in ``../shared/data`` (override with the environment
-variable DMLKIT_DATA); the tests skip when it is absent.
+The data lives outside the repository, in ``$DMLKIT_DATA`` (``make`` sets ``../shared/data``);
+the tests skip when it is absent.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ SHARED = REAL_DATA
 def _shared(name: str, what: str) -> Path:
     path = SHARED / name
     if not path.is_dir():
-        pytest.skip(f"../shared/data/{name} not found; {what} tests skipped")
+        pytest.skip(f"{SHARED / name} not found; {what} tests skipped")
     return path
 
 

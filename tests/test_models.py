@@ -1,7 +1,7 @@
 """Backbones, checkpoint loading, the embedding model and the feature cache.
 
-Real-data tests read ``../shared/data`` (override with ``DMLKIT_DATA``) and skip, naming
-the path, when it is absent. The timm success path cannot run here (timm needs torchvision,
+Real-data tests read ``$DMLKIT_DATA`` (``make`` sets ``../shared/data``) and skip, naming the
+path, when it is absent. The timm success path cannot run here (timm needs torchvision,
 which is unusable on these machines); it is exercised with a stand-in ``timm`` module.
 """
 
@@ -44,7 +44,7 @@ from real_data import REAL_DATA
 SHARED_DATA = REAL_DATA
 MOBILENET_CHECKPOINT = SHARED_DATA / "mobilenet_v2_imagenet" / "mobilenet_v2-b0353104.pth"
 CUB_IMAGES = SHARED_DATA / "cub100_subset" / "images"
-# CUB species that are ImageNet-1k classes (see ../shared/data/mobilenet_v2_imagenet/README.md).
+# CUB species that are ImageNet-1k classes (the README beside the weights in $DMLKIT_DATA).
 CUB_TO_IMAGENET = {
     "American_Goldfinch": 11,
     "Indigo_Bunting": 14,

@@ -354,8 +354,8 @@ def test_miner_matches_pml(name: str, layout: str, dtype: torch.dtype) -> None:
 def test_every_registered_class_that_pml_has_is_compared_with_pml() -> None:
     """A loss or miner registered under a name PML also has cannot escape the comparisons
     above: at least one of their cases must build it."""
-    from dmlkit.registry import LOSSES as LOSS_REGISTRY
-    from dmlkit.registry import MINERS as MINER_REGISTRY
+    from dmlkit.losses import LOSSES as LOSS_REGISTRY
+    from dmlkit.miners import MINERS as MINER_REGISTRY
 
     compared_losses = {type(make(False)[0]).__name__ for make in LOSSES.values()}
     compared_miners = {type(ours(**kwargs)).__name__ for ours, _, kwargs in MINER_PAIRS.values()}

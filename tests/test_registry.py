@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dmlkit.distances import LpDistance
-from dmlkit.losses import ContrastiveLoss
+from dmlkit.losses import LOSSES, ContrastiveLoss
+from dmlkit.miners import MINERS
 from dmlkit.reducers import ThresholdReducer
-from dmlkit.registry import LOSSES, MINERS, Registry, Spec
+from dmlkit.registry import Registry, Spec
 from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
 from user_parts import CentroidLoss, HardestPairMiner, SeenLabels
 
@@ -152,6 +153,7 @@ def test_objective_from_python_sees_contiguous_labels(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "last.pt")["classes"] == [100, 101, 102, 103, 104]
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["training_classes"] == [100, 101, 102, 103, 104]
+    assert summary["objective"] == "user_parts:SeenLabels"
     header = (tmp_path / "train.csv").read_text().splitlines()[0].split(",")
     assert "custom" in header
 
@@ -191,3 +193,56 @@ def test_constructing_and_training_leave_the_global_generators_alone(tmp_path: P
 def test_dataset_settings_a_loader_does_not_take_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"data\.root: dataset 'digits' takes no root"):
         Trainer(load_config(None, [*FAST, "data.root=/somewhere"]))
+
+
+def test_a_loader_without_transform_may_give_any_labelled_dataset(tmp_path: Path) -> None:
+    config = load_config(
+        None, [*FAST, "data.name=user_parts:digit_vectors", "model.backbone=user_parts:Flat"]
+    )
+    trainer = Trainer(config, tmp_path)
+    assert trainer.data.in_channels == 64  # from the first item
+    assert trainer.fit().steps == 4
+
+
+def test_a_stateful_objective_resumes_exactly(tmp_path: Path) -> None:
+    """The loss's own parameters (CentroidLoss's centres) and their optimiser state survive a
+    kill and resume: the run ends where an uninterrupted one does."""
+    from run_helpers import StopTrainingError, stop_at
+
+    overrides = [
+        *FAST,
+        "train.max_steps=6",
+        "train.checkpoint_every=1",
+        "loss.name=user_parts:CentroidLoss",
+        "miner.name=null",
+    ]
+    whole = Trainer(load_config(None, overrides), tmp_path / "whole")
+    whole.fit()
+    with pytest.raises(StopTrainingError):
+        Trainer(load_config(None, overrides), tmp_path / "cut", callbacks=[stop_at(3)]).fit()
+    resumed = Trainer(load_config(None, overrides), tmp_path / "cut")
+    resumed.fit(resume=True)
+    for name, value in whole.objective.state_dict().items():
+        assert torch.equal(value, resumed.objective.state_dict()[name]), name
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_runs_leave_every_global_generator_alone_and_amp_is_checked(tmp_path: Path) -> None:
+    states = torch.cuda.get_rng_state_all()
+    cpu = torch.get_rng_state()
+    cuda = ["train.device=cuda", "train.amp=true"]
+    result = Trainer(load_config(None, [*FAST, *cuda]), tmp_path / "amp").fit()
+    assert result.steps == 4
+    assert all(
+        torch.equal(a, b) for a, b in zip(states, torch.cuda.get_rng_state_all(), strict=True)
+    )
+    assert torch.equal(cpu, torch.get_rng_state())
+    ddtas = [
+        "objective.name=DDTASObjective",
+        "loss.name=SoftContrastiveLoss",
+        "miner.name=ATASMSMiner",
+    ]
+    with pytest.raises(ConfigError, match=r"train\.amp is not supported by DDTASObjective"):
+        Trainer(load_config(None, [*FAST, *cuda, *ddtas]))

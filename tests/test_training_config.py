@@ -16,6 +16,7 @@ from dmlkit.training.builders import build_loss, build_miner
 from dmlkit.training.config import LossConfig, MinerConfig, OptimizerConfig, SchedulerConfig
 from dmlkit.training.config_loading import config_from_dict
 from dmlkit.training.optimization import build_optimizer, lr_factor, parameter_groups
+from dmlkit.typed_values import expanded_path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -162,6 +163,10 @@ def test_parameter_groups_and_optimizers() -> None:
         build_optimizer(OptimizerConfig(options={"momentum": 0.9}), groups)
     own = OptimizerConfig(name="torch.optim:Adagrad", options={"lr_decay": 0.1})
     assert isinstance(build_optimizer(own, groups), torch.optim.Adagrad)
+    with pytest.raises(ConfigError, match=r"optimizer\.options\.lr: the run gives adam its 'lr'"):
+        build_optimizer(OptimizerConfig(options={"lr": 0.5}), groups)
+    with pytest.raises(ConfigError, match=r"optimizer\.weight_decay: .*takes no weight_decay"):
+        build_optimizer(OptimizerConfig(name="torch.optim:LBFGS", weight_decay=0.1), groups)
 
 
 def test_learning_rate_schedules() -> None:
@@ -172,6 +177,11 @@ def test_learning_rate_schedules() -> None:
     milestones = {"milestones": [5, 8], "gamma": 0.1}
     multi = lr_factor(SchedulerConfig(name="multistep", options=milestones), 1.0, 10)
     assert [multi(s) for s in (4, 5, 7, 8)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    # Milestones are absolute steps, warm-up included.
+    warm_multi = SchedulerConfig(name="multistep", options=milestones, warmup_steps=3)
+    assert [lr_factor(warm_multi, 1.0, 10)(s) for s in (2, 4, 5, 8)] == pytest.approx(
+        [1, 1, 0.1, 0.01]
+    )
     cosine = lr_factor(SchedulerConfig(name="cosine", options={"min_lr": 0.1}), 1.0, 100)
     assert (
         cosine(0) == 1.0 and cosine(50) == pytest.approx(0.55) and cosine(100) == pytest.approx(0.1)
@@ -206,3 +216,12 @@ def test_null_sections_and_options_read_as_empty(tmp_path: Path) -> None:
     config = load_config(path, ["optimizer.lr=0.5"])
     assert config.optimizer.lr == 0.5
     assert config.loss.options == {}
+
+
+def test_config_paths_expand_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DMLKIT_DATA", "/data/here")
+    assert expanded_path("$DMLKIT_DATA/weights.pth") == "/data/here/weights.pth"
+    assert expanded_path(None) is None
+    monkeypatch.delenv("DMLKIT_DATA")
+    with pytest.raises(ConfigError, match=r"names the environment variable \$DMLKIT_DATA, which"):
+        expanded_path("$DMLKIT_DATA/w.pth")

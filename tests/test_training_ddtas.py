@@ -245,13 +245,25 @@ def test_same_seed_gives_the_weights_of_the_trainer_before_objectives(
     assert sum(float(w.abs().sum()) for w in weights) == pytest.approx(magnitude, rel=1e-5)
 
 
-def test_checkpoints_from_before_the_objective_interface_are_refused_clearly(
-    tmp_path: Path,
-) -> None:
-    config = load_config(None, [*DDTAS_ON, "train.max_steps=2", "train.epochs=1"])
-    Trainer(config, tmp_path).fit()
-    payload = load_checkpoint(tmp_path / "last.pt")
-    payload["loss"] = payload.pop("objective")
-    torch.save(payload, tmp_path / "last.pt")
-    with pytest.raises(ConfigError, match=r"written before the objective interface"):
-        Trainer(config, tmp_path).fit(resume=True)
+def test_checkpoints_from_before_the_objective_interface_resume_exactly(tmp_path: Path) -> None:
+    """A checkpoint and config as dmlkit 0.1 wrote them (``method``/``ddtas`` sections, the loss's
+    state under ``loss``, the global generators) resume to the same run."""
+    config = load_config(None, [*DDTAS_ON, "train.max_steps=4", "train.checkpoint_every=2"])
+    Trainer(config, tmp_path / "whole").fit()
+    run = tmp_path / "old"
+    with pytest.raises(StopTrainingError):
+        Trainer(config, run, callbacks=[stop_at(2)]).fit()
+    payload = load_checkpoint(run / "last.pt")
+    saved = payload["config"]
+    saved["method"], saved["ddtas"] = "ddtas", saved.pop("objective")["options"]
+    saved["optimizer"]["momentum"] = saved["optimizer"].pop("options").get("momentum", 0.0)
+    schedule = saved.pop("scheduler")
+    saved["scheduler"] = {"name": "none", "step_size": 1000, "gamma": 0.1, **schedule}
+    del saved["scheduler"]["options"]
+    payload["loss"] = {k.removeprefix("loss."): v for k, v in payload.pop("objective").items()}
+    payload["rng"] = {"python": None, "numpy": None, "torch": payload["rng"]["torch"]}
+    del payload["classes"]
+    torch.save(payload, run / "last.pt")
+    resumed = Trainer(config, run).fit(resume=True)
+    assert resumed.steps == 4
+    _same_weights(tmp_path / "whole" / "last.pt", run / "last.pt")

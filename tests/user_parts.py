@@ -80,3 +80,37 @@ def shifted_digits(split: str, shift: int = 100) -> ArrayDataset:
 
     data = digits(split)
     return ArrayDataset(data.data, torch.from_numpy(np.asarray(data.labels) + shift))
+
+
+class Vectors:
+    """A user's dataset that is not an ArrayDataset: (feature vector, label) items."""
+
+    def __init__(self, features: Tensor, labels: np.ndarray) -> None:
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.features[index], int(self.labels[index])
+
+
+def digit_vectors(split: str) -> Vectors:
+    """The digits as flat 64-d vectors, from a loader with no transform."""
+    from dmlkit.data import digits
+
+    data = digits(split)
+    return Vectors(data.data.reshape(len(data), -1).float(), np.asarray(data.labels))
+
+
+class Flat(Backbone):
+    """A backbone for flat vectors: a linear map to a 1 × 1 feature map."""
+
+    def __init__(self, in_channels: int = 64, channels: int = 16) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_channels, channels)
+        self.num_features = channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)[:, :, None, None]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import pairwise
-from .registry import DISTANCES
+from .registry import Registry
 
 
 class BaseDistance:
@@ -60,6 +60,9 @@ class BaseDistance:
             f"{type(self).__name__}(normalize_embeddings={self.normalize_embeddings}, "
             f"p={self.p}, power={self.power})"
         )
+
+
+DISTANCES = Registry("distance", BaseDistance)
 
 
 @DISTANCES.register()
@@ -130,6 +133,7 @@ def check_distance(owner: str, distance: BaseDistance, requirement: SimilarityRe
 
 
 __all__ = [
+    "DISTANCES",
     "BaseDistance",
     "CosineSimilarity",
     "DotProductSimilarity",

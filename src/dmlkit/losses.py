@@ -38,7 +38,7 @@ from .functional import losses as fl
 from .functional.masks import first_pair_per_label, first_two_per_label, tuple_to_pair_weights
 from .functional.reduction import AvgNonZeroReducer, MeanReducer, Reducer
 from .functional.triplets import DEFAULT_CHUNK_ELEMENTS, all_triplets_margin_loss
-from .registry import LOSSES
+from .registry import Registry
 
 
 class BaseMetricLossFunction(nn.Module):
@@ -123,6 +123,9 @@ class BaseMetricLossFunction(nn.Module):
 
     def extra_repr(self) -> str:
         return f"distance={self.distance!r}, reducer={self.reducer!r}"
+
+
+LOSSES = Registry("loss", BaseMetricLossFunction)
 
 
 @LOSSES.register()
@@ -614,6 +617,7 @@ class SoftWeightedTripletLoss(BaseMetricLossFunction):
 
 
 __all__ = [
+    "LOSSES",
     "BaseMetricLossFunction",
     "CircleLoss",
     "ContrastiveLoss",

@@ -30,7 +30,7 @@ from .distances import (
 from .functional import mining
 from .functional.masks import label_weights
 from .functional.triplets import DEFAULT_CHUNK_ELEMENTS, mine_triplets
-from .registry import MINERS
+from .registry import Registry
 from .validation import IndicesTuple, check_embeddings, check_labels
 
 
@@ -183,6 +183,9 @@ class BaseMiner(nn.Module):
 
 
 TripletType = Literal["all", "hard", "semihard", "easy"]
+
+
+MINERS = Registry("miner", BaseMiner)
 
 
 @MINERS.register()
@@ -406,6 +409,7 @@ class ATASMSMiner(ASMSMiner):
 
 
 __all__ = [
+    "MINERS",
     "ASMSMiner",
     "ASMSStats",
     "ATASMSMiner",

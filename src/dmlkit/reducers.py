@@ -1,7 +1,8 @@
-"""Reducers for the ``reducer=`` slot of every loss (PML's names and meanings).
+"""Reducers for the ``reducer=`` slot of every loss (PML's names and meanings), and their
+registry.
 
-The reducers are plain dataclasses of :mod:`dmlkit.functional.reduction` (the ground floor, which
-knows no registry); they are registered here, where the loss floor publishes them.
+The reducers are plain dataclasses of :mod:`dmlkit.functional.reduction`, the pure maths; they
+are registered here, beside the distances, where the loss floor publishes its parts.
 """
 
 from .functional.reduction import (
@@ -11,9 +12,18 @@ from .functional.reduction import (
     SumReducer,
     ThresholdReducer,
 )
-from .registry import REDUCERS
+from .registry import Registry
+
+REDUCERS = Registry("reducer", Reducer)
 
 for _reducer in (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer):
     REDUCERS.add(_reducer)
 
-__all__ = ["AvgNonZeroReducer", "MeanReducer", "Reducer", "SumReducer", "ThresholdReducer"]
+__all__ = [
+    "REDUCERS",
+    "AvgNonZeroReducer",
+    "MeanReducer",
+    "Reducer",
+    "SumReducer",
+    "ThresholdReducer",
+]

@@ -1,12 +1,14 @@
-"""One registry for every configurable part: losses, miners, distances, reducers, objectives,
-backbones, datasets, optimisers and learning-rate schedules.
+"""The registry of configurable parts: losses, miners, distances, reducers, objectives,
+backbones, datasets, optimisers and learning-rate schedules, one :class:`Registry` per kind.
 
-Entries are registered where they are defined, with a decorator::
+Each registry lives beside the base class of its parts, on their own floor (``LOSSES`` in
+:mod:`dmlkit.losses`, ``BACKBONES`` in :mod:`dmlkit.models`, ``DATASETS`` in
+:mod:`dmlkit.training`…), and entries register where they are defined, with a decorator::
 
     @LOSSES.register()
     class MyLoss(BaseMetricLossFunction): ...
 
-and a config names a part by its registered name or by import path, with options that may
+A config names a part by its registered name or by import path, with options that may
 themselves be specs::
 
     loss:
@@ -19,17 +21,19 @@ themselves be specs::
 :meth:`Registry.build` checks every option against the entry's signature (an unknown option
 suggests the closest one, a value of the wrong type names the dotted key, nested specs
 included), builds nested specs with the registry whose base class the parameter's annotation
-names, and fills parameters the run knows (``num_classes``, ``embedding_size``…) from the
-``run_values`` it is given when the options leave them out.
+names, and gives the entry the values only the run knows, by parameter name. Two of them,
+``num_classes`` and ``embedding_size`` (:data:`SHARED_RUN_VALUES`), reach nested parts too and
+may be overridden by an option; every other run value belongs to this part alone and an option
+of that name is refused (the run sets it elsewhere in the config).
 
-This module imports no other dmlkit floor: each registry imports its defining modules on
-first use, so looking up a built-in never depends on what the caller happened to import.
+This module imports nothing above the ground floor.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +44,9 @@ from .typed_values import ConfigError, coerce, did_you_mean, is_checkable
 Entry = TypeVar("Entry", bound=Callable[..., Any])
 
 _REGISTRIES: list[Registry] = []
+
+# Run values a part at any depth may ask for, and that an option may set instead.
+SHARED_RUN_VALUES = ("num_classes", "embedding_size")
 
 
 @dataclass(frozen=True)
@@ -106,17 +113,14 @@ class Registry:
 
     Args:
         kind: What the entries are (``"loss"``), for messages.
-        base: ``"module:Class"`` of the entries' base class, resolved on first use; parameters
-            annotated with it (or a subclass) take nested specs of this registry.
-        modules: Modules that register the built-in entries, imported on first lookup.
+        base: The entries' base class, if they share one; parameters annotated with it (or a
+            subclass, or a union holding one) take nested specs of this registry.
     """
 
-    def __init__(self, kind: str, base: str | None = None, modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, base: type | None = None) -> None:
         self.kind = kind
-        self._base_path = base
-        self._modules = modules
+        self.base = base
         self._entries: dict[str, Callable[..., Any]] = {}
-        self._base: type | None = None
         _REGISTRIES.append(self)
 
     def register(self, name: str | None = None) -> Callable[[Entry], Entry]:
@@ -141,27 +145,12 @@ class Registry:
             raise ValueError(f"{self.kind} name {key!r} is already registered")
         self._entries[key] = entry
 
-    def _load(self) -> None:
-        for module in self._modules:
-            importlib.import_module(module)
-
-    @property
-    def base(self) -> type | None:
-        """The entries' base class (None when the registry has none)."""
-        if self._base is None and self._base_path is not None:
-            base = import_object(self._base_path, f"{self.kind} registry")
-            assert isinstance(base, type)
-            self._base = base
-        return self._base
-
     def names(self) -> list[str]:
         """The registered names, sorted."""
-        self._load()
         return sorted(self._entries)
 
     def entries(self) -> dict[str, Callable[..., Any]]:
         """Every registered entry by name (for tests parametrised over the registry)."""
-        self._load()
         return dict(sorted(self._entries.items()))
 
     def get(self, name: str, where: str | None = None) -> Callable[..., Any]:
@@ -176,7 +165,6 @@ class Registry:
             if not callable(entry):
                 raise ConfigError(f"{where}.name: {name!r} is not a class or function")
             return entry  # type: ignore[no-any-return]
-        self._load()
         if name not in self._entries:
             raise ConfigError(
                 f"{where}.name: unknown {self.kind} {name!r}{did_you_mean(name, self.names())}"
@@ -237,14 +225,20 @@ class Registry:
             n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ]
         kwargs: dict[str, Any] = {}
+        nested_values = {k: v for k, v in run_values.items() if k in SHARED_RUN_VALUES}
         for key, value in spec.options.items():
             if key not in named and not takes_any:
                 raise ConfigError(
                     f"{where}.options.{key}: {spec.name} has no option {key!r}"
                     f"{did_you_mean(str(key), named)}"
                 )
+            if key in run_values and key not in SHARED_RUN_VALUES:
+                raise ConfigError(
+                    f"{where}.options.{key}: the run gives {spec.name} its {key!r}; set it in the "
+                    "config's own field for it, not as an option"
+                )
             kwargs[key] = _option(
-                value, hints.get(key, Any), f"{where}.options.{key}", run_values, construct
+                value, hints.get(key, Any), f"{where}.options.{key}", nested_values, construct
             )
         for key in named:
             if key not in kwargs and key in run_values:
@@ -262,35 +256,39 @@ class Registry:
 
 
 def _signature(entry: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
-    """The entry's constructor parameters and their resolved annotations (options whose
-    annotation cannot be resolved are passed on unchecked)."""
+    """The entry's constructor parameters and their resolved annotations; an annotation that
+    cannot be resolved (a user's ``TYPE_CHECKING``-only name, say) leaves that one option
+    unchecked, the others are still checked."""
     target = entry.__init__ if inspect.isclass(entry) else entry  # type: ignore[misc]
     try:
         parameters = dict(inspect.signature(entry).parameters)
     except (TypeError, ValueError):  # no inspectable signature (some builtins): take anything
         parameters = {"options": inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD)}
     try:
-        hints = typing.get_type_hints(target)
+        return parameters, typing.get_type_hints(target)
     except Exception:
-        hints = {}
+        pass
+    hints: dict[str, Any] = {}
+    namespace = getattr(target, "__globals__", {})
+    for name, annotation in getattr(target, "__annotations__", {}).items():
+        try:
+            hints[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation
+        except Exception:
+            continue
     return parameters, hints
 
 
 def _registry_for(annotation: Any) -> Registry | None:
-    """The registry whose base class the annotation names (or a union containing it)."""
-    candidates = [
-        arg
-        for arg in typing.get_args(annotation) or (annotation,)
-        if isinstance(arg, type) and arg.__module__ != "builtins"
-    ]
-    if not candidates:
-        return None
-    for registry in _REGISTRIES:
-        base = registry.base
-        if base is None:
+    """The registry whose base class the annotation names, alone or in a union."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        candidates = typing.get_args(annotation)
+    else:
+        candidates = (annotation,)
+    for candidate in candidates:
+        if not isinstance(candidate, type):
             continue
-        for candidate in candidates:
-            if issubclass(candidate, base):
+        for registry in _REGISTRIES:
+            if registry.base is not None and issubclass(candidate, registry.base):
                 return registry
     return None
 
@@ -311,26 +309,8 @@ def _option(
     return value
 
 
-DISTANCES = Registry("distance", "dmlkit.distances:BaseDistance", ("dmlkit.distances",))
-REDUCERS = Registry("reducer", "dmlkit.functional.reduction:Reducer", ("dmlkit.reducers",))
-LOSSES = Registry("loss", "dmlkit.losses:BaseMetricLossFunction", ("dmlkit.losses",))
-MINERS = Registry("miner", "dmlkit.miners:BaseMiner", ("dmlkit.miners",))
-OBJECTIVES = Registry("objective", "dmlkit.objectives:Objective", ("dmlkit.objectives",))
-BACKBONES = Registry("backbone", None, ("dmlkit.models",))
-DATASETS = Registry("dataset", None, ("dmlkit.training.datasets",))
-OPTIMIZERS = Registry("optimizer", None, ("dmlkit.training.optimization",))
-SCHEDULES = Registry("schedule", None, ("dmlkit.training.optimization",))
-
 __all__ = [
-    "BACKBONES",
-    "DATASETS",
-    "DISTANCES",
-    "LOSSES",
-    "MINERS",
-    "OBJECTIVES",
-    "OPTIMIZERS",
-    "REDUCERS",
-    "SCHEDULES",
+    "SHARED_RUN_VALUES",
     "Registry",
     "Spec",
     "import_object",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -45,9 +47,9 @@ def unknown_key_error(where: str, key: str, candidates: Sequence[str]) -> Config
 def is_checkable(annotation: Any) -> bool:
     """Whether :func:`coerce` knows how to check values of this annotation."""
     origin = typing.get_origin(annotation)
-    if origin in (types.UnionType, typing.Union):
-        return all(is_checkable(arg) for arg in typing.get_args(annotation))
-    if origin in (Literal, tuple, dict):
+    if origin in (types.UnionType, typing.Union, tuple):
+        return all(arg is Ellipsis or is_checkable(arg) for arg in typing.get_args(annotation))
+    if origin in (Literal, dict):
         return True
     return annotation in (Any, bool, int, float, str, type(None)) or (
         dataclasses.is_dataclass(annotation) and isinstance(annotation, type)
@@ -160,3 +162,21 @@ def dataclass_from_mapping(cls: type[T], values: Any, where: str = "") -> T:
             raise unknown_key_error(where, str(key), names)
         kwargs[key] = coerce(value, hints[key], where + key)
     return cls(**kwargs)
+
+
+_VARIABLE = re.compile(r"\$(\w+|\{\w+\})")
+
+
+def expanded_path(path: str | None) -> str | None:
+    """A config's path with ``$VARIABLES`` and ``~`` expanded (None stays None).
+
+    Raises:
+        ConfigError: The path names an environment variable that is not set.
+    """
+    if path is None:
+        return None
+    unset = [name.strip("{}") for name in _VARIABLE.findall(path)]
+    unset = [name for name in unset if name not in os.environ]
+    if unset:
+        raise ConfigError(f"{path!r} names the environment variable ${unset[0]}, which is not set")
+    return os.path.expanduser(os.path.expandvars(path))

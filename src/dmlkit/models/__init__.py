@@ -5,7 +5,7 @@ checkpoints load with :func:`load_weights`. :func:`build_model` is the one way t
 :class:`EmbeddingModel`: backbone, global pooling and embedding head.
 """
 
-from .base import Backbone
+from .base import BACKBONES, Backbone
 from .bninception import BNInception
 from .cache import FeatureCache, cache_features, load_feature_cache
 from .convnet import ConvNet
@@ -17,6 +17,7 @@ from .resnet import ResNet, resnet18, resnet50
 from .timm_backbone import TimmBackbone
 
 __all__ = [
+    "BACKBONES",
     "BNInception",
     "Backbone",
     "ConvNet",

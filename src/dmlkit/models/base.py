@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..registry import Registry
 from .loading import LoadReport, StateDictSource, load_weights
 
 
@@ -39,6 +40,9 @@ class Backbone(nn.Module):
         key = self.classifier_key
         ignore = (key,) if key is not None and not hasattr(self, key) else ()
         return load_weights(self, source, ignore=ignore)
+
+
+BACKBONES = Registry("backbone", Backbone)
 
 
 def conv2d(

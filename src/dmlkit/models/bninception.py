@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import BACKBONES
-from .base import Backbone, check_num_classes, check_positive, init_weights
+from .base import BACKBONES, Backbone, check_num_classes, check_positive, init_weights
 
 
 class _Block(NamedTuple):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import BACKBONES
-from .base import Backbone, check_positive, conv_bn_act, init_weights
+from .base import BACKBONES, Backbone, check_positive, conv_bn_act, init_weights
 
 
 @BACKBONES.register("convnet")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..registry import BACKBONES
-from .base import Backbone, check_num_classes, check_positive, conv_bn_act, init_weights
+from .base import BACKBONES, Backbone, check_num_classes, check_positive, conv_bn_act, init_weights
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s), as in the paper.
 _INVERTED_RESIDUAL_SETTINGS = (

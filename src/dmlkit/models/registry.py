@@ -1,6 +1,7 @@
 """Backbones by name: :func:`create_backbone` and :func:`list_backbones`.
 
-Built-in backbones are registered in :data:`dmlkit.registry.BACKBONES` where they are defined;
+Built-in backbones are registered in :data:`BACKBONES` (:mod:`dmlkit.models.base`) where they are
+defined;
 a user's backbone (a :class:`~dmlkit.models.Backbone` subclass, or a function returning one,
 taking ``in_channels``) is named by import path, ``"my_package.nets:MyNet"``.
 """
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import BACKBONES, Spec
-from .base import Backbone
+from ..registry import Spec
+from .base import BACKBONES, Backbone
 from .loading import StateDictSource
 from .timm_backbone import TimmBackbone
 

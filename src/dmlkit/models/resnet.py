@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..registry import BACKBONES
-from .base import Backbone, check_num_classes, check_positive, conv2d, init_weights
+from .base import BACKBONES, Backbone, check_num_classes, check_positive, conv2d, init_weights
 
 
 def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Sequential | None:

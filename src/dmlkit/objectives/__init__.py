@@ -5,11 +5,12 @@ A user's own objective subclasses :class:`Objective` and is passed to
 "my_package.module:MyObjective", options: {...}}``).
 """
 
-from .base import BatchSource, BatchStream, Objective, StepOutput
+from .base import OBJECTIVES, BatchSource, BatchStream, Objective, StepOutput
 from .ddtas import DDTASObjective
 from .metric_loss import MetricLossObjective
 
 __all__ = [
+    "OBJECTIVES",
     "BatchSource",
     "BatchStream",
     "DDTASObjective",

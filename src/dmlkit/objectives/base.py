@@ -16,6 +16,8 @@ from typing import ClassVar, Protocol
 
 from torch import Tensor, nn
 
+from ..registry import Registry
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -73,8 +75,9 @@ class Objective(nn.Module):
         """One step's loss.
 
         Args:
-            model: The network being trained (in training mode; under autocast when the run
-                uses mixed precision, returning float32 embeddings).
+            model: The network being trained, in training mode. With mixed precision it is a
+                wrapper that runs the network under autocast and returns float32 embeddings,
+                so call it; do not reach into its attributes.
             inputs: The batch, on the training device.
             labels: (B,) training labels: contiguous class indices 0..C−1.
 
@@ -82,3 +85,6 @@ class Objective(nn.Module):
             The loss, whether to skip the update, and what to log.
         """
         raise NotImplementedError
+
+
+OBJECTIVES = Registry("objective", Objective)

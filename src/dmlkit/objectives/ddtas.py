@@ -13,8 +13,7 @@ from ..ddtas.method import OTGMethod, OTGReading
 from ..functional.thresholds import Normalization, PairLossForm
 from ..losses import BaseMetricLossFunction, SoftContrastiveLoss
 from ..miners import ASMSMiner, BaseMiner, MultiSimilarityMiner
-from ..registry import OBJECTIVES
-from .base import BatchSource, BatchStream, Objective, StepOutput
+from .base import OBJECTIVES, BatchSource, BatchStream, Objective, StepOutput
 
 
 @OBJECTIVES.register()
@@ -105,7 +104,6 @@ class DDTASObjective(Objective):
             except ValueError as error:
                 raise ValueError(f"meta batches (meta_classes, meta_samples): {error}") from None
         self.loss = loss
-        self.miner = miner
         self.method = DDTAS(
             miner, loss.pos_scale, loss.neg_scale, loss.threshold, form, otg=settings
         )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..registry import OBJECTIVES
-from .base import Objective, StepOutput
+from ..losses import BaseMetricLossFunction
+from ..miners import BaseMiner
+from .base import OBJECTIVES, Objective, StepOutput
 
 
 @OBJECTIVES.register()
@@ -20,7 +21,11 @@ class MetricLossObjective(Objective):
         miner: The miner, or None to use every pair or triplet (the ``miner`` section).
     """
 
-    def __init__(self, loss: nn.Module, miner: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        loss: BaseMetricLossFunction | nn.Module,
+        miner: BaseMiner | nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.loss = loss
         self.miner = miner

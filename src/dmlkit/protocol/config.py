@@ -25,14 +25,16 @@ import copy
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import Tensor
 
-from ..registry import LOSSES, MINERS
+from ..losses import LOSSES
+from ..miners import MINERS
 from ..training import (
     RESUMABLE_CHANGES,
     Config,
@@ -41,7 +43,7 @@ from ..training import (
     config_from_dict,
     set_config_key,
 )
-from ..training.builders import build_loss, build_miner
+from ..training.builders import build_loss, build_miner, build_objective
 from ..typed_values import dataclass_from_mapping, unknown_key_error
 
 PRESETS_DIR = Path(__file__).with_name("presets")
@@ -469,20 +471,44 @@ def bench_config_from_dict(
     return bench
 
 
+class _NoBatches:
+    """The batch source of a configuration check: building an objective may ask for a stream
+    of training batches, and a check draws none."""
+
+    def __init__(self, classes_per_batch: int, samples_per_class: int, seed: int) -> None:
+        if classes_per_batch < 1 or samples_per_class < 1:
+            raise ValueError(
+                f"a P×K batch needs P ≥ 1 and K ≥ 1, got {classes_per_batch} × {samples_per_class}"
+            )
+
+    def from_step(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
+        raise RuntimeError("a configuration check draws no batch")
+
+
 def check_buildable(config: Config, where: str) -> None:
-    """Check the run's validation metric and build its loss and miner (reading a config has
-    already checked every part's name and options), so that a value their constructors refuse
-    is an error now rather than a failure of every run. Parts that need the number of training
-    classes are left to the run, which knows it.
+    """Check the run's validation metric and build its loss, miner and objective (reading a
+    config has already checked every part's name and options), so that a value their
+    constructors refuse is an error now rather than a failure of every run. Parts that need
+    the number of training classes are left to the run, which knows it; so are the checks that
+    need the data (enough classes for a meta batch, say).
     """
     try:
         check_selection_metric(config.validation.metric, config.validation.metrics)
         sizes = {"embedding_size": config.model.embedding_dim}
-        if "num_classes" not in LOSSES.parameters(config.loss.name, "loss"):
-            build_loss(config.loss, **sizes)
-        miner = config.miner.name
-        if miner is not None and "num_classes" not in MINERS.parameters(miner, "miner"):
-            build_miner(config.miner, **sizes)
+        miner_name = config.miner.name
+        if "num_classes" in LOSSES.parameters(config.loss.name, "loss") or (
+            miner_name is not None and "num_classes" in MINERS.parameters(miner_name, "miner")
+        ):
+            return
+        build_objective(
+            config.objective,
+            loss=build_loss(config.loss, **sizes),
+            miner=build_miner(config.miner, **sizes),
+            lr=config.optimizer.lr,
+            seed=config.train.seed,
+            batch_source=_NoBatches,
+            **sizes,
+        )
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
 

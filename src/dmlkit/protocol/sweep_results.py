@@ -276,7 +276,7 @@ def load_sweep(out: str | Path) -> SweepResult:
             seeds=tuple(described["seeds"]),
             runs=runs,
             out=out,
-            config=config_from_dict(described["config"]),
+            config=config_from_dict(described["config"], check=False),
         )
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ConfigError(f"{path} is not a sweep's results: {error!r}") from None

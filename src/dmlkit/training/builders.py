@@ -1,34 +1,26 @@
-"""The parts of a run built from its config through :mod:`dmlkit.registry`: loss, miner and
-objective, with the values only the run knows."""
+"""The parts of a run built from its config through their registries (:mod:`dmlkit.registry`):
+model, loss, miner and objective, with the values only the run knows; and the check of every
+part a config names."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..losses import BaseMetricLossFunction
-from ..miners import BaseMiner
-from ..models import EmbeddingModel, build_model
+from ..losses import LOSSES, BaseMetricLossFunction
+from ..miners import MINERS, BaseMiner
+from ..models import BACKBONES, EmbeddingModel, build_model
 from ..models.registry import TIMM_PREFIX
-from ..objectives import Objective
-from ..registry import (
-    BACKBONES,
-    DATASETS,
-    LOSSES,
-    MINERS,
-    OBJECTIVES,
-    OPTIMIZERS,
-    SCHEDULES,
-    Spec,
-)
-from ..typed_values import ConfigError
+from ..objectives import OBJECTIVES, Objective
+from ..registry import Spec
+from ..typed_values import ConfigError, expanded_path
 from .config import Config, LossConfig, MinerConfig, ModelConfig, ObjectiveConfig
+from .datasets import DATASET_RUN_VALUES, DATASETS
+from .optimization import OPTIMIZER_RUN_VALUES, OPTIMIZERS, SCHEDULE_RUN_VALUES, SCHEDULES
 
 # What the trainer gives an objective's constructor, by parameter name (see Objective).
 OBJECTIVE_RUN_VALUES = ("loss", "miner", "lr", "seed", "batch_source")
 # What the trainer gives a loss's or miner's constructor, by parameter name.
 PART_RUN_VALUES = ("num_classes", "embedding_size")
-# What a run gives a dataset loader, by parameter name (see dmlkit.training.datasets).
-DATASET_RUN_VALUES = ("split", "transform", "root", "data_dir", "download", "test_root", "on_error")
 
 
 def build_embedding_model(
@@ -40,12 +32,13 @@ def build_embedding_model(
         config: The model section.
         in_channels: Image channels of the data.
         pretrained: Load ``config.pretrained`` into the backbone (False when every weight will
-            come from a run's checkpoint).
+            come from a run's checkpoint); environment variables in its path are expanded
+            (``$DMLKIT_DATA/mobilenet_v2_imagenet/…``).
     """
     return build_model(
         config.backbone,
         config.embedding_dim,
-        pretrained=config.pretrained if pretrained else None,
+        pretrained=expanded_path(config.pretrained) if pretrained else None,
         pooling=config.pooling,
         hidden_dim=config.hidden_dim,
         normalize=config.normalize,
@@ -71,11 +64,10 @@ def build_loss(config: LossConfig, **run_values: Any) -> BaseMetricLossFunction:
 
 def build_miner(config: MinerConfig, **run_values: Any) -> BaseMiner | None:
     """The configured miner, or None when ``miner.name`` is null."""
-    if config.name is None:
-        if config.options:
-            raise ConfigError("miner.options given but miner.name is null")
+    spec = config.spec()
+    if spec is None:
         return None
-    miner: BaseMiner = MINERS.build(Spec(config.name, config.options), "miner", **run_values)
+    miner: BaseMiner = MINERS.build(spec, "miner", **run_values)
     return miner
 
 
@@ -98,8 +90,9 @@ def build_objective(config: ObjectiveConfig, **run_values: Any) -> Objective:
 def check_parts(config: Config) -> None:
     """Check every part the config names — dataset, backbone, loss, miner, objective,
     optimiser, schedule — without building them or reading data: names, options and their
-    types, nested specs, required options. Run when a config is read, so a misspelt part is an
-    error then, not at the start (or in the middle) of a run.
+    types, nested specs, required options, options that the run sets elsewhere. Run when a
+    config is read for training, so a misspelt part is an error then, not at the start (or in
+    the middle) of a run.
 
     Raises:
         ConfigError: What :meth:`~dmlkit.registry.Registry.check` finds.
@@ -112,22 +105,13 @@ def check_parts(config: Config) -> None:
             "in_channels",
         )
     LOSSES.check(config.loss.spec(), "loss", *PART_RUN_VALUES)
-    if config.miner.name is None:
-        if config.miner.options:
-            raise ConfigError("miner.options given but miner.name is null")
-    else:
-        MINERS.check(Spec(config.miner.name, config.miner.options), "miner", *PART_RUN_VALUES)
+    miner = config.miner.spec()
+    if miner is not None:
+        MINERS.check(miner, "miner", *PART_RUN_VALUES)
     OBJECTIVES.check(config.objective.spec(), "objective", *OBJECTIVE_RUN_VALUES, *PART_RUN_VALUES)
     OPTIMIZERS.check(
-        Spec(config.optimizer.name, config.optimizer.options),
-        "optimizer",
-        "params",
-        "lr",
-        "weight_decay",
+        Spec(config.optimizer.name, config.optimizer.options), "optimizer", *OPTIMIZER_RUN_VALUES
     )
     SCHEDULES.check(
-        Spec(config.scheduler.name, config.scheduler.options),
-        "scheduler",
-        "base_lr",
-        "total_steps",
+        Spec(config.scheduler.name, config.scheduler.options), "scheduler", *SCHEDULE_RUN_VALUES
     )

@@ -86,9 +86,12 @@ class RunRandomness:
 
     def __init__(self, seed: int, device: torch.device) -> None:
         self._devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=self._devices):
-            torch.manual_seed(seed)
-            self._state = self._capture()
+        # Generators of our own, seeded as torch.manual_seed seeds the global ones (so the stream
+        # is the one earlier versions drew), without touching any global generator.
+        self._state: dict[str, Any] = {"torch": torch.Generator().manual_seed(seed).get_state()}
+        if self._devices:
+            cuda = torch.Generator(device=device).manual_seed(seed)
+            self._state["cuda"] = cuda.get_state()
 
     def _capture(self) -> dict[str, Any]:
         state: dict[str, Any] = {"torch": torch.get_rng_state()}

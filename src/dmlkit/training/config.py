@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from ..registry import Spec
+from ..typed_values import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,12 +60,13 @@ class DataConfig:
 
     Attributes:
         name: A registered dataset (``digits``, ``omniglot``, ``cub200``, ``cars196``, ``sop``,
-            ``cub100_subset``, ``folder``, ``csv``; see :data:`dmlkit.registry.DATASETS`) or a
+            ``cub100_subset``, ``folder``, ``csv``; see :data:`dmlkit.training.DATASETS`) or a
             loader's import path ``"package.module:load"``.
         options: Further keyword arguments of the dataset's loader (a user's loader).
         root: Dataset folder (or CSV file for ``csv``); for Omniglot and the CUB subset, when
             None, their folder in the real-data folder (``$DMLKIT_DATA`` or ``data_dir``).
-        data_dir: The real-data folder; ``$DMLKIT_DATA`` when None.
+        data_dir: The real-data folder; ``$DMLKIT_DATA`` when None. In ``root``, ``test_root``
+            and ``data_dir``, ``$VARIABLES`` and ``~`` are expanded.
         download: Fetch CUB-200-2011, Cars196 or SOP when absent (checksummed).
         test_root: For ``folder``: a second folder holding the test classes (otherwise the
             second half of the classes is the test set).
@@ -107,7 +109,8 @@ class ModelConfig:
         backbone: A name from :func:`dmlkit.models.list_backbones`, ``timm:<name>``, or a
             backbone class's import path ``"package.module:Name"``.
         backbone_options: Keyword arguments of the backbone (``width`` for ``convnet``…).
-        pretrained: Path of a state_dict to load into the backbone.
+        pretrained: Path of a state_dict to load into the backbone (``$VARIABLES`` expanded:
+            ``$DMLKIT_DATA/mobilenet_v2_imagenet/mobilenet_v2-b0353104.pth``).
         embedding_dim: Size of the embeddings.
         pooling: ``avg``, ``max`` or ``avgmax``.
         hidden_dim: Hidden width of an MLP head; None for a linear head.
@@ -151,6 +154,18 @@ class MinerConfig:
     name: str | None = "MultiSimilarityMiner"
     options: dict[str, Any] = field(default_factory=dict)
 
+    def spec(self) -> Spec | None:
+        """The registry spec; None for no miner.
+
+        Raises:
+            ConfigError: Options given without a miner.
+        """
+        if self.name is None:
+            if self.options:
+                raise ConfigError("miner.options given but miner.name is null")
+            return None
+        return Spec(self.name, self.options)
+
 
 @dataclass
 class ObjectiveConfig:
@@ -189,14 +204,15 @@ class OptimizerConfig:
     """Optimiser and its parameter groups.
 
     Attributes:
-        name: ``adam``, ``adamw``, ``rmsprop``, ``sgd`` (:data:`dmlkit.registry.OPTIMIZERS`),
+        name: ``adam``, ``adamw``, ``rmsprop``, ``sgd`` (:data:`dmlkit.training.OPTIMIZERS`),
             or an optimiser class's import path.
         lr: Learning rate of every group without its own.
         weight_decay: Weight decay (coupled L2 for Adam/RMSprop/SGD; decoupled for AdamW).
         options: Further constructor options (``momentum`` for SGD and RMSprop, ``betas``…).
         backbone_lr: Learning rate of the backbone; ``lr`` when None; 0 freezes it.
         head_lr: Learning rate of the embedding head; ``lr`` when None.
-        loss_lr: Learning rate of the loss's own parameters (proxies etc.); ``lr`` when None.
+        loss_lr: Learning rate of the objective's own parameters (a loss's proxies, say);
+            ``lr`` when None.
         grad_clip: Clip the global gradient norm to this; None for no clipping.
     """
 
@@ -216,10 +232,11 @@ class SchedulerConfig:
 
     Attributes:
         name: ``constant``, ``step``, ``multistep``, ``exponential`` or ``cosine``
-            (:data:`dmlkit.registry.SCHEDULES`), or a schedule's import path.
+            (:data:`dmlkit.training.SCHEDULES`), or a schedule's import path.
         options: The schedule's options: ``step_size`` and ``gamma`` (``step``),
-            ``milestones`` and ``gamma`` (``multistep``), ``gamma`` (``exponential``),
-            ``min_lr`` (``cosine``).
+            ``milestones`` (absolute steps) and ``gamma`` (``multistep``), ``gamma``
+            (``exponential``), ``min_lr`` (``cosine``). The schedules count steps from the end
+            of the warm-up, except ``multistep``'s milestones.
         warmup_steps: Linear warm-up from 0 over this many steps, before the schedule.
     """
 

@@ -31,12 +31,57 @@ RESUMABLE_CHANGES = (
 )
 
 
-def config_from_dict(values: Mapping[str, Any]) -> Config:
-    """A :class:`Config` from a nested mapping, every key and value checked."""
-    config = dataclass_from_mapping(Config, values)
+def config_from_dict(values: Mapping[str, Any], *, check: bool = True) -> Config:
+    """A :class:`Config` from a nested mapping, every key and value checked.
+
+    Configs written by dmlkit 0.1 before the objective interface are read too
+    (:func:`migrated_config`).
+
+    Args:
+        values: The mapping.
+        check: Also check every part the config names (:func:`check_parts`), which imports a
+            user's modules; reading a finished run's config to use its model leaves it out.
+    """
+    config = dataclass_from_mapping(Config, migrated_config(values))
     _check_ranges(config)
-    check_parts(config)
+    if check:
+        check_parts(config)
     return config
+
+
+# Where each old scheduler field went: the options of the schedules that take it.
+_SCHEDULE_OPTIONS = {
+    "step": ("step_size", "gamma"),
+    "multistep": ("milestones", "gamma"),
+    "exponential": ("gamma",),
+    "cosine": ("min_lr",),
+}
+
+
+def migrated_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping written before the objective interface (dmlkit 0.1: ``method`` and
+    ``ddtas`` sections, ``optimizer.momentum``, flat scheduler fields), in today's form; any
+    other mapping unchanged.
+    """
+    migrated = {key: dict(v) if isinstance(v, Mapping) else v for key, v in values.items()}
+    method = migrated.pop("method", None)
+    ddtas = migrated.pop("ddtas", None)
+    if method == "ddtas":
+        migrated["objective"] = {"name": "DDTASObjective", "options": ddtas or {}}
+    optimizer = migrated.get("optimizer")
+    if isinstance(optimizer, dict) and "momentum" in optimizer:
+        momentum = optimizer.pop("momentum")
+        if momentum:
+            optimizer["options"] = {**(optimizer.get("options") or {}), "momentum": momentum}
+    scheduler = migrated.get("scheduler")
+    old_fields = ("step_size", "milestones", "gamma", "min_lr")
+    if isinstance(scheduler, dict) and any(key in scheduler for key in old_fields):
+        name = scheduler.get("name", "none")
+        fields = {key: scheduler.pop(key) for key in old_fields if key in scheduler}
+        scheduler["name"] = "constant" if name == "none" else name
+        wanted = _SCHEDULE_OPTIONS.get(scheduler["name"], ())
+        scheduler["options"] = {key: value for key, value in fields.items() if key in wanted}
+    return migrated
 
 
 def _check_ranges(config: Config) -> None:
@@ -108,7 +153,7 @@ def config_differences(saved: Mapping[str, Any], config: Config) -> list[str]:
     Settings added after the run was written read as their defaults, and the
     :data:`RESUMABLE_CHANGES` are ignored.
     """
-    filled = _with_defaults(dict(saved), Config().to_dict())
+    filled = _with_defaults(migrated_config(saved), Config().to_dict())
     return [
         key
         for key in _differences(filled, config.to_dict())

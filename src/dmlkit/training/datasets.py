@@ -1,4 +1,4 @@
-"""The datasets a run can name (:data:`~dmlkit.registry.DATASETS`).
+"""The datasets a run can name (:data:`DATASETS`).
 
 An entry loads one split, ``"train"`` or ``"test"``, of a class-disjoint dataset. The run gives
 it, by parameter name, what it asks for: ``split``; ``transform`` (an entry taking it is an
@@ -17,7 +17,11 @@ from typing import Any, Literal
 
 from .. import data
 from ..data import LabelledDataset, subset
-from ..registry import DATASETS
+from ..registry import Registry
+
+DATASETS = Registry("dataset")
+# What a run gives a loader, by parameter name.
+DATASET_RUN_VALUES = ("split", "transform", "root", "data_dir", "download", "test_root", "on_error")
 
 Split = Literal["train", "test"]
 ErrorPolicy = Literal["raise", "skip"]

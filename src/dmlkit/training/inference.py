@@ -65,7 +65,7 @@ def load_trained_model(path: str | Path) -> tuple[Config, EmbeddingModel]:
         The run's config and its model, in evaluation mode on the CPU.
     """
     payload = load_checkpoint(path)
-    config = config_from_dict(payload["config"])
+    config = config_from_dict(payload["config"], check=False)
     model = build_embedding_model(config.model, int(payload["in_channels"]), pretrained=False)
     model.load_state_dict(payload["model"])
     return config, model.eval()

@@ -1,5 +1,5 @@
-"""Optimisers and learning-rate schedules by name (:data:`~dmlkit.registry.OPTIMIZERS`,
-:data:`~dmlkit.registry.SCHEDULES`), and the parameter groups a run trains.
+"""Optimisers and learning-rate schedules by name (:data:`OPTIMIZERS`,
+:data:`SCHEDULES`), and the parameter groups a run trains.
 
 A schedule is a function ``(options…, base_lr, total_steps) → (step → multiplier)``; the run
 wraps it in a linear warm-up and steps it once per training step.
@@ -14,11 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..registry import OPTIMIZERS, SCHEDULES, Spec
+from ..registry import Registry, Spec
 from ..typed_values import ConfigError
 from .config import OptimizerConfig, SchedulerConfig
 
 LRFactor = Callable[[int], float]
+
+OPTIMIZERS = Registry("optimizer", torch.optim.Optimizer)
+SCHEDULES = Registry("schedule")
+# What the run gives an optimiser and a schedule, by parameter name.
+OPTIMIZER_RUN_VALUES = ("params", "lr", "weight_decay")
+SCHEDULE_RUN_VALUES = ("base_lr", "total_steps", "warmup_steps")
 
 OPTIMIZERS.add(torch.optim.Adam, "adam")
 OPTIMIZERS.add(torch.optim.AdamW, "adamw")
@@ -41,9 +47,11 @@ def step_decay(step_size: int = 1000, gamma: float = 0.1) -> LRFactor:
 
 
 @SCHEDULES.register("multistep")
-def multistep(milestones: tuple[int, ...] = (), gamma: float = 0.1) -> LRFactor:
-    """Multiply by ``gamma`` at each milestone step (counted after the warm-up)."""
-    return lambda step: float(gamma ** sum(step >= m for m in milestones))
+def multistep(
+    milestones: tuple[int, ...] = (), gamma: float = 0.1, warmup_steps: int = 0
+) -> LRFactor:
+    """Multiply by ``gamma`` at each milestone, an absolute step of the run (warm-up included)."""
+    return lambda step: float(gamma ** sum(step + warmup_steps >= m for m in milestones))
 
 
 @SCHEDULES.register("exponential")
@@ -65,7 +73,8 @@ def cosine(base_lr: float, total_steps: int, min_lr: float = 0.0) -> LRFactor:
 
 
 def lr_factor(config: SchedulerConfig, base_lr: float, total_steps: int) -> LRFactor:
-    """The learning-rate multiplier at each step: linear warm-up, then the named schedule.
+    """The learning-rate multiplier at each step: linear warm-up, then the named schedule, which
+    counts its steps from the end of the warm-up (``multistep`` alone takes absolute steps).
 
     Args:
         config: The schedule and its options.
@@ -84,6 +93,7 @@ def lr_factor(config: SchedulerConfig, base_lr: float, total_steps: int) -> LRFa
         "scheduler",
         base_lr=base_lr,
         total_steps=max(total_steps - warmup, 1),
+        warmup_steps=warmup,
     )
 
     def factor(step: int) -> float:
@@ -131,6 +141,10 @@ def build_optimizer(config: OptimizerConfig, groups: list[dict[str, Any]]) -> to
     """
     if config.lr <= 0:
         raise ConfigError(f"optimizer.lr must be positive, got {config.lr}")
+    if config.weight_decay and "weight_decay" not in OPTIMIZERS.parameters(config.name):
+        raise ConfigError(
+            f"optimizer.weight_decay: {config.name} takes no weight_decay; set it to 0"
+        )
     optimizer = OPTIMIZERS.build(
         Spec(config.name, config.options),
         "optimizer",

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from .. import data
 from ..data import ArrayDataset, LabelledDataset, class_kfold, classes_subset, subset
-from ..registry import DATASETS, Spec
-from ..typed_values import ConfigError
+from ..registry import Spec
+from ..typed_values import ConfigError, expanded_path
 from .config import DataConfig, TransformConfig
+from .datasets import DATASETS
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,10 @@ class RunData:
     cache_key: str
 
 
-def _resized(dataset: ArrayDataset, size: int | None) -> ArrayDataset:
-    """Array images resized once (area averaging), in chunks to bound memory."""
-    if size is None or dataset.data.ndim != 4:
+def _resized(dataset: LabelledDataset, size: int | None) -> LabelledDataset:
+    """Array images resized once (area averaging), in chunks to bound memory; other datasets
+    as they are (a loader without a transform gives tensors ready for the model)."""
+    if size is None or not isinstance(dataset, ArrayDataset) or dataset.data.ndim != 4:
         return dataset
     chunks = [
         F.interpolate(chunk.float(), size=(size, size), mode="area")
@@ -84,10 +86,10 @@ def _load(config: DataConfig, split: str, transform: Callable[..., Any] | None) 
     if transform is not None:
         run_values["transform"] = transform
     settings = {
-        "root": config.root,
-        "data_dir": config.data_dir,
+        "root": expanded_path(config.root),
+        "data_dir": expanded_path(config.data_dir),
         "download": config.download,
-        "test_root": config.test_root,
+        "test_root": expanded_path(config.test_root),
         "on_error": config.on_error,
     }
     parameters = DATASETS.parameters(config.name, "data")
@@ -151,14 +153,10 @@ def build_run_data(config: DataConfig, seed: int = 0) -> RunData:
         test = _load(config, "test", eval_transform)
         in_channels = 3
     else:
-        loaded_train, loaded_test = _load(config, "train", None), _load(config, "test", None)
-        if not (isinstance(loaded_train, ArrayDataset) and isinstance(loaded_test, ArrayDataset)):
-            raise ConfigError(
-                f"data.name: {config.name!r} takes no transform, so it must give ArrayDatasets"
-            )
-        train = train_eval = _resized(loaded_train, config.image_size)
-        test = _resized(loaded_test, config.image_size)
-        in_channels = int(train.data.shape[1])
+        train = train_eval = _resized(_load(config, "train", None), config.image_size)
+        test = _resized(_load(config, "test", None), config.image_size)
+        item, _ = train[0]
+        in_channels = int(item.shape[0])
     split = _validation_split(train.labels, config, seed)
     val = None
     if split is not None:

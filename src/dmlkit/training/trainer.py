@@ -116,7 +116,8 @@ class _SeededSamples(Dataset[tuple[Tensor, int]]):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:  # type: ignore[override]
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator alone: torch.manual_seed would reseed every CUDA device too.
+            torch.default_generator.manual_seed(seed)
             item, label = self.dataset[index]
         return item, self.class_index[int(label)]
 
@@ -255,8 +256,7 @@ class Trainer:
             self._use_cached_features()
         if config.optimizer.backbone_lr == 0:
             # A backbone with learning rate 0 is frozen: no gradient (an objective that
-            # differentiates the model must not see it) and no drift of
-            # its BatchNorm statistics.
+            # differentiates the model must not see it) and no drift of its BatchNorm statistics.
             self.model.backbone.requires_grad_(False)
             self.model.freeze_bn = True
 
@@ -415,6 +415,17 @@ class Trainer:
             "in_channels": self.data.in_channels,
         }
 
+    def _migrated(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint written before the objective interface (dmlkit 0.1), in today's form:
+        the loss's state becomes the objective's, and of the global generators it saved, the
+        torch ones become the run's stream (the only ones the run draws from)."""
+        old_rng = payload["rng"]
+        rng = {"torch": old_rng["torch"]}
+        if self.device.type == "cuda" and "cuda" in old_rng:
+            rng["cuda"] = old_rng["cuda"][self.device.index or 0]
+        objective = {f"loss.{key}": value for key, value in payload.pop("loss").items()}
+        return {**payload, "objective": objective, "rng": rng}
+
     def save(self, name: str = "last.pt") -> Path:
         """Write a resumable checkpoint atomically into the run folder."""
         return save_atomic(self._payload(), self.run_dir / name)
@@ -429,10 +440,7 @@ class Trainer:
                 "train.device, train.eval_batch_size and train.checkpoint_every may change)"
             )
         if "objective" not in payload:
-            raise ConfigError(
-                f"cannot resume {path}: it was written before the objective interface (dmlkit "
-                "0.1), whose checkpoints do not hold the objective's state; start a new run"
-            )
+            payload = self._migrated(payload)
         if payload.get("classes", self.classes.tolist()) != self.classes.tolist():
             raise ConfigError(f"cannot resume {path}: its training classes differ from this run's")
         self.model.load_state_dict(payload["model"])
@@ -631,6 +639,8 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             "images_per_second": result.images_per_second,
             "training_classes": self.classes.tolist(),
+            # The config names the objective, unless one was passed from Python: record which.
+            "objective": f"{type(self.objective).__module__}:{type(self.objective).__qualname__}",
         }
         # Atomic: the protocol reads a results.json as "this run finished".
         write_text_atomic(json.dumps(summary, indent=2), self.run_dir / "results.json")

@@ -197,7 +197,7 @@ def write_report(
 def _run_report(
     folder: Path, plots: Path, options: ReportOptions, say: Say
 ) -> tuple[str, list[Section]]:
-    config = config_from_dict(_read_yaml(folder / "config.yaml"))
+    config = config_from_dict(_read_yaml(folder / "config.yaml"), check=False)
     sections = [
         _run_summary(folder, config),
         _curves_section(folder, plots / "training.png", options),
@@ -513,7 +513,7 @@ def _bench_embedding_sections(
         say,
     )
     maps.title = f"{name}: embedding map"
-    config = config_from_dict(_read_yaml(first / "fold-0" / "config.yaml"))
+    config = config_from_dict(_read_yaml(first / "fold-0" / "config.yaml"), check=False)
     try:
         test = build_run_data(config.data, config.train.seed).test
     except FileNotFoundError as error:
