@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 # The real data (Omniglot, the CUB subset, MobileNetV2 weights) beside the repository unless set.
 export DMLKIT_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup train demo test test-umap lint bench bench-eval bench-train bench-ddtas bench-protocol \
+.PHONY: setup train demo test test-umap lint bench bench-class-losses bench-eval bench-train bench-ddtas bench-protocol \
 	bench-sweep
 
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -39,6 +39,10 @@ test-umap: setup
 
 bench: setup
 	$(BIN)/python benchmarks/losses.py
+
+# Losses with per-class parameters (proxies, class weights) against PML and a bare x @ W.
+bench-class-losses: setup
+	$(BIN)/python benchmarks/class_losses.py
 
 bench-eval: setup
 	$(BIN)/python benchmarks/evaluation.py

@@ -3,14 +3,17 @@ half precision gives finite losses."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 import dmlkit.losses as dl
 import dmlkit.miners as dm
-from components import ALL_LOSSES, ALL_MINERS
-from dmlkit.distances import CosineSimilarity, DotProductSimilarity, LpDistance
-from dmlkit.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
+from components import ALL_LOSSES, ALL_MINERS, make
+from conftest import assert_close
+from dmlkit.distances import DotProductSimilarity, LpDistance
+from dmlkit.reducers import AvgNonZeroReducer, DivisorReducer, MeanReducer, SumReducer
 
 CALLABLES = ALL_LOSSES + ALL_MINERS
 
@@ -24,56 +27,56 @@ class TestBadInput:
     def test_embeddings_not_2d(self, factory) -> None:
         _, labels = _batch()
         with pytest.raises(ValueError, match="embeddings must be 2-D"):
-            factory()(torch.randn(8), labels)
+            make(factory)(torch.randn(8), labels)
         with pytest.raises(ValueError, match="embeddings must be 2-D"):
-            factory()(torch.randn(8, 2, 2), labels)
+            make(factory)(torch.randn(8, 2, 2), labels)
 
     def test_labels_not_1d(self, factory) -> None:
         emb, labels = _batch()
         with pytest.raises(ValueError, match="labels must be 1-D"):
-            factory()(emb, labels[:, None])
+            make(factory)(emb, labels[:, None])
 
     def test_labels_wrong_length(self, factory) -> None:
         emb, labels = _batch()
         with pytest.raises(ValueError, match="labels has length 7 but there are 8 embeddings"):
-            factory()(emb, labels[:7])
+            make(factory)(emb, labels[:7])
 
     def test_non_integer_labels(self, factory) -> None:
         emb, labels = _batch()
         with pytest.raises(ValueError, match="integer dtype"):
-            factory()(emb, labels.float())
+            make(factory)(emb, labels.float())
         with pytest.raises(ValueError, match="integer dtype"):
-            factory()(emb, labels > 1)
+            make(factory)(emb, labels > 1)
 
     @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
     def test_non_finite_embeddings(self, factory, bad: float) -> None:
         emb, labels = _batch()
         emb[3, 1] = bad
         with pytest.raises(ValueError, match="non-finite"):
-            factory()(emb, labels)
+            make(factory)(emb, labels)
 
     def test_ref_emb_without_ref_labels(self, factory) -> None:
         emb, labels = _batch()
-        if factory is dl.NPairsLoss:
+        if not getattr(factory, "supports_ref", True):
             with pytest.raises(ValueError, match="does not support ref_emb"):
-                factory()(emb, labels, ref_emb=emb.clone())
+                make(factory)(emb, labels, ref_emb=emb.clone())
             return
-        call = factory()
+        call = make(factory)
         kwargs = {"ref_emb": torch.randn(5, 4)}
         with pytest.raises(ValueError, match="ref_emb was given without ref_labels"):
             call(emb, labels, **kwargs)
 
     def test_ref_dimension_mismatch(self, factory) -> None:
-        if factory is dl.NPairsLoss:
-            pytest.skip("NPairsLoss rejects ref_emb outright")
+        if not getattr(factory, "supports_ref", True):
+            pytest.skip(f"{factory.__name__} rejects ref_emb outright")
         emb, labels = _batch()
         with pytest.raises(ValueError, match="ref_emb has embedding size 3"):
-            factory()(emb, labels, ref_emb=torch.randn(5, 3), ref_labels=torch.arange(5))
+            make(factory)(emb, labels, ref_emb=torch.randn(5, 3), ref_labels=torch.arange(5))
 
     def test_not_a_tensor(self, factory) -> None:
         _, labels = _batch()
         with pytest.raises(TypeError, match=r"embeddings must be a torch\.Tensor"):
-            factory()([[0.0, 1.0]] * 8, labels)
+            make(factory)([[0.0, 1.0]] * 8, labels)
 
 
 @pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
@@ -82,16 +85,18 @@ class TestIndicesTuple:
         emb, labels = _batch()
         idx = torch.tensor([0, 1])
         with pytest.raises(ValueError, match="got 2"):
-            loss_cls()(emb, labels, (idx, idx))
+            make(loss_cls)(emb, labels, (idx, idx))
         with pytest.raises(ValueError, match="got 5"):
-            loss_cls()(emb, labels, (idx,) * 5)
+            make(loss_cls)(emb, labels, (idx,) * 5)
 
     def test_wrong_length(self, loss_cls) -> None:
         emb, labels = _batch()
         with pytest.raises(ValueError, match="equal lengths"):
-            loss_cls()(emb, labels, (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2])))
+            make(loss_cls)(
+                emb, labels, (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2]))
+            )
         with pytest.raises(ValueError, match=r"len\(a1\) == len\(p\)"):
-            loss_cls()(
+            make(loss_cls)(
                 emb,
                 labels,
                 (torch.tensor([0]), torch.tensor([1, 0]), torch.tensor([2]), torch.tensor([3])),
@@ -100,15 +105,15 @@ class TestIndicesTuple:
     def test_out_of_range(self, loss_cls) -> None:
         emb, labels = _batch()
         with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
-            loss_cls()(emb, labels, (torch.tensor([0]), torch.tensor([8]), torch.tensor([2])))
+            make(loss_cls)(emb, labels, (torch.tensor([0]), torch.tensor([8]), torch.tensor([2])))
         with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
-            loss_cls()(emb, labels, (torch.tensor([-1]), torch.tensor([1]), torch.tensor([2])))
+            make(loss_cls)(emb, labels, (torch.tensor([-1]), torch.tensor([1]), torch.tensor([2])))
 
     def test_float_indices(self, loss_cls) -> None:
         emb, labels = _batch()
         idx = torch.tensor([0.0])
         with pytest.raises(ValueError, match="must be integer"):
-            loss_cls()(emb, labels, (idx, idx, idx))
+            make(loss_cls)(emb, labels, (idx, idx, idx))
 
 
 def test_ref_indices_address_the_reference_set() -> None:
@@ -146,10 +151,23 @@ def test_empty_selection_is_a_zero_with_a_graph(loss_cls, case: str) -> None:
     else:
         emb = torch.randn(1, 4, requires_grad=True)
         labels = torch.tensor([3])
-    loss = loss_cls()(emb, labels, indices)
+    loss_fn = make(loss_cls)
+    if indices is not None and loss_cls is dl.P2SGradLoss:
+        with pytest.raises(ValueError, match="does not support indices_tuple"):
+            loss_fn(emb, labels, indices)  # as PML's
+        return
+    loss = loss_fn(emb, labels, indices)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0
-    assert loss.item() == 0.0
     assert loss.requires_grad
+    if indices is not None and loss_cls.tuple_weighs_items:
+        # PML's rule for losses whose tuple weighs items: an empty one weighs every item 1.
+        assert_close(loss, loss_fn(emb.detach(), labels))
+        return
+    if indices is None and any(True for _ in loss_fn.parameters()):
+        # One item compared with the loss's own weights (proxies, class weights): not empty.
+        assert torch.isfinite(loss) and loss.item() != 0.0
+        return
+    assert loss.item() == 0.0
     loss.backward()
     assert emb.grad is not None and torch.all(emb.grad == 0)
 
@@ -161,11 +179,12 @@ def test_half_precision_gives_finite_losses_close_to_float32(loss_cls, dtype) ->
     labels = torch.arange(64) // 4
     base = torch.randn(16, 32)[labels] * 0.8 + torch.randn(64, 32)
     half = base.to(dtype).requires_grad_(True)
-    loss = loss_cls()(half, labels)
+    loss_fn = make(loss_cls, 32)  # one instance: the same weights, if any, for both calls
+    loss = loss_fn(half, labels)
     assert loss.dtype == dtype and torch.isfinite(loss)
     loss.backward()
     assert half.grad is not None and torch.isfinite(half.grad).all()
-    reference = loss_cls()(half.detach().float(), labels)
+    reference = loss_fn(half.detach().float(), labels)
     torch.testing.assert_close(loss.float(), reference, rtol=2e-2, atol=1e-3)
 
 
@@ -188,14 +207,14 @@ def test_empty_reference_set_and_empty_batch_give_zero(loss_cls) -> None:
     emb = torch.randn(3, 4, requires_grad=True)
     labels = torch.tensor([0, 1, 0])
     cases = [(emb, labels, torch.randn(0, 4), torch.zeros(0, dtype=torch.long))]
-    if loss_cls is dl.NPairsLoss:
+    if not loss_cls.supports_ref:
         cases = []
     cases.append(
         (torch.randn(0, 4, requires_grad=True), torch.zeros(0, dtype=torch.long), None, None)
     )
     for x, y, ref, ref_y in cases:
         for loss in (
-            loss_cls(),
+            make(loss_cls),
             *(
                 [dl.TripletMarginLoss(triplets_per_anchor=2)]
                 if loss_cls is dl.TripletMarginLoss
@@ -233,6 +252,9 @@ def test_masked_logsumexp_fractional_weights() -> None:
 
 PML_DEFAULT_REDUCERS = {
     dl.ContrastiveLoss: AvgNonZeroReducer(),
+    dl.SignalToNoiseRatioContrastiveLoss: AvgNonZeroReducer(),
+    dl.MarginLoss: DivisorReducer(),
+    dl.ProxyAnchorLoss: DivisorReducer(),
     dl.TripletMarginLoss: AvgNonZeroReducer(),
     dl.CircleLoss: AvgNonZeroReducer(),
     dl.SupConLoss: AvgNonZeroReducer(),
@@ -242,28 +264,36 @@ PML_DEFAULT_REDUCERS = {
 @pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
 def test_every_loss_shows_the_reducer_it_uses(loss_cls) -> None:
     expected = PML_DEFAULT_REDUCERS.get(loss_cls, MeanReducer())
-    assert loss_cls().reducer == expected == loss_cls.default_reducer()
-    assert loss_cls(reducer=SumReducer()).reducer == SumReducer()
+    assert make(loss_cls).reducer == expected == loss_cls.default_reducer()
+    assert make(loss_cls, reducer=SumReducer()).reducer == SumReducer()
     # The reducer shown is the one applied: passing it explicitly changes nothing.
     emb, labels = _batch(12)
-    torch.testing.assert_close(loss_cls(reducer=expected)(emb, labels), loss_cls()(emb, labels))
+    loss = make(loss_cls)
+    with_reducer = make(loss_cls, reducer=expected)
+    with_reducer.load_state_dict(loss.state_dict())  # the same weights, if any
+    torch.testing.assert_close(with_reducer(emb, labels), loss(emb, labels))
 
 
-SIMILARITY_ONLY = {dl.SoftContrastiveLoss, dm.ASMSMiner, dm.ATASMSMiner}
+SIMILARITY_ONLY = {dl.SoftContrastiveLoss, dl.SoftTripleLoss, dm.ASMSMiner, dm.ATASMSMiner}
 
 
 @pytest.mark.parametrize("factory", CALLABLES, ids=lambda c: c.__name__)
 def test_similarity_requirement_is_checked_at_construction(factory) -> None:
-    if factory is dl.CircleLoss:
-        assert factory.requires_similarity is CosineSimilarity
-        with pytest.raises(ValueError, match="CircleLoss requires CosineSimilarity, got Dot"):
-            factory(distance=DotProductSimilarity())
+    if "distance" not in inspect.signature(factory).parameters:
+        pytest.skip(f"{factory.__name__} takes no distance (PML's ignores one)")
+    requirement = factory.requires_similarity
+    if isinstance(requirement, type):  # one distance class (CircleLoss: CosineSimilarity)
+        assert requirement is not DotProductSimilarity
+        with pytest.raises(
+            ValueError, match=f"{factory.__name__} requires {requirement.__name__}, got Dot"
+        ):
+            make(factory, distance=DotProductSimilarity())
     elif factory in SIMILARITY_ONLY:
         assert factory.requires_similarity is True
-        factory(distance=DotProductSimilarity(normalize_embeddings=False))
+        make(factory, distance=DotProductSimilarity(normalize_embeddings=False))
         with pytest.raises(ValueError, match=f"{factory.__name__} needs a similarity .*LpDistance"):
-            factory(distance=LpDistance())
+            make(factory, distance=LpDistance())
     else:
         assert factory.requires_similarity is False
-        factory(distance=LpDistance(power=2))
-        factory(distance=DotProductSimilarity())
+        make(factory, distance=LpDistance(power=2))
+        make(factory, distance=DotProductSimilarity())

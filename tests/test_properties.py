@@ -55,6 +55,10 @@ def test_loss_matches_pml_on_random_batches(name: str, batch) -> None:
     ours, theirs = LOSSES[name](True)
     if _pml_would_zero(None, theirs, labels, ref_labels):
         return
+    if isinstance(ours, dl.FastAPLoss) and labels.unique().numel() == 1:
+        # Without negatives every AP is 1: the loss is constant, its gradient analytically
+        # zero, and PML's holds rounding noise beyond the comparison's 8-epsilon floor.
+        return
     assert_matches_pml(ours, theirs, emb, labels, None, ref, ref_labels)
 
 

@@ -1,12 +1,22 @@
 """dmlkit: deep metric learning for PyTorch.
 
 Fast, PML-compatible losses and miners (:mod:`dmlkit.losses`, :mod:`dmlkit.miners`), their
-pure maths (:mod:`dmlkit.functional`), distances and reducers, and DDTAS (:mod:`dmlkit.ddtas`:
-asymmetric mining, the Online Threshold Generator and the Soft Contrastive loss).
+pure maths (:mod:`dmlkit.functional`), distances, reducers and regularisers, and DDTAS
+(:mod:`dmlkit.ddtas`: asymmetric mining, the Online Threshold Generator and the Soft Contrastive
+loss).
 """
 
-from . import ddtas, distances, functional, losses, miners, reducers
+from . import ddtas, distances, functional, losses, miners, reducers, regularizers
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "ddtas", "distances", "functional", "losses", "miners", "reducers"]
+__all__ = [
+    "__version__",
+    "ddtas",
+    "distances",
+    "functional",
+    "losses",
+    "miners",
+    "reducers",
+    "regularizers",
+]

@@ -28,6 +28,14 @@ from .training import (
 )
 
 
+def _builtin_methods() -> str:
+    """The protocol's built-in method names, read without importing the protocol (Optuna)."""
+    import yaml
+
+    presets = Path(__file__).with_name("protocol") / "presets" / "methods.yaml"
+    return ", ".join(yaml.safe_load(presets.read_text()))
+
+
 def _comparison(before: dict[str, float] | None, after: dict[str, float] | None) -> str:
     assert after is not None, "dmlkit train evaluates the test classes"
     width = max(len(name) for name in after)
@@ -267,12 +275,19 @@ def _parser() -> argparse.ArgumentParser:
             "R-Precision and MAP@R with confidence intervals (Markdown, CSV, JSON, plots)",
         ),
     ):
-        command = commands.add_parser(name, help=summary, description=summary.capitalize() + ".")
+        command = commands.add_parser(
+            name,
+            help=summary,
+            description=summary.capitalize() + ".",
+            epilog=f"Built-in methods (a config's methods section names any): {_builtin_methods()}",
+        )
         command.add_argument(
             "config", help="benchmark YAML, or a built-in one: digits, omniglot, cub200, ..."
         )
         command.add_argument(
-            "--method", action="append", help="only this method (repeatable; default: all)"
+            "--method",
+            action="append",
+            help="only this one of the config's methods (repeatable; default: all)",
         )
         _add_overrides(
             command, "override protocol.* or training.*, e.g. --set training.train.max_steps=100"

@@ -107,6 +107,20 @@ class CosineSimilarity(DotProductSimilarity):
         super().__init__(normalize_embeddings=True, p=2, power=power)
 
 
+@DISTANCES.register()
+class SNRDistance(BaseDistance):
+    """Signal-to-noise ratio ``var(x − y) / var(x)`` (Yuan et al. 2019): the noise the
+    difference adds, relative to the anchor's signal. Not symmetric; like PML it normalises
+    the embeddings first by default."""
+
+    def compute_mat(self, query: Tensor, ref: Tensor | None) -> Tensor:
+        return pairwise.snr_distance_matrix(query, ref)
+
+    def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
+        q, r = self._maybe_normalize(query_emb), self._maybe_normalize(ref_emb)
+        return ((q - r).var(dim=1) / q.var(dim=1)) ** self.power
+
+
 # A loss's or miner's ``requires_similarity``: False for any distance, True for any similarity
 # (``is_inverted``), or the one similarity class its formula is written for.
 SimilarityRequirement = bool | type[BaseDistance]
@@ -138,6 +152,7 @@ __all__ = [
     "CosineSimilarity",
     "DotProductSimilarity",
     "LpDistance",
+    "SNRDistance",
     "SimilarityRequirement",
     "check_distance",
 ]

@@ -7,6 +7,7 @@ are registered here, beside the distances, where the loss floor publishes its pa
 
 from .functional.reduction import (
     AvgNonZeroReducer,
+    DivisorReducer,
     MeanReducer,
     Reducer,
     SumReducer,
@@ -16,12 +17,13 @@ from .registry import Registry
 
 REDUCERS = Registry("reducer", Reducer)
 
-for _reducer in (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer):
+for _reducer in (AvgNonZeroReducer, DivisorReducer, MeanReducer, SumReducer, ThresholdReducer):
     REDUCERS.add(_reducer)
 
 __all__ = [
     "REDUCERS",
     "AvgNonZeroReducer",
+    "DivisorReducer",
     "MeanReducer",
     "Reducer",
     "SumReducer",

@@ -175,6 +175,22 @@ def check_anchor_in_ref(
     return index
 
 
+def check_class_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None:
+    """Checks that integer labels are class indices in [0, ``num_classes``), as per-class
+    parameters need (the trainer gives contiguous indices).
+
+    Raises:
+        ValueError: Naming the first label outside the range.
+    """
+    outside = (labels < 0) | (labels >= num_classes)
+    if bool(outside.any()):
+        label = int(labels[outside][0])
+        raise ValueError(
+            f"{name} holds {label}, outside the class indices [0, {num_classes}): "
+            "per-class parameters need labels 0..num_classes-1"
+        )
+
+
 def check_batch(
     embeddings: object,
     labels: object | None,

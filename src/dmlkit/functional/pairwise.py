@@ -135,3 +135,23 @@ def lp_distance_matrix(x: Tensor, y: Tensor | None = None, p: float = 2.0) -> Te
     if p == 2:
         return euclidean_distance_matrix(x, y)
     return torch.cdist(x, _reference(x, y), p=p)
+
+
+def snr_distance_matrix(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """Signal-to-noise-ratio distances ``D[i, j] = var(x_i − y_j) / var(x_i)`` (Yuan et al.
+    2019; unbiased variances over the embedding dimension, as ``torch.var``).
+
+    Computed without the (N, M, D) differences: with rows centred on their own means,
+    ``var(x_i − y_j) = ‖x̃_i − ỹ_j‖² / (D − 1)``, one squared-distance matrix.
+
+    Args:
+        x: (N, D) query embeddings, D ≥ 2.
+        y: (M, D) reference embeddings; ``x`` itself when None.
+
+    Returns:
+        (N, M) non-negative matrix, not symmetric (each row is scaled by its own variance).
+    """
+    xc = x - x.mean(dim=1, keepdim=True)
+    yc = None if y is None else y - y.mean(dim=1, keepdim=True)
+    noise = squared_euclidean_distance_matrix(xc, yc)
+    return noise / xc.pow(2).sum(dim=1, keepdim=True)

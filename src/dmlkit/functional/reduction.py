@@ -35,12 +35,17 @@ class Reducer:
         """0/1 weights (in the losses' dtype) of the elements that count, or None for all."""
         return None
 
-    def __call__(self, losses: Tensor, weights: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, losses: Tensor, weights: Tensor | None = None, divisor: Tensor | int | None = None
+    ) -> Tensor:
         """Reduces ``losses`` (any shape) with optional same-shaped ``weights``.
 
         Args:
             losses: Per-element losses; entries with zero weight must be finite.
             weights: Bool mask or float counts; None weighs every element once.
+            divisor: The count a loss divides these losses by under PML's ``DivisorReducer``
+                (ProxyAnchorLoss's number of proxies with a positive, say); only
+                :class:`DivisorReducer` reads it, every other reducer ignores it, as in PML.
 
         Returns:
             A scalar tensor attached to the graph of ``losses``.
@@ -96,6 +101,26 @@ class SumReducer(Reducer):
     """Sum over all weighted elements."""
 
     average: bool = False
+
+
+@dataclass(frozen=True)
+class DivisorReducer(Reducer):
+    """The weighted sum divided by a count the loss supplies (PML's ``DivisorReducer``), or
+    zero when that count is zero; a loss that supplies none is an error (PML: ``KeyError``)."""
+
+    average: bool = False
+
+    def __call__(
+        self, losses: Tensor, weights: Tensor | None = None, divisor: Tensor | int | None = None
+    ) -> Tensor:
+        if divisor is None:
+            raise ValueError(
+                "DivisorReducer divides by a count the loss supplies, and this loss supplies none "
+                "(ProxyAnchorLoss does)"
+            )
+        total = super().__call__(losses, weights)
+        count = torch.as_tensor(divisor, dtype=total.dtype, device=total.device)
+        return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), total * 0.0)
 
 
 @dataclass(frozen=True)

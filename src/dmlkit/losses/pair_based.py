@@ -1,131 +1,28 @@
-"""Metric learning losses with PML's call contract.
-
-Every loss is called as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None,
-ref_labels=None, anchor_in_ref=None)`` and returns a scalar tensor. Class names, constructor
-parameters and defaults are PML 2.9's, so switching is a change of import; ``distance=`` takes a
-:mod:`dmlkit.distances` object and ``reducer=`` a :mod:`dmlkit.reducers` object, and
-``loss.distance`` and ``loss.reducer`` are the objects in use, defaults included.
-
-Differences from PML, all deliberate:
-
-* Self-pairs are excluded by index, never by value or object identity. Without ``ref_emb`` they
-  are the diagonal. With ``ref_emb``, the reference set is distinct items unless
-  ``anchor_in_ref`` says which row of it each anchor is (−1 for none), as a cross-batch memory
-  or a gathered distributed batch knows; those (anchor, itself) pairs are then left out of the
-  labelled pairs and of any ``indices_tuple``, as PML's ``CrossBatchMemory`` removes them. PML
-  decides by object identity (``ref_emb is embeddings``).
-* A loss over a single positive and a single negative pair is computed, not returned as 0.
-* Half-precision inputs are computed in float32 and the result cast back.
-"""
+"""Losses on pairs and triplets of the batch: contrastive, triplet, N-pairs, circle,
+multi-similarity, lifted structure, NT-Xent, SupCon, DDTAS's Soft Contrastive and fast-reid's
+soft-weighted triplet loss, and the signal-to-noise-ratio contrastive loss."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .batch import Batch
-from .distances import (
+from ..batch import Batch
+from ..distances import (
     BaseDistance,
     CosineSimilarity,
     DotProductSimilarity,
     LpDistance,
-    SimilarityRequirement,
-    check_distance,
+    SNRDistance,
 )
-from .functional import losses as fl
-from .functional.masks import first_pair_per_label, first_two_per_label, tuple_to_pair_weights
-from .functional.reduction import AvgNonZeroReducer, MeanReducer, Reducer
-from .functional.triplets import DEFAULT_CHUNK_ELEMENTS, all_triplets_margin_loss
-from .registry import Registry
-
-
-class BaseMetricLossFunction(nn.Module):
-    """Shared call contract: checks inputs, computes, casts back to the input dtype.
-
-    Attributes:
-        labels_required: The loss needs labels even with an ``indices_tuple``.
-        supports_ref: The loss accepts ``ref_emb``.
-        requires_similarity: What ``distance`` must be: False for anything, True for any
-            similarity, or the one similarity class the formula is written for.
-
-    Args:
-        distance: The distance or similarity; None for ``default_distance()`` (PML's).
-        reducer: How per-element losses become a scalar; None for ``default_reducer()``
-            (PML's).
-    """
-
-    labels_required: ClassVar[bool] = False
-    supports_ref: ClassVar[bool] = True
-    requires_similarity: ClassVar[SimilarityRequirement] = False
-
-    def __init__(
-        self, distance: BaseDistance | None = None, reducer: Reducer | None = None
-    ) -> None:
-        super().__init__()
-        self.distance = self.default_distance() if distance is None else distance
-        self.reducer = self.default_reducer() if reducer is None else reducer
-        check_distance(type(self).__name__, self.distance, self.requires_similarity)
-
-    @staticmethod
-    def default_distance() -> BaseDistance:
-        """The distance used when none is given."""
-        return LpDistance()
-
-    @staticmethod
-    def default_reducer() -> Reducer:
-        """The reducer used when none is given."""
-        return MeanReducer()
-
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor | None = None,
-        indices_tuple: tuple[Tensor, ...] | None = None,
-        ref_emb: Tensor | None = None,
-        ref_labels: Tensor | None = None,
-        anchor_in_ref: Tensor | None = None,
-    ) -> Tensor:
-        """Computes the loss.
-
-        Args:
-            embeddings: (N, D) embeddings.
-            labels: (N,) integer labels; optional when ``indices_tuple`` is given.
-            indices_tuple: Mined triplets (a, p, n) or pairs (a1, p, a2, n); None uses every
-                valid pair or triplet of the batch.
-            ref_emb: (M, D) reference embeddings: anchors come from ``embeddings``, positives
-                and negatives from ``ref_emb``.
-            ref_labels: (M,) labels of ``ref_emb``.
-            anchor_in_ref: (N,) integer row of ``ref_emb`` holding each anchor itself, or −1
-                where the anchor is not in the reference set; those (anchor, itself) pairs are
-                left out, from the labelled pairs and from ``indices_tuple``.
-
-        Returns:
-            Scalar loss, in the dtype of ``embeddings``; a zero that keeps the graph when
-            nothing qualifies.
-        """
-        if ref_emb is not None and not self.supports_ref:
-            raise ValueError(f"{type(self).__name__} does not support ref_emb")
-        batch = Batch.from_call(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            anchor_in_ref,
-            labels_required=self.labels_required,
-        )
-        return self.compute_loss(batch).to(embeddings.dtype)
-
-    def compute_loss(self, batch: Batch) -> Tensor:
-        raise NotImplementedError
-
-    def extra_repr(self) -> str:
-        return f"distance={self.distance!r}, reducer={self.reducer!r}"
-
-
-LOSSES = Registry("loss", BaseMetricLossFunction)
+from ..functional import losses as fl
+from ..functional.masks import first_pair_per_label, first_two_per_label, tuple_to_pair_weights
+from ..functional.reduction import AvgNonZeroReducer, Reducer
+from ..functional.triplets import DEFAULT_CHUNK_ELEMENTS, all_triplets_margin_loss
+from ..regularizers import BaseRegularizer
+from .base import LOSSES, BaseMetricLossFunction
 
 
 @LOSSES.register()
@@ -138,6 +35,9 @@ class ContrastiveLoss(BaseMetricLossFunction):
         neg_margin: Negative margin.
         distance: Default ``LpDistance()`` (normalised Euclidean).
         reducer: Default ``AvgNonZeroReducer()``, applied to each side.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     def __init__(
@@ -146,8 +46,10 @@ class ContrastiveLoss(BaseMetricLossFunction):
         neg_margin: float = 1,
         distance: BaseDistance | None = None,
         reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
     ) -> None:
-        super().__init__(distance, reducer)
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
 
@@ -181,6 +83,9 @@ class TripletMarginLoss(BaseMetricLossFunction):
         triplets_per_anchor: ``"all"``, or a number of random triplets per anchor.
         distance: Default ``LpDistance()``.
         reducer: Default ``AvgNonZeroReducer()``.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
         chunk_elements: Upper bound on temporaries of the all-triplets path.
     """
 
@@ -192,15 +97,12 @@ class TripletMarginLoss(BaseMetricLossFunction):
         triplets_per_anchor: int | Literal["all"] = "all",
         distance: BaseDistance | None = None,
         reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
-        super().__init__(distance, reducer)
-        if triplets_per_anchor != "all" and not (
-            isinstance(triplets_per_anchor, int) and triplets_per_anchor > 0
-        ):
-            raise ValueError(
-                f"triplets_per_anchor must be 'all' or a positive int, got {triplets_per_anchor!r}"
-            )
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
+        check_triplets_per_anchor(triplets_per_anchor)
         self.margin = margin
         self.swap = swap
         self.smooth_loss = smooth_loss
@@ -253,6 +155,16 @@ class TripletMarginLoss(BaseMetricLossFunction):
         )
 
 
+def check_triplets_per_anchor(triplets_per_anchor: int | str) -> None:
+    """Raises ``ValueError`` unless ``triplets_per_anchor`` is ``"all"`` or a positive int."""
+    if triplets_per_anchor != "all" and not (
+        isinstance(triplets_per_anchor, int) and triplets_per_anchor > 0
+    ):
+        raise ValueError(
+            f"triplets_per_anchor must be 'all' or a positive int, got {triplets_per_anchor!r}"
+        )
+
+
 def _sample_triplets(pos: Tensor, neg: Tensor, per_anchor: int) -> tuple[Tensor, Tensor, Tensor]:
     """``per_anchor`` random triplets for every anchor having a positive and a negative: each
     draws a positive and a negative uniformly, with replacement."""
@@ -273,15 +185,22 @@ class NPairsLoss(BaseMetricLossFunction):
     Args:
         distance: Default ``DotProductSimilarity()`` (normalising, as in PML).
         reducer: Default ``MeanReducer()``.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     labels_required = True
     supports_ref = False
 
     def __init__(
-        self, distance: BaseDistance | None = None, reducer: Reducer | None = None
+        self,
+        distance: BaseDistance | None = None,
+        reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
     ) -> None:
-        super().__init__(distance, reducer)
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
 
     @staticmethod
     def default_distance() -> BaseDistance:
@@ -310,6 +229,9 @@ class CircleLoss(BaseMetricLossFunction):
         gamma: Scale.
         distance: Must be ``CosineSimilarity()`` (the default).
         reducer: Default ``AvgNonZeroReducer()``.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     requires_similarity = CosineSimilarity
@@ -320,8 +242,10 @@ class CircleLoss(BaseMetricLossFunction):
         gamma: float = 80,
         distance: BaseDistance | None = None,
         reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
     ) -> None:
-        super().__init__(distance, reducer)
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
         self.m = m
         self.gamma = gamma
 
@@ -353,6 +277,9 @@ class MultiSimilarityLoss(BaseMetricLossFunction):
         base: Centre of the scaled similarities.
         distance: Default ``CosineSimilarity()``.
         reducer: Default ``MeanReducer()`` over all anchors.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     def __init__(
@@ -362,8 +289,10 @@ class MultiSimilarityLoss(BaseMetricLossFunction):
         base: float = 0.5,
         distance: BaseDistance | None = None,
         reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
     ) -> None:
-        super().__init__(distance, reducer)
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
         self.alpha = alpha
         self.beta = beta
         self.base = base
@@ -393,6 +322,9 @@ class LiftedStructureLoss(BaseMetricLossFunction):
         pos_margin: Positive margin.
         distance: Default ``LpDistance()``.
         reducer: Default ``MeanReducer()`` over positive pairs.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     def __init__(
@@ -401,8 +333,10 @@ class LiftedStructureLoss(BaseMetricLossFunction):
         pos_margin: float = 0,
         distance: BaseDistance | None = None,
         reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
     ) -> None:
-        super().__init__(distance, reducer)
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
         self.neg_margin = neg_margin
         self.pos_margin = pos_margin
 
@@ -426,6 +360,9 @@ class GeneralizedLiftedStructureLoss(LiftedStructureLoss):
         pos_margin: Positive margin.
         distance: Default ``LpDistance()``.
         reducer: Default ``MeanReducer()`` over all anchors.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     def compute_loss(self, batch: Batch) -> Tensor:
@@ -447,6 +384,9 @@ class NTXentLoss(BaseMetricLossFunction):
         temperature: τ.
         distance: Default ``CosineSimilarity()``.
         reducer: Default ``MeanReducer()`` over positive pairs.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     def __init__(
@@ -454,8 +394,10 @@ class NTXentLoss(BaseMetricLossFunction):
         temperature: float = 0.07,
         distance: BaseDistance | None = None,
         reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
     ) -> None:
-        super().__init__(distance, reducer)
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
         self.temperature = temperature
 
     @staticmethod
@@ -480,6 +422,9 @@ class SupConLoss(NTXentLoss):
         temperature: τ.
         distance: Default ``CosineSimilarity()``.
         reducer: Default ``AvgNonZeroReducer()`` over anchors.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     def __init__(
@@ -487,8 +432,12 @@ class SupConLoss(NTXentLoss):
         temperature: float = 0.1,
         distance: BaseDistance | None = None,
         reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
     ) -> None:
-        super().__init__(temperature, distance, reducer)
+        super().__init__(
+            temperature, distance, reducer, embedding_regularizer, embedding_reg_weight
+        )
 
     @staticmethod
     def default_reducer() -> Reducer:
@@ -529,6 +478,9 @@ class SoftContrastiveLoss(BaseMetricLossFunction):
         lam: Alias of ``threshold``.
         distance: A similarity; default ``CosineSimilarity()``.
         reducer: Over anchors; default ``MeanReducer()``.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     requires_similarity = True
@@ -544,8 +496,10 @@ class SoftContrastiveLoss(BaseMetricLossFunction):
         lam: float | None = None,
         distance: BaseDistance | None = None,
         reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
     ) -> None:
-        super().__init__(distance, reducer)
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
         self.pos_scale = _alias(pos_scale, 2.0, beta, "pos_scale", "beta")
         self.neg_scale = _alias(neg_scale, 40.0, alpha, "neg_scale", "alpha")
         self.threshold = _alias(threshold, 0.7, lam, "threshold", "lam")
@@ -589,6 +543,9 @@ class SoftWeightedTripletLoss(BaseMetricLossFunction):
         margin: fast-reid's default 0.3; ≤ 0 selects the soft margin.
         distance: Default ``LpDistance(normalize_embeddings=False)`` (fast-reid's raw features).
         reducer: Default ``MeanReducer()`` over anchors having a positive and a negative.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
     """
 
     def __init__(
@@ -596,8 +553,10 @@ class SoftWeightedTripletLoss(BaseMetricLossFunction):
         margin: float = 0.3,
         distance: BaseDistance | None = None,
         reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
     ) -> None:
-        super().__init__(distance, reducer)
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
         self.margin = margin
 
     @staticmethod
@@ -616,18 +575,27 @@ class SoftWeightedTripletLoss(BaseMetricLossFunction):
         )
 
 
-__all__ = [
-    "LOSSES",
-    "BaseMetricLossFunction",
-    "CircleLoss",
-    "ContrastiveLoss",
-    "GeneralizedLiftedStructureLoss",
-    "LiftedStructureLoss",
-    "MultiSimilarityLoss",
-    "NPairsLoss",
-    "NTXentLoss",
-    "SoftContrastiveLoss",
-    "SoftWeightedTripletLoss",
-    "SupConLoss",
-    "TripletMarginLoss",
-]
+@LOSSES.register()
+class SignalToNoiseRatioContrastiveLoss(ContrastiveLoss):
+    """The contrastive loss on signal-to-noise-ratio distances (Yuan et al. 2019).
+
+    The Reality Check (Musgrave et al. 2020) trains it with
+    ``embedding_regularizer=ZeroMeanRegularizer()`` and a tuned ``embedding_reg_weight``
+    (the paper's zero-mean regularisation of the embeddings); PML's defaults, kept here, have
+    no regulariser.
+
+    Args:
+        pos_margin: Positive margin.
+        neg_margin: Negative margin.
+        distance: Must be an ``SNRDistance`` (default ``SNRDistance()``).
+        reducer: Default ``AvgNonZeroReducer()``, applied to each side.
+        embedding_regularizer: Regulariser of the embeddings, or None (see
+            :class:`~dmlkit.losses.base.BaseMetricLossFunction`).
+        embedding_reg_weight: Its weight.
+    """
+
+    requires_similarity = SNRDistance
+
+    @staticmethod
+    def default_distance() -> BaseDistance:
+        return SNRDistance()

@@ -1,0 +1,108 @@
+"""FastAP (Cakir et al. 2019): each anchor's average precision, from soft histograms of its
+distances to its positives and to every other item."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .losses import zero_loss
+from .reduction import Reducer
+
+
+def soft_histograms(
+    dist: Tensor, weights: list[Tensor], num_bins: int, histogram_max: float
+) -> list[Tensor]:
+    """Per-row histograms of ``dist`` with triangular bins, one per weight matrix.
+
+    Bin k is centred at ``k·Δ`` (Δ = ``histogram_max / num_bins``, k = 0 … num_bins) and
+    gives a distance d the weight ``max(0, 1 − |d − k·Δ| / Δ)``. A distance falls in at most
+    two neighbouring bins, so each histogram is two scatter-adds over the (N, M) entries, not
+    a (num_bins + 1, N, M) tensor of bin memberships.
+
+    Args:
+        dist: (N, M) distances in [0, ``histogram_max``].
+        weights: (N, M) weights of the entries, one matrix per histogram.
+        num_bins: Number of intervals between the bin centres.
+        histogram_max: The last bin's centre.
+
+    Returns:
+        One (N, num_bins + 1) histogram per weight matrix, differentiable in ``dist``.
+    """
+    scaled = dist * (num_bins / histogram_max)
+    # A distance a rounding error past histogram_max falls in the last bin and an extra one,
+    # dropped below, as its triangular weight says.
+    lower = scaled.detach().floor().clamp_(0, num_bins)
+    upper_share = scaled - lower
+    lower_bin = lower.long()
+    histograms = []
+    for w in weights:
+        h = dist.new_zeros(dist.shape[0], num_bins + 2)
+        h = h.scatter_add(1, lower_bin, w * (1 - upper_share))
+        h = h.scatter_add(1, lower_bin + 1, w * upper_share)
+        histograms.append(h[:, : num_bins + 1])
+    return histograms
+
+
+def tuple_element_weights(indices_tuple: Sequence[Tensor] | None, n: int, like: Tensor) -> Tensor:
+    """PML's weight of each batch element from a mined tuple: how often it appears in any
+    position, over the largest such count; all ones without a tuple or with an empty one.
+
+    Args:
+        indices_tuple: Mined (a, p, n) or (a1, p, a2, n) (any index tensors), or None.
+        n: Number of batch elements.
+        like: Tensor whose dtype and device the weights take.
+    """
+    if indices_tuple is None or all(t.numel() == 0 for t in indices_tuple):
+        return like.new_ones(n)
+    counts = torch.bincount(torch.cat(list(indices_tuple)), minlength=n).to(like.dtype)
+    return counts / counts.max()
+
+
+def fastap_loss(
+    dist: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    anchor_weights: Tensor,
+    num_bins: int,
+    histogram_max: float,
+    *,
+    reducer: Reducer,
+) -> Tensor:
+    """FastAP loss: ``(1 − AP_i) · w_i`` for every anchor with a positive, reduced.
+
+    With ``h⁺`` and ``h`` an anchor's soft histograms of its positives' and of all its pairs'
+    distances, and ``H⁺``, ``H`` their cumulative sums,
+    ``AP_i = Σ_k h⁺_k H⁺_k / H_k / N⁺_i`` over the bins where ``h⁺_k H⁺_k > 0`` and ``H_k > 0``.
+
+    Args:
+        dist: (N, N) distances in [0, ``histogram_max``].
+        pos: (N, N) 0/1 positive pairs.
+        neg: (N, N) 0/1 negative pairs.
+        anchor_weights: (N,) weight of each anchor's term (:func:`tuple_element_weights`).
+        num_bins: Number of histogram intervals.
+        histogram_max: Largest possible distance.
+        reducer: Reduces the anchors' terms.
+
+    Returns:
+        Scalar loss; a zero keeping the graph when no anchor has a positive.
+    """
+    num_pos = pos.sum(dim=1)
+    has_pos = num_pos > 0
+    if not bool(has_pos.any()):
+        return zero_loss(dist)
+    h_pos, h_neg = soft_histograms(dist, [pos, neg], num_bins, histogram_max)
+    product = h_pos * h_pos.cumsum(dim=1)
+    total = (h_pos + h_neg).cumsum(dim=1)
+    safe = (product > 0) & (total > 0)
+    if not bool(safe.any()):  # PML's rule: no usable bin anywhere gives zero
+        return zero_loss(dist)
+    # Unsafe bins divide by 1 rather than 0, so their (discarded) gradients stay finite.
+    precision = torch.where(safe, product / torch.where(safe, total, 1.0), 0.0).sum(dim=1)
+    ap = precision[has_pos] / num_pos[has_pos]
+    return reducer((1 - ap) * anchor_weights[has_pos])
+
+
+__all__ = ["fastap_loss", "soft_histograms", "tuple_element_weights"]

@@ -1,0 +1,174 @@
+"""The base of every loss (PML's call contract) and the loss registry."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from ..batch import Batch
+from ..distances import (
+    BaseDistance,
+    LpDistance,
+    SimilarityRequirement,
+    check_distance,
+)
+from ..functional.reduction import MeanReducer, Reducer
+from ..registry import Registry
+from ..regularizers import BaseRegularizer
+
+
+class BaseMetricLossFunction(nn.Module):
+    """Shared call contract: checks inputs, computes, casts back to the input dtype.
+
+    Attributes:
+        labels_required: The loss needs labels even with an ``indices_tuple``.
+        supports_ref: The loss accepts ``ref_emb``.
+        requires_similarity: What ``distance`` must be: False for anything, True for any
+            similarity, or the one similarity class the formula is written for.
+        tuple_weighs_items: An ``indices_tuple`` weighs items rather than selecting pairs or
+            triplets (PML's rule for losses over items: each item's count in the tuple over the
+            largest count; an empty tuple weighs every item 1, as no tuple does).
+
+    Args:
+        distance: The distance or similarity; None for ``default_distance()`` (PML's).
+        reducer: How per-element losses become a scalar; None for ``default_reducer()``
+            (PML's).
+        embedding_regularizer: A regulariser of the call's ``embeddings`` (never ``ref_emb``),
+            as PML's: its value, already reduced by its own reducer, times
+            ``embedding_reg_weight`` is added to the loss on every call, also when the loss
+            itself is zero.
+        embedding_reg_weight: The regulariser's weight.
+    """
+
+    labels_required: ClassVar[bool] = False
+    supports_ref: ClassVar[bool] = True
+    requires_similarity: ClassVar[SimilarityRequirement] = False
+    tuple_weighs_items: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        distance: BaseDistance | None = None,
+        reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
+    ) -> None:
+        super().__init__()
+        self.distance = self.default_distance() if distance is None else distance
+        self.reducer = self.default_reducer() if reducer is None else reducer
+        self.embedding_regularizer = embedding_regularizer
+        self.embedding_reg_weight = embedding_reg_weight
+        check_distance(type(self).__name__, self.distance, self.requires_similarity)
+
+    @staticmethod
+    def default_distance() -> BaseDistance:
+        """The distance used when none is given."""
+        return LpDistance()
+
+    @staticmethod
+    def default_reducer() -> Reducer:
+        """The reducer used when none is given."""
+        return MeanReducer()
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices_tuple: tuple[Tensor, ...] | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        anchor_in_ref: Tensor | None = None,
+    ) -> Tensor:
+        """Computes the loss.
+
+        Args:
+            embeddings: (N, D) embeddings.
+            labels: (N,) integer labels; optional when ``indices_tuple`` is given.
+            indices_tuple: Mined triplets (a, p, n) or pairs (a1, p, a2, n); None uses every
+                valid pair or triplet of the batch.
+            ref_emb: (M, D) reference embeddings: anchors come from ``embeddings``, positives
+                and negatives from ``ref_emb``.
+            ref_labels: (M,) labels of ``ref_emb``.
+            anchor_in_ref: (N,) integer row of ``ref_emb`` holding each anchor itself, or −1
+                where the anchor is not in the reference set; those (anchor, itself) pairs are
+                left out, from the labelled pairs and from ``indices_tuple``.
+
+        Returns:
+            Scalar loss, in the dtype of ``embeddings``; a zero that keeps the graph when
+            nothing qualifies.
+        """
+        if ref_emb is not None and not self.supports_ref:
+            raise ValueError(f"{type(self).__name__} does not support ref_emb")
+        batch = Batch.from_call(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            anchor_in_ref,
+            labels_required=self.labels_required,
+        )
+        loss = add_regularization(
+            self.compute_loss(batch),
+            self.embedding_regularizer,
+            self.embedding_reg_weight,
+            batch.embeddings,
+        )
+        return loss.to(embeddings.dtype)
+
+    def compute_loss(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        text = f"distance={self.distance!r}, reducer={self.reducer!r}"
+        if self.embedding_regularizer is not None:
+            text += f", embedding_reg_weight={self.embedding_reg_weight}"
+        return text
+
+
+class WeightRegularizedLoss(BaseMetricLossFunction):
+    """Base of the losses holding a weight matrix (proxies, class centres, classifier weights):
+    PML's ``WeightRegularizerMixin``, with its parameter names and meaning.
+
+    A subclass calls :meth:`add_weight_regularization` on its loss with its weights as (C, D)
+    rows, one per class or centre, wherever PML's loss adds its ``weight_reg_loss`` (PML passes
+    ``W.t()`` for a (D, C) ``W``): ``weight_reg_weight`` times the regulariser's reduced value
+    of those rows is added. The embedding regulariser still comes from the base class.
+
+    Args:
+        distance: As :class:`BaseMetricLossFunction`.
+        reducer: As :class:`BaseMetricLossFunction`.
+        embedding_regularizer: As :class:`BaseMetricLossFunction`.
+        embedding_reg_weight: As :class:`BaseMetricLossFunction`.
+        weight_regularizer: A regulariser of the weight rows, or None.
+        weight_reg_weight: Its weight.
+    """
+
+    def __init__(
+        self,
+        distance: BaseDistance | None = None,
+        reducer: Reducer | None = None,
+        embedding_regularizer: BaseRegularizer | None = None,
+        embedding_reg_weight: float = 1,
+        weight_regularizer: BaseRegularizer | None = None,
+        weight_reg_weight: float = 1,
+    ) -> None:
+        super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
+        self.weight_regularizer = weight_regularizer
+        self.weight_reg_weight = weight_reg_weight
+
+    def add_weight_regularization(self, loss: Tensor, weights: Tensor) -> Tensor:
+        """``loss`` plus the weighted regulariser of ``weights`` ((C, D) rows), if any."""
+        return add_regularization(loss, self.weight_regularizer, self.weight_reg_weight, weights)
+
+
+def add_regularization(
+    loss: Tensor, regularizer: BaseRegularizer | None, weight: float, x: Tensor
+) -> Tensor:
+    """``loss + regularizer(x) * weight``, or ``loss`` when there is no regulariser."""
+    if regularizer is None:
+        return loss
+    return loss + regularizer(x) * weight
+
+
+LOSSES = Registry("loss", BaseMetricLossFunction)
