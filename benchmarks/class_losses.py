@@ -12,7 +12,10 @@ Usage::
     python benchmarks/class_losses.py                          # full grid
     python benchmarks/class_losses.py --batch 1024 --classes 10000 --only ProxyAnchor
 
-Results go to ``benchmarks/results/class_losses_<device>.{md,json}``.
+Results go to ``benchmarks/results/class_losses_cpu.{md,json}`` (CPU only for now).
+
+``MarginLoss`` learns one β per class but no weight matrix: it is timed with the pair-based
+losses' reference in ``benchmarks/losses.py`` rather than here.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ try:
 except ImportError:  # the comparison needs the dev extra
     pytorch_metric_learning = None
 
-# (loss, extra constructor options); dmlkit and PML share class names and parameter names.
+# (loss, extra constructor options); dmlkit and PML share class names and parameter names
+# (P2SGradLoss names its embedding size ``descriptors_dim``, given in ``_sizes``).
 CASES: list[tuple[str, dict]] = [
     ("ProxyNCALoss", {}),
     ("ProxyAnchorLoss", {}),
@@ -48,7 +52,13 @@ CASES: list[tuple[str, dict]] = [
     ("SubCenterArcFaceLoss", {}),
     ("SphereFaceLoss", {}),
     ("LargeMarginSoftmaxLoss", {}),
+    ("P2SGradLoss", {}),
 ]
+
+
+def _sizes(name: str, classes: int, dim: int) -> dict[str, int]:
+    size = "descriptors_dim" if name == "P2SGradLoss" else "embedding_size"
+    return {"num_classes": classes, size: dim}
 
 
 @dataclass
@@ -88,10 +98,10 @@ def run_case(
     name: str, options: dict, n: int, classes: int, dim: int, budget: float, reps: int
 ) -> Row:
     emb, labels = _inputs(n, classes, dim)
-    ours = getattr(dl, name)(num_classes=classes, embedding_size=dim, **options)
+    ours = getattr(dl, name)(**_sizes(name, classes, dim), **options)
     theirs = None
     if pytorch_metric_learning is not None and hasattr(pl, name):
-        theirs = getattr(pl, name)(num_classes=classes, embedding_size=dim, **options)
+        theirs = getattr(pl, name)(**_sizes(name, classes, dim), **options)
         ours.load_state_dict(theirs.state_dict())
     weight = torch.randn(dim, classes, requires_grad=True)
     calls = {

@@ -5,6 +5,7 @@ dicts both ways; and their own checks (labels, half precision, use as a classifi
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -347,6 +348,67 @@ def test_p2sgrad_keeps_its_weight_columns_unit_before_each_step() -> None:
 def test_bad_constructor_values_are_value_errors(kwargs, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         dl.LargeMarginSoftmaxLoss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: dl.NormalizedSoftmaxLoss(C, D, temperature=0), "temperature must be a positive"),
+        (lambda: dl.ArcFaceLoss(0, D), "num_classes must be a positive integer, got 0"),
+        (lambda: dl.CosFaceLoss(C, True), "embedding_size must be a positive integer, got True"),
+        (lambda: dl.SubCenterArcFaceLoss(C, D, sub_centers=1.5), "sub_centers must be a positive"),
+        (lambda: dl.P2SGradLoss(D, 0), "num_classes must be a positive integer, got 0"),
+        (lambda: dl.P2SGradLoss(-2, C), "descriptors_dim must be a positive integer, got -2"),
+    ],
+)
+def test_every_class_refuses_bad_constructor_values(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def _takes(cls: type, *names: str) -> bool:
+    return any(name in inspect.signature(cls).parameters for name in names)
+
+
+@pytest.mark.parametrize("loss_cls", list(dl.LOSSES.entries().values()), ids=lambda c: c.__name__)
+def test_every_loss_with_a_weight_per_class_shares_one_base(loss_cls) -> None:
+    """One base holds what these losses share: the checked sizes, the parameter under PML's
+    name initialised by ``weight_init_func`` outside autograd, its cast to the compute dtype,
+    the labels, the repr."""
+    if not _takes(loss_cls, "embedding_size", "descriptors_dim"):
+        assert not issubclass(loss_cls, dl.ClassParametersLoss)
+        return
+    assert issubclass(loss_cls, dl.ClassParametersLoss)
+    sizes = (
+        {"descriptors_dim": D, "num_classes": C}
+        if loss_cls is dl.P2SGradLoss
+        else {"num_classes": C, "embedding_size": D}
+    )
+    loss = loss_cls(**sizes)
+    weight = getattr(loss, loss_cls.weight_name)
+    assert [p for p in loss.parameters()] == [weight]
+    assert weight.dtype == torch.float32 and D in weight.shape
+    assert loss.weight_as(torch.zeros(1, D, dtype=torch.float64)).dtype == torch.float64
+    assert f"num_classes={C}" in repr(loss)
+    if _takes(loss_cls, "weight_init_func"):
+        loss = loss_cls(**sizes, weight_init_func=lambda w: w.fill_(0.5))  # in place on a leaf
+        assert torch.all(getattr(loss, loss_cls.weight_name) == 0.5)
+    with pytest.raises(ValueError, match=rf"labels holds {C}, outside"):
+        loss(torch.randn(2, D), torch.tensor([0, C], dtype=torch.int32))
+
+
+def test_functional_exports_every_formula_module() -> None:
+    """``dmlkit.functional`` re-exports the public functions of each of its formula modules,
+    the classification and proxy ones included."""
+    import dmlkit.functional as fn
+    from dmlkit.functional import classification, margin, proxies, ranking, regularizers
+
+    for module in (classification, proxies, margin, ranking, regularizers):
+        missing = set(module.__all__) - set(fn.__all__)
+        assert not missing, (module.__name__, missing)
+        assert all(getattr(fn, name) is getattr(module, name) for name in module.__all__)
+    assert fn.tuple_element_weights is fn.masks.tuple_element_weights
+    assert fn.sample_triplets is fn.triplets.sample_triplets
 
 
 def test_margin_classes_require_cosine_similarity() -> None:

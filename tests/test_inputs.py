@@ -297,3 +297,70 @@ def test_similarity_requirement_is_checked_at_construction(factory) -> None:
         assert factory.requires_similarity is False
         make(factory, distance=LpDistance(power=2))
         make(factory, distance=DotProductSimilarity())
+
+
+SUPPLIES_A_DIVISOR = {dl.MarginLoss, dl.ProxyAnchorLoss}
+"""The losses that give their reducer a divisor (PML's ``DivisorReducer`` reads it)."""
+
+
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+def test_divisor_reducer_is_refused_by_every_loss_that_supplies_no_divisor(loss_cls) -> None:
+    """PML raises (a KeyError) where the loss has no divisor; a silent sum would be wrong. Every
+    path counts: the fused kernels (ContrastiveLoss, SNR), the blockwise all-triplets sum and
+    the mined-triplet path (TripletMarginLoss)."""
+    emb, labels = _batch(12)
+    tuple_ = (torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5]), torch.tensor([2, 0, 0]))
+    calls = [(None,)] if loss_cls is dl.P2SGradLoss else [(None,), (tuple_,)]
+    losses = [make(loss_cls, reducer=DivisorReducer())]
+    if loss_cls is dl.TripletMarginLoss:
+        losses.append(dl.TripletMarginLoss(triplets_per_anchor=2, reducer=DivisorReducer()))
+    for loss in losses:
+        for (indices,) in calls:
+            if loss_cls in SUPPLIES_A_DIVISOR:
+                value = loss(emb, labels, indices)
+                assert torch.isfinite(value) and value.item() > 0
+            else:
+                with pytest.raises(ValueError, match="DivisorReducer divides by a count"):
+                    loss(emb, labels, indices)
+
+
+def test_divisor_reducer_refuses_every_reduction_path_without_a_divisor() -> None:
+    from dmlkit.functional import all_triplets_margin_loss
+
+    x = torch.rand(5, 3)
+    reducer = DivisorReducer()
+    message = "DivisorReducer divides by a count"
+    with pytest.raises(ValueError, match=message):
+        reducer(x)
+    with pytest.raises(ValueError, match=message):
+        reducer.finish(x.sum(), torch.tensor(15.0))
+    with pytest.raises(ValueError, match=message):
+        reducer.reduce_elementwise(x, lambda t: (t * 2, torch.full_like(t, 2.0)), None)
+    dist, neg = torch.rand(4, 4), torch.ones(4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match=message):
+        all_triplets_margin_loss(
+            dist, torch.tensor([0, 1]), torch.tensor([1, 0]), neg, 0.1, reducer
+        )
+    assert_close(reducer(x, divisor=4), x.sum() / 4)
+    assert_close(reducer.finish(x.sum(), torch.tensor(15.0), divisor=5), x.sum() / 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+def test_labels_of_any_integer_dtype_give_the_int64_value(loss_cls, dtype) -> None:
+    """Every loss, those with per-class parameters included (cross-entropy, one-hot and
+    indexing take int64 only), gives the same value and gradients for int32 (int16, uint8)
+    labels as for int64 ones."""
+    torch.manual_seed(0)
+    labels = torch.arange(12) // 3
+    base = torch.randn(12, 4)
+    loss = make(loss_cls)  # one instance: the same weights, if any, for both calls
+    results = []
+    for lab in (labels, labels.to(dtype)):
+        torch.manual_seed(1)  # the same random triplets, if any
+        emb = base.clone().requires_grad_(True)
+        value = loss(emb, lab)
+        value.backward()
+        results.append((value.detach(), emb.grad))
+    assert_close(results[1][0], results[0][0])
+    assert_close(results[1][1], results[0][1])

@@ -331,6 +331,43 @@ def test_divisor_reducer_needs_a_loss_that_supplies_a_divisor() -> None:
     assert zero.item() == 0.0 and zero.requires_grad
 
 
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: dl.SoftTripleLoss(C, D, centers_per_class=0), "centers_per_class must be a "),
+        (lambda: dl.SoftTripleLoss(C, D, centers_per_class=2.5), "centers_per_class must be a "),
+        (lambda: dl.SoftTripleLoss(C, D, gamma=0.0), "gamma must be a positive number"),
+        (lambda: dl.SoftTripleLoss(0, D), "num_classes must be a positive integer, got 0"),
+        (lambda: dl.ProxyNCALoss(0, D), "num_classes must be a positive integer, got 0"),
+        (lambda: dl.ProxyAnchorLoss(C, 0), "embedding_size must be a positive integer, got 0"),
+        (lambda: dl.ProxyAnchorLoss(C, 2.0), "embedding_size must be a positive integer"),
+    ],
+)
+def test_bad_constructor_values_are_value_errors(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_soft_triple_refuses_a_sparse_centres_regulariser_of_other_sizes() -> None:
+    """Caught at construction, not at the first call (or never, for pairs of other classes)."""
+    with pytest.raises(
+        ValueError,
+        match=r"centers_per_class=3, but its weight_regularizer SparseCentersRegularizer has "
+        r"num_classes=12 and centers_per_class=4",
+    ):
+        dl.SoftTripleLoss(
+            C, D, centers_per_class=3, weight_regularizer=dreg.SparseCentersRegularizer(C, 4)
+        )
+    with pytest.raises(ValueError, match=r"SparseCentersRegularizer has num_classes=6 "):
+        dl.SoftTripleLoss(
+            C, D, centers_per_class=3, weight_regularizer=dreg.SparseCentersRegularizer(6, 6)
+        )
+    loss = dl.SoftTripleLoss(
+        C, D, centers_per_class=3, weight_regularizer=dreg.SparseCentersRegularizer(C, 3)
+    )
+    assert torch.isfinite(loss(torch.randn(4, D), torch.tensor([0, 1, 1, 2])))
+
+
 def test_weight_init_func_initialises_the_weights() -> None:
     loss = dl.SoftTripleLoss(C, D, centers_per_class=2, weight_init_func=torch.nn.init.ones_)
     assert torch.equal(loss.fc, torch.ones(D, 2 * C))

@@ -129,6 +129,17 @@ def test_a_method_whose_loss_cannot_get_its_parameters_is_refused_before_trainin
             "loss.options.num_classes: expected an integer",
         ),
         ({"config": {"loss": {"name": "ArcFaceLos"}}}, "did you mean 'ArcFaceLoss'"),
+        # Values the constructors refuse, found before any run although the losses need the
+        # number of classes, which only the data knows.
+        (
+            {"config": {"loss": {"name": "SubCenterArcFaceLoss", "options": {"sub_centers": 0}}}},
+            "methods.mine: loss SubCenterArcFaceLoss:",
+        ),
+        (
+            {"config": {"loss": {"name": "LargeMarginSoftmaxLoss", "options": {"margin": 2.5}}}},
+            "methods.mine: loss LargeMarginSoftmaxLoss:",
+        ),
+        ({"preset": "nope"}, "methods.mine.preset: unknown method 'nope'"),
     ]
     for method, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -159,6 +159,13 @@ def test_parameter_groups_and_optimizers() -> None:
         assert isinstance(build_optimizer(config, groups), cls)
     with pytest.raises(ConfigError, match="no parameter to train"):
         parameter_groups(OptimizerConfig(lr=1e-3, head_lr=0.0), [("head", head.parameters())])
+    loss_params = torch.nn.Linear(2, 2)
+    decayed = OptimizerConfig(weight_decay=1e-4, loss_weight_decay=0.0)
+    groups = parameter_groups(
+        decayed, [("head", head.parameters()), ("loss", loss_params.parameters())]
+    )
+    optimizer = build_optimizer(decayed, groups)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]
     with pytest.raises(ConfigError, match=r"optimizer\.options\.momentum: adam has no option"):
         build_optimizer(OptimizerConfig(options={"momentum": 0.9}), groups)
     own = OptimizerConfig(name="torch.optim:Adagrad", options={"lr_decay": 0.1})

@@ -15,7 +15,6 @@ import dmlkit.distances as dd
 import dmlkit.functional as F
 import dmlkit.losses as dl
 from conftest import assert_close
-from dmlkit.losses import pair_based
 
 
 def test_pairwise_matrices_match_direct_definitions() -> None:
@@ -121,7 +120,7 @@ def test_random_triplets_per_anchor() -> None:
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 3])  # anchors 5 and 6 have no positive
     emb = torch.randn(7, 4)
     loss = dl.TripletMarginLoss(margin=10.0, triplets_per_anchor=3)
-    a, p, n = pair_based._sample_triplets(*F.label_weights(labels), 3)
+    a, p, n = F.sample_triplets(*F.label_weights(labels), 3)
     assert a.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
     assert torch.all(labels[a] == labels[p]) and torch.all(a != p)
     assert torch.all(labels[a] != labels[n])

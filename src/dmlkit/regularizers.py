@@ -25,6 +25,7 @@ from .distances import (
 from .functional import regularizers as fr
 from .functional.reduction import DivisorReducer, MeanReducer, Reducer
 from .registry import Registry
+from .validation import check_positive_int
 
 
 class BaseRegularizer(nn.Module):
@@ -173,7 +174,8 @@ class RegularFaceRegularizer(BaseRegularizer):
 class SparseCentersRegularizer(BaseRegularizer):
     """Pulls the centres of one class together, so that unneeded ones merge (SoftTriple, Qian et
     al. 2019): the chord distance between the unit centres of each same-class pair. The input
-    is the (C·K, D) centres, class c's being rows c·K … c·K + K − 1.
+    is the (C·K, D) centres, class c's being rows c·K … c·K + K − 1. The similarities are
+    computed class by class, (C, K, K), never as a (C·K, C·K) matrix: C·K² memory.
 
     Args:
         num_classes: C.
@@ -184,7 +186,6 @@ class SparseCentersRegularizer(BaseRegularizer):
     """
 
     requires_similarity: ClassVar[SimilarityRequirement] = CosineSimilarity
-    same_class_pairs: Tensor
 
     def __init__(
         self,
@@ -194,18 +195,12 @@ class SparseCentersRegularizer(BaseRegularizer):
         reducer: Reducer | None = None,
     ) -> None:
         super().__init__(distance, reducer)
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.centers_per_class = check_positive_int(centers_per_class, "centers_per_class")
         if centers_per_class < 2:
             raise ValueError(
                 f"SparseCentersRegularizer needs centers_per_class >= 2, got {centers_per_class}"
             )
-        self.num_classes = num_classes
-        self.centers_per_class = centers_per_class
-        # Not persistent: derived from the arguments, and PML's state_dict has no such entry.
-        self.register_buffer(
-            "same_class_pairs",
-            fr.same_class_center_pairs(num_classes, centers_per_class),
-            persistent=False,
-        )
 
     @staticmethod
     def default_distance() -> BaseDistance:
@@ -226,7 +221,17 @@ class SparseCentersRegularizer(BaseRegularizer):
                 f"SparseCentersRegularizer expects {expected} centres "
                 f"(num_classes × centers_per_class), got {x.shape[0]} rows"
             )
-        return fr.sparse_centers_terms(self.distance(x), self.same_class_pairs.to(x.device))
+        # Only same-class pairs count: the similarities are computed class by class.
+        sim = fr.same_class_center_similarities(x, self.num_classes, self.centers_per_class)
+        if self.distance.power != 1:
+            sim = sim**self.distance.power
+        return fr.sparse_centers_terms(sim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, centers_per_class={self.centers_per_class}, "
+            f"{super().extra_repr()}"
+        )
 
 
 __all__ = [

@@ -7,7 +7,10 @@ silently wrong number.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -173,6 +176,63 @@ def check_anchor_in_ref(
                 f"min {low}, max {high}"
             )
     return index
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Checks a constructor option that counts something (classes, dimensions, centres, bins).
+
+    Args:
+        value: The value to check: an integer ≥ 1 (``bool`` is refused).
+        name: The option name used in the error message.
+
+    Returns:
+        The value as an ``int``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_positive_number(value: object, name: str) -> float:
+    """Checks a constructor option that must be a positive real number (a temperature, say).
+
+    Returns:
+        The value as a ``float``.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_triplets_per_anchor(triplets_per_anchor: object) -> int | Literal["all"]:
+    """Checks a ``triplets_per_anchor`` option: ``"all"``, or a positive integer
+    (:func:`check_positive_int`).
+
+    Returns:
+        ``"all"``, or the number as an ``int``.
+    """
+    if isinstance(triplets_per_anchor, str) and triplets_per_anchor == "all":
+        return "all"
+    return check_positive_int(triplets_per_anchor, "triplets_per_anchor (or 'all')")
+
+
+def class_labels(labels: Tensor, num_classes: int, name: str = "labels") -> Tensor:
+    """Labels for per-class parameters: checked to be class indices in [0, ``num_classes``)
+    (:func:`check_class_labels`) and returned as ``torch.long``, the dtype indexing,
+    ``F.cross_entropy`` and ``F.one_hot`` take, whatever integer dtype the caller used.
+
+    Args:
+        labels: 1-D integer labels (already checked by :func:`check_labels`).
+        num_classes: The number of classes.
+        name: The argument name used in error messages.
+    """
+    check_class_labels(labels, num_classes, name)
+    return labels.long()
 
 
 def check_class_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None:

@@ -1,10 +1,23 @@
 """Pure tensor functions: pairwise matrices, label masks, mining rules, loss and regulariser
-formulas.
+formulas (pair-based, triplet, margin, ranking, classification and proxy losses).
 
 No state and no ``nn.Module`` here; the classes in :mod:`dmlkit.losses` and :mod:`dmlkit.miners`
 are thin wrappers that check inputs and delegate to these functions.
 """
 
+from .classification import (
+    additive_angular_margin,
+    additive_cosine_margin,
+    multiplicative_angular_margin,
+    p2sgrad_loss,
+    project_to_unit_columns_,
+    scale_by_norms,
+    sub_center_cosine,
+    sub_center_outliers,
+    temperature_logits,
+    weighted_cross_entropy,
+    with_target_logits,
+)
 from .logsumexp import masked_logsumexp
 from .losses import (
     circle_loss,
@@ -31,6 +44,7 @@ from .masks import (
     label_masks,
     label_weights,
     pairs_per_anchor,
+    tuple_element_weights,
     tuple_to_pair_weights,
 )
 from .mining import (
@@ -48,22 +62,33 @@ from .pairwise import (
     snr_distance_matrix,
     squared_euclidean_distance_matrix,
 )
-from .ranking import fastap_loss, soft_histograms, tuple_element_weights
+from .proxies import (
+    nca_logits,
+    nca_loss,
+    nca_sample_weights,
+    proxy_anchor_loss,
+    reference_items,
+    soft_triple_logits,
+    soft_triple_loss,
+)
+from .ranking import fastap_loss, soft_histograms
 from .regularizers import (
     center_invariant_terms,
     lp_norm_terms,
     nearest_similarity_terms,
-    same_class_center_pairs,
+    same_class_center_similarities,
     sparse_centers_terms,
     zero_mean_terms,
 )
-from .triplets import all_triplets_margin_loss, mine_triplets
+from .triplets import all_triplets_margin_loss, mine_triplets, sample_triplets
 
 __all__ = [
     "AdaptiveTolerances",
     "PairIndices",
     "PairWeights",
     "adaptive_tolerances",
+    "additive_angular_margin",
+    "additive_cosine_margin",
     "all_triplets_margin_loss",
     "asymmetric_mining_masks",
     "batch_hard_triplets",
@@ -87,24 +112,41 @@ __all__ = [
     "masked_logsumexp",
     "mine_triplets",
     "multi_similarity_loss",
+    "multiplicative_angular_margin",
+    "nca_logits",
+    "nca_loss",
+    "nca_sample_weights",
     "nearest_similarity_terms",
     "npairs_loss",
     "ntxent_loss",
     "otg_multi_similarity_per_anchor",
+    "p2sgrad_loss",
     "pairs_from_masks",
     "pairs_per_anchor",
-    "same_class_center_pairs",
+    "project_to_unit_columns_",
+    "proxy_anchor_loss",
+    "reference_items",
+    "same_class_center_similarities",
+    "sample_triplets",
+    "scale_by_norms",
     "snr_distance_matrix",
     "soft_contrastive_loss",
     "soft_contrastive_per_anchor",
     "soft_histograms",
+    "soft_triple_logits",
+    "soft_triple_loss",
     "soft_weighted_triplet_loss",
     "sparse_centers_terms",
     "squared_euclidean_distance_matrix",
+    "sub_center_cosine",
+    "sub_center_outliers",
     "supcon_loss",
+    "temperature_logits",
     "triplet_pair_weights",
     "tuple_element_weights",
     "tuple_to_pair_weights",
+    "weighted_cross_entropy",
+    "with_target_logits",
     "zero_loss",
     "zero_mean_terms",
 ]

@@ -30,7 +30,7 @@ def weighted_cross_entropy(
         logits: (N, C) logits.
         labels: (N,) class indices.
         sample_weights: (N,) weights (a mined tuple's:
-            :func:`~dmlkit.functional.ranking.tuple_element_weights`).
+            :func:`~dmlkit.functional.masks.tuple_element_weights`).
         reducer: Reduces the (N,) weighted losses.
 
     Returns:

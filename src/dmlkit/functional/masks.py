@@ -13,10 +13,14 @@ boundary into one of two types, kept apart on purpose:
 
 One type for both would cost either an N × M scatter and N × M work for every mined list, or
 two 8-byte indices per pair (and gathers and scatters) for every labelled pair.
+
+Losses over items rather than pairs (the classification, proxy and ranking losses) take a mined
+tuple as per-item weights instead (:func:`tuple_element_weights`, PML's rule).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -297,6 +301,21 @@ def batch_pair_weights(
     if labels is None:
         raise ValueError("labels are required when no indices_tuple is given")
     return PairWeights(*label_weights(labels, ref_labels, dtype, anchor_in_ref), binary=True)
+
+
+def tuple_element_weights(indices_tuple: Sequence[Tensor] | None, n: int, like: Tensor) -> Tensor:
+    """PML's weight of each batch element from a mined tuple: how often it appears in any
+    position, over the largest such count; all ones without a tuple or with an empty one.
+
+    Args:
+        indices_tuple: Mined (a, p, n) or (a1, p, a2, n) (any index tensors), or None.
+        n: Number of batch elements.
+        like: Tensor whose dtype and device the weights take.
+    """
+    if indices_tuple is None or all(t.numel() == 0 for t in indices_tuple):
+        return like.new_ones(n)
+    counts = torch.bincount(torch.cat(list(indices_tuple)), minlength=n).to(like.dtype)
+    return counts / counts.max()
 
 
 def first_pair_per_label(

@@ -7,7 +7,7 @@ tuple; with a single positive (its class's proxy) NCA's loss is the cross-entrop
 terms are gathered and scattered by label (O(N) work), never built from (N, C) masks.
 
 Mined tuples weigh items as PML does (a tuple selects no pairs here): each item's count in the
-tuple over the largest count (:func:`~dmlkit.functional.ranking.tuple_element_weights`).
+tuple over the largest count (:func:`~dmlkit.functional.masks.tuple_element_weights`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from ..validation import IndicesTuple
 from .classification import weighted_cross_entropy
 from .logsumexp import masked_logsumexp
-from .ranking import tuple_element_weights
+from .masks import tuple_element_weights
 from .reduction import Reducer, row_blocks
 
 

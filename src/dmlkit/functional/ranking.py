@@ -3,8 +3,6 @@ distances to its positives and to every other item."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -46,21 +44,6 @@ def soft_histograms(
     return histograms
 
 
-def tuple_element_weights(indices_tuple: Sequence[Tensor] | None, n: int, like: Tensor) -> Tensor:
-    """PML's weight of each batch element from a mined tuple: how often it appears in any
-    position, over the largest such count; all ones without a tuple or with an empty one.
-
-    Args:
-        indices_tuple: Mined (a, p, n) or (a1, p, a2, n) (any index tensors), or None.
-        n: Number of batch elements.
-        like: Tensor whose dtype and device the weights take.
-    """
-    if indices_tuple is None or all(t.numel() == 0 for t in indices_tuple):
-        return like.new_ones(n)
-    counts = torch.bincount(torch.cat(list(indices_tuple)), minlength=n).to(like.dtype)
-    return counts / counts.max()
-
-
 def fastap_loss(
     dist: Tensor,
     pos: Tensor,
@@ -81,7 +64,8 @@ def fastap_loss(
         dist: (N, N) distances in [0, ``histogram_max``].
         pos: (N, N) 0/1 positive pairs.
         neg: (N, N) 0/1 negative pairs.
-        anchor_weights: (N,) weight of each anchor's term (:func:`tuple_element_weights`).
+        anchor_weights: (N,) weight of each anchor's term
+            (:func:`~dmlkit.functional.masks.tuple_element_weights`).
         num_bins: Number of histogram intervals.
         histogram_max: Largest possible distance.
         reducer: Reduces the anchors' terms.
@@ -105,4 +89,4 @@ def fastap_loss(
     return reducer((1 - ap) * anchor_weights[has_pos])
 
 
-__all__ = ["fastap_loss", "soft_histograms", "tuple_element_weights"]
+__all__ = ["fastap_loss", "soft_histograms"]

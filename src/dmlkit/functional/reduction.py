@@ -58,7 +58,7 @@ class Reducer:
             # Multiplying by the weights is one fast pass; losses are finite everywhere by
             # construction, so unselected entries contribute exact zeros.
             total, count = (losses * w).sum(), w.sum()
-        return self.finish(total, count)
+        return self.finish(total, count, divisor)
 
     def effective_weights(self, losses: Tensor, weights: Tensor | None) -> Tensor | None:
         """The given weights times this reducer's selection, in the losses' dtype."""
@@ -84,8 +84,22 @@ class Reducer:
         """
         return reduce_elementwise_terms(x, [ElementwiseTerm(fn, weights, self)])
 
-    def finish(self, total: Tensor, count: Tensor) -> Tensor:
-        """Divides by the count when averaging; an empty selection gives ``total`` (a zero)."""
+    def finish(self, total: Tensor, count: Tensor, divisor: Tensor | int | None = None) -> Tensor:
+        """The reduced value from the selected elements' weighted ``total`` and their ``count``.
+
+        Every path of a reducer ends here (the plain call, the fused elementwise kernels, the
+        blockwise triplet sums), so a reducer's rule holds on all of them.
+
+        Args:
+            total: The weighted sum of the selected losses.
+            count: The selected weight.
+            divisor: The loss's own count, as for :meth:`__call__`; read only by
+                :class:`DivisorReducer`.
+
+        Returns:
+            ``total / count`` when averaging (``total``, a zero, for an empty selection), else
+            ``total``.
+        """
         if not self.average:
             return total
         return total / count.clamp_min(1.0)
@@ -106,21 +120,25 @@ class SumReducer(Reducer):
 @dataclass(frozen=True)
 class DivisorReducer(Reducer):
     """The weighted sum divided by a count the loss supplies (PML's ``DivisorReducer``), or
-    zero when that count is zero; a loss that supplies none is an error (PML: ``KeyError``)."""
+    zero when that count is zero.
+
+    Only a call given ``divisor`` has that count: any other path (a call without one, the fused
+    :meth:`reduce_elementwise` and :func:`reduce_elementwise_terms` kernels, a blockwise sum
+    ending in :meth:`finish`) raises ``ValueError`` rather than return the plain sum (PML:
+    ``KeyError``). ProxyAnchorLoss, MarginLoss and SparseCentersRegularizer supply a divisor.
+    """
 
     average: bool = False
 
-    def __call__(
-        self, losses: Tensor, weights: Tensor | None = None, divisor: Tensor | int | None = None
-    ) -> Tensor:
+    def finish(self, total: Tensor, count: Tensor, divisor: Tensor | int | None = None) -> Tensor:
         if divisor is None:
             raise ValueError(
                 "DivisorReducer divides by a count the loss supplies, and this loss supplies none "
-                "(ProxyAnchorLoss does)"
+                "(ProxyAnchorLoss and MarginLoss do); use another reducer, e.g. SumReducer() "
+                "or MeanReducer()"
             )
-        total = super().__call__(losses, weights)
-        count = torch.as_tensor(divisor, dtype=total.dtype, device=total.device)
-        return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), total * 0.0)
+        n = torch.as_tensor(divisor, dtype=total.dtype, device=total.device)
+        return torch.where(n > 0, total / torch.where(n > 0, n, 1.0), total * 0.0)
 
 
 @dataclass(frozen=True)
@@ -223,9 +241,10 @@ class _ElementwiseReduce(torch.autograd.Function):
                 else:
                     totals[i] += torch.dot(values.flatten(), w.flatten())
                     counts[i] += w.sum()
+        # Each reduction is linear in its total: its scale is the reducer's value of a total
+        # of 1 (a reducer that needs a divisor, which no elementwise term has, refuses here).
         scales = [
-            1.0 / c.clamp_min(1.0) if t.reducer.average else torch.ones_like(c)
-            for t, c in zip(terms, counts, strict=True)
+            t.reducer.finish(torch.ones_like(c), c) for t, c in zip(terms, counts, strict=True)
         ]
         ctx.save_for_backward(x)
         ctx.terms, ctx.weights, ctx.scales = terms, weights, scales

@@ -7,6 +7,7 @@ input (embeddings, or weight rows of a loss: one per class or centre), or one pe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -40,24 +41,38 @@ def nearest_similarity_terms(sim: Tensor) -> Tensor:
     return sim.gather(1, nearest).squeeze(1)
 
 
-def same_class_center_pairs(num_classes: int, centers_per_class: int) -> Tensor:
-    """Bool (C·K, C·K) mask of the pairs (i < j) of centres of the same class, the centres of
-    class c being rows c·K … c·K + K − 1 (SoftTriple's layout)."""
-    block = torch.ones(centers_per_class, centers_per_class).triu(diagonal=1)
-    return torch.block_diag(*[block] * num_classes).bool()
+def same_class_center_similarities(
+    centres: Tensor, num_classes: int, centers_per_class: int
+) -> Tensor:
+    """The cosine similarities of the centres within each class, class by class: (C, K, K), not
+    the (C·K, C·K) matrix of all pairs (C·K²·D work and C·K² memory).
+
+    Args:
+        centres: (C·K, D) centres, class c's being rows c·K … c·K + K − 1 (SoftTriple's layout).
+        num_classes: C.
+        centers_per_class: K.
+    """
+    unit = F.normalize(centres, dim=1).reshape(num_classes, centers_per_class, -1)
+    return torch.bmm(unit, unit.transpose(1, 2))
 
 
-def sparse_centers_terms(sim: Tensor, pairs: Tensor) -> Tensor:
-    """The chord distance ``√(2 + δ − 2 s_ij)`` between the unit centres of every selected
-    pair (SoftTriple's regulariser; δ, the dtype's smallest normal number, keeps the square
+def sparse_centers_terms(sim: Tensor) -> Tensor:
+    """The chord distance ``√(2 + δ − 2 s_ij)`` between the unit centres of every pair i < j of
+    one class (SoftTriple's regulariser; δ, the dtype's smallest normal number, keeps the square
     root differentiable at coinciding centres). SoftTriple divides their sum by
     ``C K (K − 1)``, twice the number of pairs.
 
     Args:
-        sim: (C·K, C·K) cosine similarities of the centres.
-        pairs: Bool mask of the pairs to use (:func:`same_class_center_pairs`).
+        sim: (C, K, K) cosine similarities of each class's centres
+            (:func:`same_class_center_similarities`).
+
+    Returns:
+        (C·K(K − 1)/2,) terms, class by class, each class's pairs in row-major order (PML's
+        order: that of its (C·K, C·K) block-diagonal mask).
     """
-    twice = (2.0 * sim[pairs]).clamp(max=2.0)
+    k = sim.shape[-1]
+    first, second = torch.triu_indices(k, k, offset=1, device=sim.device)
+    twice = (2.0 * sim[:, first, second]).clamp(max=2.0).flatten()
     return torch.sqrt(2.0 + torch.finfo(sim.dtype).tiny - twice)
 
 
@@ -65,7 +80,7 @@ __all__ = [
     "center_invariant_terms",
     "lp_norm_terms",
     "nearest_similarity_terms",
-    "same_class_center_pairs",
+    "same_class_center_similarities",
     "sparse_centers_terms",
     "zero_mean_terms",
 ]

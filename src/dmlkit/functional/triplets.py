@@ -146,6 +146,28 @@ def all_triplets_margin_loss(
     return reducer.finish(total, count)
 
 
+def sample_triplets(pos: Tensor, neg: Tensor, per_anchor: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``per_anchor`` random triplets for every anchor having a positive and a negative: each
+    draws a positive and a negative uniformly, with replacement (PML's ``triplets_per_anchor``).
+
+    Args:
+        pos: (N, M) positive pair weights (bool or 0/1).
+        neg: (N, M) negative pair weights (bool or 0/1).
+        per_anchor: Triplets drawn for each such anchor.
+
+    Returns:
+        (a, p, n) index tensors, ``per_anchor`` consecutive triplets per anchor, anchors in
+        increasing order.
+    """
+    anchors = torch.nonzero(pos.sum(1) * neg.sum(1)).squeeze(1)
+    if anchors.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long, device=pos.device)
+        return empty, empty.clone(), empty.clone()
+    p = torch.multinomial(pos[anchors].float(), per_anchor, replacement=True)
+    n = torch.multinomial(neg[anchors].float(), per_anchor, replacement=True)
+    return anchors.repeat_interleave(per_anchor), p.flatten(), n.flatten()
+
+
 def mine_triplets(
     dist: Tensor,
     anchors: Tensor,

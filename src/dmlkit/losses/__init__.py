@@ -18,7 +18,7 @@ Differences from PML, all deliberate:
 * Half-precision inputs are computed in float32 and the result cast back.
 """
 
-from .base import LOSSES, BaseMetricLossFunction, WeightRegularizedLoss
+from .base import LOSSES, BaseMetricLossFunction, ClassParametersLoss, WeightRegularizedLoss
 from .classification import (
     ArcFaceLoss,
     CosFaceLoss,
@@ -51,6 +51,7 @@ __all__ = [
     "ArcFaceLoss",
     "BaseMetricLossFunction",
     "CircleLoss",
+    "ClassParametersLoss",
     "ContrastiveLoss",
     "CosFaceLoss",
     "FastAPLoss",

@@ -1,9 +1,12 @@
-"""The base of every loss (PML's call contract) and the loss registry."""
+"""The base of every loss (PML's call contract), the bases of the losses holding weights
+(:class:`WeightRegularizedLoss`, :class:`ClassParametersLoss`) and the loss registry."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
 from ..batch import Batch
@@ -16,6 +19,7 @@ from ..distances import (
 from ..functional.reduction import MeanReducer, Reducer
 from ..registry import Registry
 from ..regularizers import BaseRegularizer
+from ..validation import check_positive_int, class_labels
 
 
 class BaseMetricLossFunction(nn.Module):
@@ -160,6 +164,94 @@ class WeightRegularizedLoss(BaseMetricLossFunction):
     def add_weight_regularization(self, loss: Tensor, weights: Tensor) -> Tensor:
         """``loss`` plus the weighted regulariser of ``weights`` ((C, D) rows), if any."""
         return add_regularization(loss, self.weight_regularizer, self.weight_reg_weight, weights)
+
+
+WeightInit = Callable[[Tensor], object]
+"""Initialises a weight in place (PML's ``weight_init_func``, e.g. ``nn.init.xavier_normal_``)."""
+
+
+class ClassParametersLoss(WeightRegularizedLoss):
+    """Base of the losses holding one weight tensor of per-class parameters (classifier weights,
+    proxies, class centres): the class count and embedding size (checked positive integers),
+    the parameter itself with PML's name, layout and ``weight_init_func``, labels checked to be
+    class indices, and the repr. Labels are required, ``ref_emb`` is refused and a mined tuple
+    weighs items, as in PML.
+
+    Attributes:
+        weight_name: The parameter's attribute name (PML's: ``W``, ``proxies``, ``fc``, ...).
+        weight_layout: ``"columns"``: a (D, C·K) parameter, one column per class or centre
+            (class c's are columns cK … cK + K − 1); ``"rows"``: a (C·K, D) one.
+
+    Args:
+        num_classes: C; labels must lie in [0, C).
+        embedding_size: D.
+        centers_per_class: K, the parameter's columns (or rows) per class.
+        distance, reducer, embedding_regularizer, embedding_reg_weight, weight_regularizer,
+            weight_reg_weight: As :class:`WeightRegularizedLoss`.
+        weight_init_func: Initialises the parameter in place (outside autograd); None for
+            ``default_init``.
+        default_init: The loss's default initialisation (PML's).
+    """
+
+    labels_required = True
+    supports_ref = False
+    tuple_weighs_items = True
+    weight_name: ClassVar[str] = "W"
+    weight_layout: ClassVar[Literal["columns", "rows"]] = "columns"
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        centers_per_class: int,
+        distance: BaseDistance | None,
+        reducer: Reducer | None,
+        embedding_regularizer: BaseRegularizer | None,
+        embedding_reg_weight: float,
+        weight_regularizer: BaseRegularizer | None,
+        weight_reg_weight: float,
+        weight_init_func: WeightInit | None,
+        default_init: WeightInit,
+    ) -> None:
+        super().__init__(
+            distance,
+            reducer,
+            embedding_regularizer,
+            embedding_reg_weight,
+            weight_regularizer,
+            weight_reg_weight,
+        )
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.embedding_size = check_positive_int(embedding_size, "embedding_size")
+        count = self.num_classes * check_positive_int(centers_per_class, "centers_per_class")
+        shape = (count, embedding_size) if self.weight_layout == "rows" else (embedding_size, count)
+        weight = nn.Parameter(torch.empty(shape))
+        with torch.no_grad():
+            (default_init if weight_init_func is None else weight_init_func)(weight)
+        self.register_parameter(self.weight_name, weight)
+
+    def weight_as(self, like: Tensor) -> Tensor:
+        """The parameter in ``like``'s dtype, the call's compute dtype (differentiably: its
+        gradient reaches the parameter in the parameter's own dtype, where PML converts the
+        parameter itself)."""
+        weight: Tensor = getattr(self, self.weight_name)
+        return weight.to(like.dtype)
+
+    def weight_rows(self, weight: Tensor) -> Tensor:
+        """``weight`` (the parameter, or :meth:`weight_as` of it) as (C·K, D) rows, one per class
+        or centre: what a weight regulariser sees (PML passes it ``W.t()`` for a (D, C) ``W``)."""
+        return weight if self.weight_layout == "rows" else weight.t()
+
+    def labels_of(self, batch: Batch) -> Tensor:
+        """The call's labels, checked to be class indices, as ``torch.long``."""
+        assert batch.labels is not None
+        return class_labels(batch.labels, self.num_classes)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+            f"{super().extra_repr()}"
+        )
 
 
 def add_regularization(

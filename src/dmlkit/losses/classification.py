@@ -2,16 +2,17 @@
 large-margin softmax and its family (SphereFace, ArcFace, sub-centre ArcFace, CosFace),
 NormalizedSoftmax and P2SGrad.
 
-Each holds one column of weights per class, ``W`` (``weight`` for P2SGrad) of shape
-(embedding_size, num_classes), so PML's ``state_dict`` loads into these classes and back. Labels
-are class indices in [0, num_classes); ``get_logits(embeddings)`` gives the (N, num_classes)
-logits without margins, so a trained loss doubles as a classifier head.
+Each holds one column of weights per class (per sub-centre for sub-centre ArcFace), ``W``
+(``weight`` for P2SGrad) of shape (embedding_size, num_classes), so PML's ``state_dict`` loads
+into these classes and back. Labels are class indices in [0, num_classes), of any integer
+dtype. The softmax losses' ``get_logits(embeddings)`` gives the (N, num_classes) logits without
+margins, so a trained loss doubles as a classifier head (P2SGradLoss, a regression on cosines,
+has none, as in PML).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import ClassVar, Literal, overload
 
 import torch
@@ -21,38 +22,27 @@ from torch import Tensor, nn
 from ..batch import Batch
 from ..distances import BaseDistance, CosineSimilarity, DotProductSimilarity, SimilarityRequirement
 from ..functional import classification as fc
-from ..functional.ranking import tuple_element_weights
+from ..functional.masks import tuple_element_weights
 from ..functional.reduction import Reducer
 from ..regularizers import BaseRegularizer
-from ..validation import check_batch, check_class_labels
-from .base import LOSSES, BaseMetricLossFunction, WeightRegularizedLoss
-
-WeightInit = Callable[[Tensor], object]
-"""Initialises a weight in place (PML's ``weight_init_func``, e.g. ``nn.init.xavier_normal_``)."""
+from ..validation import check_batch, check_positive_int, check_positive_number, class_labels
+from .base import LOSSES, ClassParametersLoss, WeightInit
 
 
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-class _SoftmaxClassifierLoss(WeightRegularizedLoss):
-    """Shared by the softmax losses: the weight ``W``, label checks, miner weights, the
-    cross-entropy with its reduction and the weight regulariser (PML passes it ``W.t()``).
+class _SoftmaxClassifierLoss(ClassParametersLoss):
+    """Shared by the softmax losses: miner weights, the cross-entropy with its reduction and the
+    weight regulariser of ``W``'s columns; PML's default init, standard normal.
 
     Subclasses give :meth:`training_logits` (with margins) and :meth:`get_logits`.
     """
 
-    labels_required = True
-    supports_ref = False
-    tuple_weighs_items = True
+    W: nn.Parameter
 
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
-        weight_columns: int,
+        centers_per_class: int,
         distance: BaseDistance | None,
         reducer: Reducer | None,
         embedding_regularizer: BaseRegularizer | None,
@@ -62,23 +52,18 @@ class _SoftmaxClassifierLoss(WeightRegularizedLoss):
         weight_init_func: WeightInit | None,
     ) -> None:
         super().__init__(
+            num_classes,
+            embedding_size,
+            centers_per_class,
             distance,
             reducer,
             embedding_regularizer,
             embedding_reg_weight,
             weight_regularizer,
             weight_reg_weight,
+            weight_init_func,
+            nn.init.normal_,
         )
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.embedding_size = _positive_int(embedding_size, "embedding_size")
-        self.W = nn.Parameter(torch.empty(embedding_size, weight_columns))
-        with torch.no_grad():  # PML's default: standard normal
-            (nn.init.normal_ if weight_init_func is None else weight_init_func)(self.W)
-
-    def weight_as(self, embeddings: Tensor) -> Tensor:
-        """``W`` in the embeddings' compute dtype (differentiably: its gradient stays in W's
-        own dtype, where PML converts the parameter itself)."""
-        return self.W.to(embeddings.dtype)
 
     def training_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """(N, num_classes) logits the cross-entropy sees, margins included."""
@@ -89,14 +74,12 @@ class _SoftmaxClassifierLoss(WeightRegularizedLoss):
         raise NotImplementedError
 
     def compute_loss(self, batch: Batch) -> Tensor:
-        labels = batch.labels
-        assert labels is not None
-        check_class_labels(labels, self.num_classes)
+        labels = self.labels_of(batch)
         emb = batch.embeddings
         weights = tuple_element_weights(batch.indices_tuple, len(emb), emb)
         logits = self.training_logits(emb, labels)
         loss = fc.weighted_cross_entropy(logits, labels, weights, self.reducer)
-        return self.add_weight_regularization(loss, self.weight_as(emb).t())
+        return self.add_weight_regularization(loss, self.weight_rows(self.weight_as(emb)))
 
 
 @LOSSES.register()
@@ -139,7 +122,7 @@ class LargeMarginSoftmaxLoss(_SoftmaxClassifierLoss):
         super().__init__(
             num_classes,
             embedding_size,
-            num_classes * self.centers_per_class(),
+            self.centers_per_class(),
             distance,
             reducer,
             embedding_regularizer,
@@ -188,10 +171,7 @@ class LargeMarginSoftmaxLoss(_SoftmaxClassifierLoss):
         return self.scale_logits(self.get_cosine(embeddings), embeddings)
 
     def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-            f"margin={self.margin}, scale={self.scale}, {super().extra_repr()}"
-        )
+        return f"{super().extra_repr()}, margin={self.margin}, scale={self.scale}"
 
 
 @LOSSES.register()
@@ -212,7 +192,8 @@ class ArcFaceLoss(LargeMarginSoftmaxLoss):
     Args:
         num_classes: Number of classes (labels in [0, num_classes)).
         embedding_size: Embedding dimension.
-        margin: The angular margin in degrees.
+        margin: The angular margin in degrees; ``self.margin`` keeps it in degrees, as given,
+            where PML's ``margin`` attribute holds it converted to radians.
         scale: Logit scale.
         distance: Must be ``CosineSimilarity`` (the default).
         reducer: Reduces the per-sample losses; default ``MeanReducer()``.
@@ -273,7 +254,8 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     Args:
         num_classes: Number of classes (labels in [0, num_classes)).
         embedding_size: Embedding dimension.
-        margin: The angular margin in degrees.
+        margin: The angular margin in degrees; ``self.margin`` keeps it in degrees, as given,
+            where PML's ``margin`` attribute holds it converted to radians.
         scale: Logit scale.
         sub_centers: Sub-centres per class.
         distance: Must be ``CosineSimilarity`` (the default).
@@ -301,7 +283,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         weight_init_func: WeightInit | None = None,
     ) -> None:
         # Read by centers_per_class() while the base constructor sizes W.
-        self.sub_centers = _positive_int(sub_centers, "sub_centers")
+        self.sub_centers = check_positive_int(sub_centers, "sub_centers")
         super().__init__(
             num_classes,
             embedding_size,
@@ -366,7 +348,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         """
         emb, lab, _, _ = check_batch(embeddings, labels, None, None, labels_required=True)
         assert lab is not None
-        check_class_labels(lab, self.num_classes)
+        lab = class_labels(lab, self.num_classes)
         with torch.no_grad():
             weight = self.weight_as(emb)
             outliers, dominant, present = fc.sub_center_outliers(
@@ -383,7 +365,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         return outliers, centers.masked_fill(~present, math.nan)
 
     def extra_repr(self) -> str:
-        return f"sub_centers={self.sub_centers}, {super().extra_repr()}"
+        return f"{super().extra_repr()}, sub_centers={self.sub_centers}"
 
 
 @LOSSES.register()
@@ -479,7 +461,7 @@ class NormalizedSoftmaxLoss(_SoftmaxClassifierLoss):
         super().__init__(
             num_classes,
             embedding_size,
-            num_classes,
+            1,
             distance,
             reducer,
             embedding_regularizer,
@@ -488,7 +470,7 @@ class NormalizedSoftmaxLoss(_SoftmaxClassifierLoss):
             weight_reg_weight,
             weight_init_func,
         )
-        self.temperature = temperature
+        self.temperature = check_positive_number(temperature, "temperature")
 
     @staticmethod
     def default_distance() -> BaseDistance:
@@ -506,20 +488,22 @@ class NormalizedSoftmaxLoss(_SoftmaxClassifierLoss):
         return self.get_logits(embeddings)
 
     def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-            f"temperature={self.temperature}, {super().extra_repr()}"
-        )
+        return f"{super().extra_repr()}, temperature={self.temperature}"
+
+
+def _p2sgrad_init(weight: Tensor) -> None:
+    """PML's init of P2SGrad's weight: uniform in [-1, 1], columns rescaled to unit norm."""
+    fc.project_to_unit_columns_(weight.uniform_(-1, 1))
 
 
 @LOSSES.register()
-class P2SGradLoss(BaseMetricLossFunction):
+class P2SGradLoss(ClassParametersLoss):
     """P2SGrad (Zhang et al. 2019): the squared error between the cosines to the classes and the
     one-hot labels, whose gradient is the paper's refined gradient.
 
     Before each call the class weights are rescaled to unit columns in place (outside
     autograd), as in PML, so their gradient is the plain, unprojected one. ``indices_tuple`` is
-    not supported.
+    not supported, nor is a weight regulariser (PML's has neither).
 
     Args:
         descriptors_dim: Embedding dimension (PML's name).
@@ -532,8 +516,9 @@ class P2SGradLoss(BaseMetricLossFunction):
             an alternative to ``descriptors_dim``.
     """
 
-    labels_required = True
-    supports_ref = False
+    tuple_weighs_items = False
+    weight_name = "weight"
+    weight: nn.Parameter
 
     def __init__(
         self,
@@ -545,7 +530,6 @@ class P2SGradLoss(BaseMetricLossFunction):
         *,
         embedding_size: int | None = None,
     ) -> None:
-        super().__init__(None, reducer, embedding_regularizer, embedding_reg_weight)
         if descriptors_dim is None:
             descriptors_dim = embedding_size
         elif embedding_size is not None and embedding_size != descriptors_dim:
@@ -556,21 +540,28 @@ class P2SGradLoss(BaseMetricLossFunction):
             raise ValueError(
                 "P2SGradLoss needs descriptors_dim (or embedding_size) and num_classes"
             )
-        self.descriptors_dim = _positive_int(descriptors_dim, "descriptors_dim")
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        # PML's init: uniform in [-1, 1], columns rescaled to unit norm.
-        self.weight = nn.Parameter(torch.empty(descriptors_dim, num_classes).uniform_(-1, 1))
-        fc.project_to_unit_columns_(self.weight)
+        super().__init__(
+            num_classes,
+            check_positive_int(descriptors_dim, "descriptors_dim"),
+            1,
+            None,
+            reducer,
+            embedding_regularizer,
+            embedding_reg_weight,
+            None,
+            1,
+            None,
+            _p2sgrad_init,
+        )
+        self.descriptors_dim = self.embedding_size
 
     def compute_loss(self, batch: Batch) -> Tensor:
         if batch.indices_tuple is not None:
             raise ValueError("P2SGradLoss does not support indices_tuple")
-        labels = batch.labels
-        assert labels is not None
-        check_class_labels(labels, self.num_classes)
+        labels = self.labels_of(batch)
         fc.project_to_unit_columns_(self.weight)
         emb = batch.embeddings
-        return fc.p2sgrad_loss(emb, self.weight.to(emb.dtype), labels, self.reducer)
+        return fc.p2sgrad_loss(emb, self.weight_as(emb), labels, self.reducer)
 
     def extra_repr(self) -> str:
         return (

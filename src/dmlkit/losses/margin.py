@@ -13,10 +13,10 @@ from ..functional import losses as fl
 from ..functional.margin import margin_loss, triplet_pair_weights
 from ..functional.masks import PairWeights, tuple_to_pair_weights
 from ..functional.reduction import DivisorReducer, Reducer
+from ..functional.triplets import sample_triplets
 from ..regularizers import BaseRegularizer
-from ..validation import check_class_labels
+from ..validation import check_positive_int, check_triplets_per_anchor, class_labels
 from .base import LOSSES, BaseMetricLossFunction
-from .pair_based import _sample_triplets, check_triplets_per_anchor
 
 
 @LOSSES.register()
@@ -64,12 +64,11 @@ class MarginLoss(BaseMetricLossFunction):
         embedding_reg_weight: float = 1,
     ) -> None:
         super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
-        check_triplets_per_anchor(triplets_per_anchor)
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, or None, got {num_classes}")
+        self.triplets_per_anchor = check_triplets_per_anchor(triplets_per_anchor)
+        if num_classes is not None:
+            num_classes = check_positive_int(num_classes, "num_classes (or None)")
         self.margin = margin
         self.nu = nu
-        self.triplets_per_anchor = triplets_per_anchor
         self.learn_beta = learn_beta
         initial = torch.full((num_classes or 1,), float(beta))
         if learn_beta:
@@ -97,8 +96,7 @@ class MarginLoss(BaseMetricLossFunction):
         if self.num_classes is not None:
             if batch.labels is None:
                 raise ValueError("MarginLoss with a β per class needs labels")
-            check_class_labels(batch.labels, self.num_classes)
-            beta = beta[batch.labels]
+            beta = beta[class_labels(batch.labels, self.num_classes)]
             penalty = self.nu * beta if self.learn_beta else None
             beta = beta.unsqueeze(1)
         loss = margin_loss(
@@ -118,7 +116,7 @@ class MarginLoss(BaseMetricLossFunction):
         """How many of the loss's triplets hold each positive and each negative pair."""
         indices = batch.indices_tuple
         if indices is None and self.triplets_per_anchor != "all":
-            indices = _sample_triplets(*batch.label_weights(), int(self.triplets_per_anchor))
+            indices = sample_triplets(*batch.label_weights(), int(self.triplets_per_anchor))
         device, dtype = batch.embeddings.device, batch.embeddings.dtype
         if indices is not None and len(indices) == 3:
             return tuple_to_pair_weights(indices, batch.shape, device, dtype)

@@ -20,8 +20,13 @@ from ..distances import (
 from ..functional import losses as fl
 from ..functional.masks import first_pair_per_label, first_two_per_label, tuple_to_pair_weights
 from ..functional.reduction import AvgNonZeroReducer, Reducer
-from ..functional.triplets import DEFAULT_CHUNK_ELEMENTS, all_triplets_margin_loss
+from ..functional.triplets import (
+    DEFAULT_CHUNK_ELEMENTS,
+    all_triplets_margin_loss,
+    sample_triplets,
+)
 from ..regularizers import BaseRegularizer
+from ..validation import check_triplets_per_anchor
 from .base import LOSSES, BaseMetricLossFunction
 
 
@@ -102,11 +107,10 @@ class TripletMarginLoss(BaseMetricLossFunction):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
-        check_triplets_per_anchor(triplets_per_anchor)
+        self.triplets_per_anchor = check_triplets_per_anchor(triplets_per_anchor)
         self.margin = margin
         self.swap = swap
         self.smooth_loss = smooth_loss
-        self.triplets_per_anchor = triplets_per_anchor
         self.chunk_elements = chunk_elements
 
     @staticmethod
@@ -127,7 +131,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
         dist, swap_dist = self._distance_like(batch)
         indices = batch.indices_tuple
         if indices is None and self.triplets_per_anchor != "all":
-            indices = _sample_triplets(*batch.label_weights(), int(self.triplets_per_anchor))
+            indices = sample_triplets(*batch.label_weights(), int(self.triplets_per_anchor))
         if indices is not None and len(indices) == 3:
             a, p, n = indices
             d_an = dist[a, n]
@@ -153,28 +157,6 @@ class TripletMarginLoss(BaseMetricLossFunction):
             swap_dist=swap_dist,
             chunk_elements=self.chunk_elements,
         )
-
-
-def check_triplets_per_anchor(triplets_per_anchor: int | str) -> None:
-    """Raises ``ValueError`` unless ``triplets_per_anchor`` is ``"all"`` or a positive int."""
-    if triplets_per_anchor != "all" and not (
-        isinstance(triplets_per_anchor, int) and triplets_per_anchor > 0
-    ):
-        raise ValueError(
-            f"triplets_per_anchor must be 'all' or a positive int, got {triplets_per_anchor!r}"
-        )
-
-
-def _sample_triplets(pos: Tensor, neg: Tensor, per_anchor: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``per_anchor`` random triplets for every anchor having a positive and a negative: each
-    draws a positive and a negative uniformly, with replacement."""
-    anchors = torch.nonzero(pos.sum(1) * neg.sum(1)).squeeze(1)
-    if anchors.numel() == 0:
-        empty = torch.empty(0, dtype=torch.long, device=pos.device)
-        return empty, empty.clone(), empty.clone()
-    p = torch.multinomial(pos[anchors].float(), per_anchor, replacement=True)
-    n = torch.multinomial(neg[anchors].float(), per_anchor, replacement=True)
-    return anchors.repeat_interleave(per_anchor), p.flatten(), n.flatten()
 
 
 @LOSSES.register()

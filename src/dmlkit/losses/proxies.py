@@ -8,17 +8,15 @@ cast to the embeddings' compute dtype (PML converts them in place). A mined tupl
 (PML's rule, see :mod:`dmlkit.functional.proxies`); ``ref_emb`` is not supported, as in PML.
 
 Where PML's value is an artefact, dmlkit computes the loss: PML's NCA losses drop an item whose
-positive probability underflows to 0 (ProxyNCA with a large ``softmax_scale`` in float32), give
-0 for a single query with ``ref_emb``, and NaN when no item has a positive (dmlkit: 0).
+positive probability underflows to 0 (ProxyNCA with a large ``softmax_scale`` in float32), and
+give NaN when no item has a positive (dmlkit: 0); PML's NCALoss also returns 0 for any single
+query, with or without ``ref_emb`` (its ProxyNCALoss never does).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -26,14 +24,11 @@ from ..batch import Batch
 from ..distances import BaseDistance, CosineSimilarity, LpDistance
 from ..functional import proxies as fp
 from ..functional.classification import weighted_cross_entropy
-from ..functional.ranking import tuple_element_weights
+from ..functional.masks import tuple_element_weights
 from ..functional.reduction import DivisorReducer, Reducer
-from ..regularizers import BaseRegularizer
-from ..validation import check_class_labels
-from .base import LOSSES, BaseMetricLossFunction, WeightRegularizedLoss
-
-WeightInit = Callable[[Tensor], Any]
-"""Initialises a parameter in place, as PML's ``weight_init_func`` (e.g. ``nn.init.normal_``)."""
+from ..regularizers import BaseRegularizer, SparseCentersRegularizer
+from ..validation import check_positive_int, check_positive_number
+from .base import LOSSES, BaseMetricLossFunction, ClassParametersLoss, WeightInit
 
 
 def _nca_logits(
@@ -102,62 +97,53 @@ class NCALoss(BaseMetricLossFunction):
         return fp.nca_loss(logits, pos, neg, weights, self.reducer)
 
 
-class ProxyLoss(WeightRegularizedLoss):
-    """What the proxy losses share: the class count, labels checked against it, no
-    ``ref_emb``, PML's ``weight_init_func``, and the call's tuple weights.
+class ProxyLoss(ClassParametersLoss):
+    """What ProxyNCA and ProxyAnchor share: one proxy per class, the (C, D) parameter
+    ``proxies``, and PML's ``get_logits``.
 
     Args:
         num_classes: C; labels must lie in [0, C).
         embedding_size: D.
         distance, reducer, embedding_regularizer, embedding_reg_weight, weight_regularizer,
-            weight_reg_weight: As :class:`~dmlkit.losses.base.WeightRegularizedLoss`.
+            weight_reg_weight, weight_init_func: As
+            :class:`~dmlkit.losses.base.ClassParametersLoss`.
+        default_init: PML's initialisation of the loss's proxies.
     """
 
-    labels_required = True
-    supports_ref = False
-    tuple_weighs_items = True
+    weight_name = "proxies"
+    weight_layout = "rows"
+    proxies: nn.Parameter
 
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
-        distance: BaseDistance | None = None,
-        reducer: Reducer | None = None,
-        embedding_regularizer: BaseRegularizer | None = None,
-        embedding_reg_weight: float = 1,
-        weight_regularizer: BaseRegularizer | None = None,
-        weight_reg_weight: float = 1,
+        distance: BaseDistance | None,
+        reducer: Reducer | None,
+        embedding_regularizer: BaseRegularizer | None,
+        embedding_reg_weight: float,
+        weight_regularizer: BaseRegularizer | None,
+        weight_reg_weight: float,
+        weight_init_func: WeightInit | None,
+        default_init: WeightInit,
     ) -> None:
         super().__init__(
+            num_classes,
+            embedding_size,
+            1,
             distance,
             reducer,
             embedding_regularizer,
             embedding_reg_weight,
             weight_regularizer,
             weight_reg_weight,
+            weight_init_func,
+            default_init,
         )
-        self.num_classes = num_classes
-        self.embedding_size = embedding_size
 
-    @staticmethod
-    def init_weights(
-        weight: Tensor, weight_init_func: WeightInit | None, default: WeightInit
-    ) -> None:
-        """Initialises ``weight`` with ``weight_init_func``, or PML's default for the loss."""
-        with torch.no_grad():
-            (default if weight_init_func is None else weight_init_func)(weight)
-
-    def labels_of(self, batch: Batch) -> Tensor:
-        """The call's labels, checked to be class indices, as ``torch.long`` (what indexing,
-        scattering and the cross-entropy take)."""
-        assert batch.labels is not None
-        check_class_labels(batch.labels, self.num_classes)
-        return batch.labels.long()
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, " + (
-            super().extra_repr()
-        )
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        """The (N, C) distances (or similarities) to the proxies, as PML's ``get_logits``."""
+        return self.distance(embeddings, self.weight_as(embeddings))
 
 
 @LOSSES.register()
@@ -206,27 +192,26 @@ class ProxyNCALoss(ProxyLoss):
             embedding_reg_weight,
             weight_regularizer,
             weight_reg_weight,
+            weight_init_func,
+            nn.init.normal_,
         )
         self.softmax_scale = softmax_scale
-        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size))
-        self.init_weights(self.proxies, weight_init_func, nn.init.normal_)
 
     @staticmethod
     def default_distance() -> BaseDistance:
         return LpDistance(power=2)
 
-    def get_logits(self, embeddings: Tensor) -> Tensor:
-        """The (N, C) distances (or similarities) to the proxies, as PML's ``get_logits``."""
-        return self.distance(embeddings, self.proxies.to(embeddings.dtype))
-
     def compute_loss(self, batch: Batch) -> Tensor:
         labels = self.labels_of(batch)
         emb = batch.embeddings
-        proxies = self.proxies.to(emb.dtype)
+        proxies = self.weight_as(emb)
         weights = fp.nca_sample_weights(batch.indices_tuple, len(emb), emb, None)
         logits = _nca_logits(self.distance, emb, proxies, self.softmax_scale)
         loss = weighted_cross_entropy(logits, labels, weights, self.reducer)
         return self.add_weight_regularization(loss, proxies)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, softmax_scale={self.softmax_scale}"
 
 
 @LOSSES.register()
@@ -282,15 +267,11 @@ class ProxyAnchorLoss(ProxyLoss):
             embedding_reg_weight,
             weight_regularizer,
             weight_reg_weight,
-        )
-        self.margin = margin
-        self.alpha = alpha
-        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size))
-        self.init_weights(
-            self.proxies,
             weight_init_func,
             lambda w: nn.init.kaiming_normal_(w, mode="fan_out"),
         )
+        self.margin = margin
+        self.alpha = alpha
 
     @staticmethod
     def default_distance() -> BaseDistance:
@@ -300,14 +281,10 @@ class ProxyAnchorLoss(ProxyLoss):
     def default_reducer() -> Reducer:
         return DivisorReducer()
 
-    def get_logits(self, embeddings: Tensor) -> Tensor:
-        """The (N, C) similarities (or distances) to the proxies, as PML's ``get_logits``."""
-        return self.distance(embeddings, self.proxies.to(embeddings.dtype))
-
     def compute_loss(self, batch: Batch) -> Tensor:
         labels = self.labels_of(batch)
         emb = batch.embeddings
-        proxies = self.proxies.to(emb.dtype)
+        proxies = self.weight_as(emb)
         indices = batch.indices_tuple
         loss = fp.proxy_anchor_loss(
             self.distance(emb, proxies),
@@ -320,9 +297,12 @@ class ProxyAnchorLoss(ProxyLoss):
         )
         return self.add_weight_regularization(loss, proxies)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, margin={self.margin}, alpha={self.alpha}"
+
 
 @LOSSES.register()
-class SoftTripleLoss(ProxyLoss):
+class SoftTripleLoss(ClassParametersLoss):
     """SoftTriple loss (Qian et al. 2019): ``centers_per_class`` centres per class; an item's
     similarity to a class is the softmax(s/γ)-weighted mean of its similarities to the class's
     centres, and the loss is the cross-entropy of ``la`` times those, the target's lowered by
@@ -330,8 +310,9 @@ class SoftTripleLoss(ProxyLoss):
 
     The paper's regulariser merging unneeded centres is
     ``weight_regularizer=SparseCentersRegularizer(num_classes, centers_per_class)``, applied to
-    the centres as rows (``fc.t()``), as in PML. With a mined tuple each item's loss is
-    weighted by its count in the tuple over the largest count (PML's rule).
+    the centres as rows (``fc.t()``), as in PML; one built for other values is refused at
+    construction. With a mined tuple each item's loss is weighted by its count in the tuple over
+    the largest count (PML's rule).
 
     Args:
         num_classes: C.
@@ -345,7 +326,9 @@ class SoftTripleLoss(ProxyLoss):
         reducer: Default ``MeanReducer()``.
         embedding_regularizer: Regulariser of the embeddings, or None.
         embedding_reg_weight: Its weight.
-        weight_regularizer: Regulariser of the centres' rows, or None.
+        weight_regularizer: Regulariser of the centres' rows, or None; a
+            ``SparseCentersRegularizer`` must have this loss's ``num_classes`` and
+            ``centers_per_class``.
         weight_reg_weight: Its weight.
         weight_init_func: Initialises ``fc`` in place; default
             ``nn.init.kaiming_uniform_(a=√5)``.
@@ -355,6 +338,8 @@ class SoftTripleLoss(ProxyLoss):
     """
 
     requires_similarity = True
+    weight_name = "fc"
+    fc: nn.Parameter
 
     def __init__(
         self,
@@ -372,24 +357,25 @@ class SoftTripleLoss(ProxyLoss):
         weight_reg_weight: float = 1,
         weight_init_func: WeightInit | None = None,
     ) -> None:
+        centers_per_class = check_positive_int(centers_per_class, "centers_per_class")
+        _check_sparse_centers(weight_regularizer, num_classes, centers_per_class)
         super().__init__(
             num_classes,
             embedding_size,
+            centers_per_class,
             distance,
             reducer,
             embedding_regularizer,
             embedding_reg_weight,
             weight_regularizer,
             weight_reg_weight,
+            weight_init_func,
+            lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)),
         )
         self.centers_per_class = centers_per_class
         self.la = la
-        self.gamma = gamma
+        self.gamma = check_positive_number(gamma, "gamma")
         self.margin = margin
-        self.fc = nn.Parameter(torch.empty(embedding_size, num_classes * centers_per_class))
-        self.init_weights(
-            self.fc, weight_init_func, lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        )
 
     @staticmethod
     def default_distance() -> BaseDistance:
@@ -397,7 +383,7 @@ class SoftTripleLoss(ProxyLoss):
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """The (N, C) class similarities, as PML's ``get_logits``."""
-        return self._logits(embeddings, self.fc.to(embeddings.dtype))
+        return self._logits(embeddings, self.weight_as(embeddings))
 
     def _logits(self, embeddings: Tensor, fc: Tensor) -> Tensor:
         return fp.soft_triple_logits(
@@ -407,7 +393,7 @@ class SoftTripleLoss(ProxyLoss):
     def compute_loss(self, batch: Batch) -> Tensor:
         labels = self.labels_of(batch)
         emb = batch.embeddings
-        fc = self.fc.to(emb.dtype)
+        fc = self.weight_as(emb)
         loss = fp.soft_triple_loss(
             self._logits(emb, fc),
             labels,
@@ -416,4 +402,31 @@ class SoftTripleLoss(ProxyLoss):
             tuple_element_weights(batch.indices_tuple, len(emb), emb),
             self.reducer,
         )
-        return self.add_weight_regularization(loss, fc.t())
+        return self.add_weight_regularization(loss, self.weight_rows(fc))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, centers_per_class={self.centers_per_class}, la={self.la}, "
+            f"gamma={self.gamma}, margin={self.margin}"
+        )
+
+
+def _check_sparse_centers(
+    regularizer: BaseRegularizer | None, num_classes: int, centers_per_class: int
+) -> None:
+    """Raises ``ValueError`` when a ``SparseCentersRegularizer`` of SoftTriple's centres was
+    built for another number of classes or centres per class (it would fail at the first
+    call, or pair centres of different classes)."""
+    if not isinstance(regularizer, SparseCentersRegularizer):
+        return
+    if (regularizer.num_classes, regularizer.centers_per_class) != (
+        num_classes,
+        centers_per_class,
+    ):
+        raise ValueError(
+            "SoftTripleLoss has num_classes="
+            f"{num_classes} and centers_per_class={centers_per_class}, but its "
+            "weight_regularizer SparseCentersRegularizer has num_classes="
+            f"{regularizer.num_classes} and centers_per_class={regularizer.centers_per_class}; "
+            "give the regulariser the loss's values"
+        )

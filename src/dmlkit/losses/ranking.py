@@ -6,9 +6,11 @@ from torch import Tensor
 
 from ..batch import Batch
 from ..distances import BaseDistance, LpDistance
-from ..functional.ranking import fastap_loss, tuple_element_weights
+from ..functional.masks import tuple_element_weights
+from ..functional.ranking import fastap_loss
 from ..functional.reduction import Reducer
 from ..regularizers import BaseRegularizer
+from ..validation import check_positive_int
 from .base import LOSSES, BaseMetricLossFunction
 
 
@@ -51,9 +53,7 @@ class FastAPLoss(BaseMetricLossFunction):
                 "FastAPLoss needs LpDistance with p=2 and normalize_embeddings=True (its "
                 f"histogram spans the distances between unit vectors), got {self.distance!r}"
             )
-        if int(num_bins) < 1:
-            raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
-        self.num_bins = int(num_bins)
+        self.num_bins = check_positive_int(num_bins, "num_bins")
 
     @staticmethod
     def default_distance() -> BaseDistance:

@@ -33,8 +33,6 @@ from typing import Any
 import yaml
 from torch import Tensor
 
-from ..losses import LOSSES
-from ..miners import MINERS
 from ..training import (
     RESUMABLE_CHANGES,
     Config,
@@ -485,21 +483,21 @@ class _NoBatches:
         raise RuntimeError("a configuration check draws no batch")
 
 
+# A stand-in class count for building a method's parts before its data is read: the
+# constructors' own checks (margins, sub-centres, regulariser shapes) do not depend on it.
+_CHECK_NUM_CLASSES = 2
+
+
 def check_buildable(config: Config, where: str) -> None:
     """Check the run's validation metric and build its loss, miner and objective (reading a
     config has already checked every part's name and options), so that a value their
-    constructors refuse is an error now rather than a failure of every run. Parts that need
-    the number of training classes are left to the run, which knows it; so are the checks that
-    need the data (enough classes for a meta batch, say).
+    constructors refuse is an error now rather than a failure of every run. Parts that need the
+    number of training classes are built with a stand-in count; the checks that need the data
+    (enough classes for a meta batch, say) are left to the run.
     """
     try:
         check_selection_metric(config.validation.metric, config.validation.metrics)
-        sizes = {"embedding_size": config.model.embedding_dim}
-        miner_name = config.miner.name
-        if "num_classes" in LOSSES.parameters(config.loss.name, "loss") or (
-            miner_name is not None and "num_classes" in MINERS.parameters(miner_name, "miner")
-        ):
-            return
+        sizes = {"embedding_size": config.model.embedding_dim, "num_classes": _CHECK_NUM_CLASSES}
         build_objective(
             config.objective,
             loss=build_loss(config.loss, **sizes),

@@ -213,6 +213,8 @@ class OptimizerConfig:
         head_lr: Learning rate of the embedding head; ``lr`` when None.
         loss_lr: Learning rate of the objective's own parameters (a loss's proxies, say);
             ``lr`` when None.
+        loss_weight_decay: Weight decay of the objective's own parameters; ``weight_decay``
+            when None (the Reality Check trains a margin loss's β without decay).
         grad_clip: Clip the global gradient norm to this; None for no clipping.
     """
 
@@ -223,6 +225,7 @@ class OptimizerConfig:
     backbone_lr: float | None = None
     head_lr: float | None = None
     loss_lr: float | None = None
+    loss_weight_decay: float | None = None
     grad_clip: float | None = None
 
 

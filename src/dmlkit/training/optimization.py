@@ -127,7 +127,10 @@ def parameter_groups(
         params = [p for p in parameters if p.requires_grad]
         lr = config.lr if rates[name] is None else rates[name]
         if lr and params:
-            result.append({"name": name, "params": params, "lr": lr})
+            group = {"name": name, "params": params, "lr": lr}
+            if name == "loss" and config.loss_weight_decay is not None:
+                group["weight_decay"] = config.loss_weight_decay
+            result.append(group)
     if not result:
         raise ConfigError("the optimiser has no parameter to train (every learning rate is 0?)")
     return result
