@@ -246,3 +246,16 @@ def test_cuda_runs_leave_every_global_generator_alone_and_amp_is_checked(tmp_pat
     ]
     with pytest.raises(ConfigError, match=r"train\.amp is not supported by DDTASObjective"):
         Trainer(load_config(None, [*FAST, *cuda, *ddtas]))
+
+
+def test_one_unresolvable_annotation_leaves_the_other_options_checked() -> None:
+    built = LOSSES.build(
+        {
+            "name": "user_parts:PartlyAnnotated",
+            "options": {"hint": [1, 2], "scale": 2, "distance": {"name": "LpDistance"}},
+        }
+    )
+    assert built.hint == [1, 2]  # unchecked: its annotation cannot be resolved
+    assert built.scale == 2.0 and isinstance(built.distance, LpDistance)
+    with pytest.raises(ConfigError, match=r"loss\.options\.scale: expected a number"):
+        LOSSES.build({"name": "user_parts:PartlyAnnotated", "options": {"scale": "abc"}})

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dmlkit.data import ArrayDataset
+from dmlkit.distances import BaseDistance
 from dmlkit.losses import BaseMetricLossFunction
 from dmlkit.models import Backbone
 from dmlkit.objectives import Objective, StepOutput
@@ -114,3 +117,20 @@ class Flat(Backbone):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x)[:, :, None, None]
+
+
+if TYPE_CHECKING:  # a name only a type checker sees: its annotation cannot be resolved at run time
+    from collections.abc import Sequence as Unresolvable
+
+
+class PartlyAnnotated(nn.Module):
+    """A user's part with one annotation that cannot be resolved at run time."""
+
+    def __init__(
+        self,
+        hint: Unresolvable | None = None,
+        scale: float = 1.0,
+        distance: BaseDistance | None = None,
+    ) -> None:
+        super().__init__()
+        self.hint, self.scale, self.distance = hint, scale, distance

@@ -31,6 +31,7 @@ This module imports nothing above the ground floor.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import types
@@ -264,10 +265,9 @@ def _signature(entry: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter],
         parameters = dict(inspect.signature(entry).parameters)
     except (TypeError, ValueError):  # no inspectable signature (some builtins): take anything
         parameters = {"options": inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD)}
-    try:
+    # When one annotation cannot be resolved the whole set fails: then resolve them one by one.
+    with contextlib.suppress(Exception):
         return parameters, typing.get_type_hints(target)
-    except Exception:
-        pass
     hints: dict[str, Any] = {}
     namespace = getattr(target, "__globals__", {})
     for name, annotation in getattr(target, "__annotations__", {}).items():
