@@ -29,8 +29,13 @@ pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
 pml_regularizers = pytest.importorskip("pytorch_metric_learning.regularizers")
 
 from conftest import assert_close  # noqa: E402
-
-C, D = 12, 16
+from weighted_parity import (  # noqa: E402
+    C,
+    D,
+    assert_matches_pml,
+    embeddings_for,
+    weight_of,
+)
 
 Pair = tuple[torch.nn.Module, torch.nn.Module]
 
@@ -129,43 +134,13 @@ def _pair(name: str, dtype: torch.dtype, num_classes: int = C, embedding_size: i
     return ours, theirs
 
 
-def _embeddings(labels: torch.Tensor, dtype: torch.dtype, dim: int = D, seed: int = 1234):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(int(labels.max()) + 1, dim, generator=g, dtype=torch.float64)
-    emb = centres[labels] * 0.6 + torch.randn(len(labels), dim, generator=g, dtype=torch.float64)
-    return emb.to(dtype)
-
-
-def _weight(loss: torch.nn.Module) -> torch.nn.Parameter:
-    (weight,) = loss.parameters()
-    return weight
-
-
-def _value_and_grads(loss, emb, labels, indices=None):
-    x = emb.clone().requires_grad_(True)
-    loss.zero_grad()
-    value = loss(x, labels, indices)
-    value.backward()
-    return value.detach(), x.grad, _weight(loss).grad.clone()
-
-
-def assert_matches_pml(ours, theirs, emb, labels, indices=None) -> None:
-    """Value, embedding gradient and weight gradient of dmlkit (in the embeddings' dtype)
-    against PML in float64, each within 1e-5 relative (conftest's rule)."""
-    mine = _value_and_grads(ours, emb, labels, indices)
-    reference = _value_and_grads(theirs, emb.double(), labels, indices)
-    assert torch.isfinite(mine[0])
-    for actual, expected in zip(mine, reference, strict=True):
-        assert_close(actual, expected)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", list(PML_CASES))
 def test_matches_pml(name: str, layout: str, dtype: torch.dtype) -> None:
     labels = LAYOUTS[layout]
     ours, theirs = _pair(name, dtype)
-    emb = _embeddings(labels, dtype)
+    emb = embeddings_for(labels, dtype)
     assert_matches_pml(ours, theirs, emb, labels)
     if name in WITH_LOGITS:
         assert_close(ours.get_logits(emb), theirs.get_logits(emb.double()))
@@ -186,14 +161,14 @@ TUPLES = {
 @pytest.mark.parametrize("name", WITH_TUPLES)
 def test_mined_tuples_weigh_samples_as_in_pml(name: str, kind: str) -> None:
     labels = LAYOUTS["pk_batch"]
-    emb = _embeddings(labels, torch.float64)
+    emb = embeddings_for(labels, torch.float64)
     assert_matches_pml(*_pair(name, torch.float64), emb, labels, TUPLES[kind])
 
 
 @pytest.mark.parametrize("name", WITH_TUPLES)
 def test_an_empty_mined_tuple_weighs_every_sample_as_in_pml(name: str) -> None:
     labels = LAYOUTS["pk_batch"]
-    emb = _embeddings(labels, torch.float64)
+    emb = embeddings_for(labels, torch.float64)
     empty = torch.empty(0, dtype=torch.long)
     for indices in ((empty,) * 3, (empty,) * 4):
         ours, theirs = _pair(name, torch.float64)
@@ -204,7 +179,7 @@ def test_an_empty_mined_tuple_weighs_every_sample_as_in_pml(name: str) -> None:
 @pytest.mark.parametrize("name", list(PML_CASES))
 def test_one_sgd_step_keeps_agreeing(name: str) -> None:
     labels = LAYOUTS["many_classes"]
-    emb = _embeddings(labels, torch.float64)
+    emb = embeddings_for(labels, torch.float64)
     ours, theirs = _pair(name, torch.float64)
     (key,) = theirs.state_dict()
     initial = theirs.state_dict()[key].clone()
@@ -244,7 +219,7 @@ def test_initial_weights_have_pml_distribution(name: str) -> None:
         lambda w: w.std(),
         lambda w: torch.linalg.vector_norm(w, dim=0).mean(),
     ):
-        mine, reference = statistic(_weight(ours).detach()), statistic(_weight(theirs).detach())
+        mine, reference = statistic(weight_of(ours).detach()), statistic(weight_of(theirs).detach())
         assert abs(float(mine - reference)) < 0.02 * max(1.0, abs(float(reference)))
 
 
@@ -262,7 +237,7 @@ def test_weight_init_func_initialises_w_as_pmls(name: str) -> None:
 
 def test_get_outliers_match_pml() -> None:
     labels = torch.arange(60) % 9  # classes 9, 10, 11 have no samples
-    emb = _embeddings(labels, torch.float64)
+    emb = embeddings_for(labels, torch.float64)
     ours, theirs = _pair("subcenter_arcface", torch.float64)
     counts = []
     for threshold in (60, 75, 85):
@@ -304,12 +279,12 @@ def test_a_label_outside_the_classes_is_a_value_error_naming_it(name: str) -> No
 def test_half_precision_is_finite_and_close_to_float32(name: str, dtype: torch.dtype) -> None:
     labels = LAYOUTS["many_classes"]
     ours, _ = PML_CASES[name]()
-    half = _embeddings(labels, torch.float32).to(dtype).requires_grad_(True)
+    half = embeddings_for(labels, torch.float32).to(dtype).requires_grad_(True)
     value = ours(half, labels)
     assert value.dtype == dtype and torch.isfinite(value)
     value.backward()
     assert half.grad is not None and torch.isfinite(half.grad).all()
-    assert torch.isfinite(_weight(ours).grad).all()
+    assert torch.isfinite(weight_of(ours).grad).all()
     reference = ours(half.detach().float(), labels)
     torch.testing.assert_close(value.float(), reference, rtol=2e-2, atol=1e-3)
 

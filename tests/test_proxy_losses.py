@@ -28,8 +28,13 @@ pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
 pml_regularizers = pytest.importorskip("pytorch_metric_learning.regularizers")
 
 from conftest import assert_close  # noqa: E402
-
-C, D = 12, 16
+from weighted_parity import (  # noqa: E402
+    C,
+    D,
+    assert_matches_pml,
+    embeddings_for,
+    weight_of,
+)
 
 Pair = tuple[torch.nn.Module, torch.nn.Module]
 
@@ -135,43 +140,13 @@ def _pair(name: str, dtype: torch.dtype, num_classes: int = C, embedding_size: i
     return ours, theirs
 
 
-def _embeddings(labels: torch.Tensor, dtype: torch.dtype, dim: int = D, seed: int = 1234):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(int(labels.max()) + 1, dim, generator=g, dtype=torch.float64)
-    emb = centres[labels] * 0.6 + torch.randn(len(labels), dim, generator=g, dtype=torch.float64)
-    return emb.to(dtype)
-
-
-def _weight(loss: torch.nn.Module) -> torch.nn.Parameter:
-    (weight,) = loss.parameters()
-    return weight
-
-
-def _value_and_grads(loss, emb, labels, indices=None):
-    x = emb.clone().requires_grad_(True)
-    loss.zero_grad()
-    value = loss(x, labels, indices)
-    value.backward()
-    return value.detach(), x.grad, _weight(loss).grad.clone()
-
-
-def assert_matches_pml(ours, theirs, emb, labels, indices=None) -> None:
-    """Value, embedding gradient and weight gradient of dmlkit (in the embeddings' dtype)
-    against PML in float64, each within 1e-5 relative (conftest's rule)."""
-    mine = _value_and_grads(ours, emb, labels, indices)
-    reference = _value_and_grads(theirs, emb.double(), labels, indices)
-    assert torch.isfinite(mine[0])
-    for actual, expected in zip(mine, reference, strict=True):
-        assert_close(actual, expected)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", list(PML_CASES))
 def test_matches_pml(name: str, layout: str, dtype: torch.dtype) -> None:
     labels = LAYOUTS[layout]
     ours, theirs = _pair(name, dtype)
-    emb = _embeddings(labels, dtype)
+    emb = embeddings_for(labels, dtype)
     assert_matches_pml(ours, theirs, emb, labels)
     assert_close(ours.get_logits(emb), theirs.get_logits(emb.double()))
 
@@ -181,7 +156,7 @@ def test_matches_pml(name: str, layout: str, dtype: torch.dtype) -> None:
 def test_matches_pml_with_many_classes(name: str, dtype: torch.dtype) -> None:
     labels = torch.randint(0, 1000, (96,), generator=torch.Generator().manual_seed(3))
     ours, theirs = _pair(name, dtype, 1000, 32)
-    assert_matches_pml(ours, theirs, _embeddings(labels, dtype, 32), labels)
+    assert_matches_pml(ours, theirs, embeddings_for(labels, dtype, 32), labels)
 
 
 MINERS = {
@@ -197,7 +172,7 @@ MINERS = {
 @pytest.mark.parametrize("name", list(PML_CASES))
 def test_mined_tuples_weigh_items_as_in_pml(name: str, miner: str) -> None:
     labels = LAYOUTS["pk_batch"]
-    emb = _embeddings(labels, torch.float64)
+    emb = embeddings_for(labels, torch.float64)
     indices = MINERS[miner]()(emb, labels)
     counts = torch.bincount(torch.cat(indices), minlength=len(labels))
     anchors = indices[:1] if len(indices) == 3 else indices[0::2]
@@ -211,7 +186,7 @@ def test_mined_tuples_weigh_items_as_in_pml(name: str, miner: str) -> None:
 @pytest.mark.parametrize("name", list(PML_CASES))
 def test_an_empty_mined_tuple_weighs_every_item_as_in_pml(name: str) -> None:
     labels = LAYOUTS["pk_batch"]
-    emb = _embeddings(labels, torch.float64)
+    emb = embeddings_for(labels, torch.float64)
     empty = torch.empty(0, dtype=torch.long)
     for indices in ((empty,) * 3, (empty,) * 4):
         ours, theirs = _pair(name, torch.float64)
@@ -222,7 +197,7 @@ def test_an_empty_mined_tuple_weighs_every_item_as_in_pml(name: str) -> None:
 @pytest.mark.parametrize("name", list(PML_CASES))
 def test_one_sgd_step_keeps_agreeing(name: str) -> None:
     labels = LAYOUTS["many_classes"]
-    emb = _embeddings(labels, torch.float64)
+    emb = embeddings_for(labels, torch.float64)
     ours, theirs = _pair(name, torch.float64)
     (key,) = theirs.state_dict()
     initial = theirs.state_dict()[key].clone()
@@ -257,7 +232,7 @@ def test_initial_weights_have_pml_distribution(name: str) -> None:
     """Same distribution as PML's init (tests load PML's weights instead of relying on it):
     mean, standard deviation and largest magnitude of the entries, at 1000 classes."""
     ours, theirs = PML_CASES[name](1000, 64)
-    mine, reference = _weight(ours).detach(), _weight(theirs).detach()
+    mine, reference = weight_of(ours).detach(), weight_of(theirs).detach()
     assert mine.shape == reference.shape
     std = float(reference.std())
     assert abs(float(mine.mean())) < 0.02 * std
@@ -289,7 +264,7 @@ def test_an_empty_batch_gives_a_zero_with_a_graph(name: str) -> None:
     value = ours(emb, torch.zeros(0, dtype=torch.long))
     assert value.item() == 0.0
     value.backward()
-    assert torch.all(_weight(ours).grad == 0)
+    assert torch.all(weight_of(ours).grad == 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -297,12 +272,12 @@ def test_an_empty_batch_gives_a_zero_with_a_graph(name: str) -> None:
 def test_half_precision_is_finite_and_close_to_float32(name: str, dtype: torch.dtype) -> None:
     labels = LAYOUTS["many_classes"]
     ours, _ = PML_CASES[name]()
-    half = _embeddings(labels, torch.float32).to(dtype).requires_grad_(True)
+    half = embeddings_for(labels, torch.float32).to(dtype).requires_grad_(True)
     value = ours(half, labels)
     assert value.dtype == dtype and torch.isfinite(value)
     value.backward()
     assert half.grad is not None and torch.isfinite(half.grad).all()
-    assert torch.isfinite(_weight(ours).grad).all()
+    assert torch.isfinite(weight_of(ours).grad).all()
     reference = ours(half.detach().float(), labels)
     torch.testing.assert_close(value.float(), reference, rtol=2e-2, atol=1e-3)
 
@@ -311,7 +286,7 @@ def test_proxy_anchor_divides_its_positive_side_by_the_proxies_with_a_positive()
     """The default DivisorReducer against the formula written out: Σ_c pos_c / |{c with
     items}| + Σ_c neg_c / C."""
     labels = LAYOUTS["some_classes"]
-    emb = _embeddings(labels, torch.float64)
+    emb = embeddings_for(labels, torch.float64)
     loss = dl.ProxyAnchorLoss(C, D).double()
     cos = F.normalize(emb) @ F.normalize(loss.proxies).T
     pos = F.one_hot(labels, C).bool()
@@ -398,7 +373,7 @@ def test_a_run_builds_soft_triple_with_its_sparse_centres_regulariser() -> None:
     ).double()
     loss.double().load_state_dict(theirs.state_dict())
     labels = LAYOUTS["many_classes"]
-    assert_matches_pml(loss, theirs, _embeddings(labels, torch.float64), labels)
+    assert_matches_pml(loss, theirs, embeddings_for(labels, torch.float64), labels)
 
 
 @pytest.mark.parametrize("name", ["ProxyNCALoss", "ProxyAnchorLoss", "SoftTripleLoss"])
@@ -448,7 +423,7 @@ def test_nca_counts_a_tuples_references_as_items_only_when_they_are_the_batch() 
     ``anchor_in_ref``) every entry of a tuple names an item; against other items only the
     anchors do."""
     labels = torch.arange(16) // 4
-    emb = _embeddings(labels, torch.float64)
+    emb = embeddings_for(labels, torch.float64)
     indices = pml_miners.MultiSimilarityMiner(epsilon=0.1)(emb, labels)
     loss = dl.NCALoss()
     in_batch = loss(emb, labels, indices)
