@@ -1,6 +1,7 @@
 """Forward+backward time of dmlkit's losses with per-class parameters (proxies, class weights)
 against PML 2.9, and against the physical reference: one bare ``embeddings @ W`` forward+backward
-(gradients for both) with the same number of classes.
+(gradients for both) with ``W`` the loss's own size (one column per class, per sub-centre or per
+SoftTriple centre).
 
 Both libraries get identical inputs and weights (PML's initial parameters are loaded into
 dmlkit's loss), at batch 128, 1024 and 4096, 100 and 10,000 classes, embedding sizes 128 and 512.
@@ -66,6 +67,7 @@ class Row:
     loss: str
     batch: int
     classes: int
+    columns: int
     dim: int
     bare_ms: float
     dmlkit_ms: float
@@ -103,7 +105,9 @@ def run_case(
     if pytorch_metric_learning is not None and hasattr(pl, name):
         theirs = getattr(pl, name)(**_sizes(name, classes, dim), **options)
         ours.load_state_dict(theirs.state_dict())
-    weight = torch.randn(dim, classes, requires_grad=True)
+    (held,) = ours.parameters()
+    columns = held.numel() // dim  # classes × centres per class (sub-centres, SoftTriple's)
+    weight = torch.randn(dim, columns, requires_grad=True)
     calls = {
         "bare": (lambda x: (x @ weight).sum(), [weight]),
         "ours": (lambda x: ours(x, labels), list(ours.parameters())),
@@ -123,6 +127,7 @@ def run_case(
         name,
         n,
         classes,
+        columns,
         dim,
         1e3 * statistics.median(times["bare"]),
         1e3 * statistics.median(times["ours"]),
@@ -139,18 +144,20 @@ def _markdown(rows: list[Row], meta: dict) -> str:
         f"dmlkit {meta['dmlkit']}, PML {meta['pml']}, torch {meta['torch']}, "
         f"{meta['threads']} threads, {meta['cpu']}. Medians over {meta['reps']} interleaved "
         "repetitions (fewer for PML where one call exceeds the time budget; the count is "
-        "shown). `bare` is one `x @ W` forward+backward (gradients of both) with W of size "
-        "dim × classes; dmlkit's loss holds PML's initial parameters.",
+        "shown). `bare` is one `x @ W` forward+backward (gradients of both) with W of the "
+        "loss's own size, dim × columns (columns = classes × centres per class: 3 sub-centres "
+        "for SubCenterArcFace, 10 centres for SoftTriple, 1 otherwise); dmlkit's loss holds "
+        "PML's initial parameters.",
         "",
-        "| loss | batch | classes | dim | bare ms | dmlkit ms | PML ms (reps) | PML / dmlkit "
+        "| loss | batch | classes | columns | dim | bare ms | dmlkit ms | PML ms (reps) | PML / dmlkit "
         "| dmlkit / bare |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         pml = "—" if r.pml_ms is None else f"{r.pml_ms:.1f} ({r.pml_reps})"
         speed = "—" if r.speedup is None else f"{r.speedup:.1f}×"
         lines.append(
-            f"| {r.loss} | {r.batch} | {r.classes} | {r.dim} | {r.bare_ms:.2f} | "
+            f"| {r.loss} | {r.batch} | {r.classes} | {r.columns} | {r.dim} | {r.bare_ms:.2f} | "
             f"{r.dmlkit_ms:.2f} | {pml} | {speed} | {r.dmlkit_ms / r.bare_ms:.1f} |"
         )
     return "\n".join(lines) + "\n"

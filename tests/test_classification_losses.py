@@ -332,6 +332,8 @@ def test_bad_constructor_values_are_value_errors(kwargs, message: str) -> None:
         (lambda: dl.ArcFaceLoss(0, D), "num_classes must be a positive integer, got 0"),
         (lambda: dl.CosFaceLoss(C, True), "embedding_size must be a positive integer, got True"),
         (lambda: dl.SubCenterArcFaceLoss(C, D, sub_centers=1.5), "sub_centers must be a positive"),
+        (lambda: dl.ArcFaceLoss(C, D, scale=0), "scale must be a positive"),
+        (lambda: dl.SphereFaceLoss(C, D, scale=-1), "scale must be a positive"),
         (lambda: dl.P2SGradLoss(D, 0), "num_classes must be a positive integer, got 0"),
         (lambda: dl.P2SGradLoss(-2, C), "descriptors_dim must be a positive integer, got -2"),
     ],
@@ -389,6 +391,8 @@ def test_functional_exports_every_formula_module() -> None:
 def test_margin_classes_require_cosine_similarity() -> None:
     with pytest.raises(ValueError, match="ArcFaceLoss requires CosineSimilarity"):
         dl.ArcFaceLoss(C, D, distance=dd.DotProductSimilarity())
+    with pytest.raises(ValueError, match=r"CosFaceLoss computes cosines itself.*power 1"):
+        dl.CosFaceLoss(C, D, distance=dd.CosineSimilarity(power=2))
     with pytest.raises(ValueError, match="sub_centers must be a positive integer"):
         dl.SubCenterArcFaceLoss(C, D, sub_centers=0)
 

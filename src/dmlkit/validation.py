@@ -43,11 +43,17 @@ def check_embeddings(embeddings: object, name: str = "embeddings") -> Tensor:
         )
     if not emb.is_floating_point():
         raise ValueError(f"{name} must have a floating-point dtype, got {emb.dtype}")
-    if not bool(torch.isfinite(emb).all()):
+    if emb.numel() and not _all_finite(emb):
         n_nan = int(torch.isnan(emb).sum())
         n_inf = int(torch.isinf(emb).sum())
         raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
     return emb
+
+
+def _all_finite(values: Tensor) -> bool:
+    """Whether a non-empty tensor is free of NaN and ±Inf, in one pass: they reach the extremes."""
+    lowest, highest = torch.aminmax(values.detach())
+    return bool(lowest.isfinite() & highest.isfinite())
 
 
 def check_labels(labels: object, length: int, device: torch.device, name: str = "labels") -> Tensor:
@@ -242,9 +248,11 @@ def check_class_labels(labels: Tensor, num_classes: int, name: str = "labels") -
     Raises:
         ValueError: Naming the first label outside the range.
     """
-    outside = (labels < 0) | (labels >= num_classes)
-    if bool(outside.any()):
-        label = int(labels[outside][0])
+    if not len(labels):
+        return
+    lowest, highest = torch.aminmax(labels)
+    if lowest < 0 or highest >= num_classes:
+        label = int(labels[(labels < 0) | (labels >= num_classes)][0])
         raise ValueError(
             f"{name} holds {label}, outside the class indices [0, {num_classes}): "
             "per-class parameters need labels 0..num_classes-1"

@@ -6,17 +6,17 @@ are thin wrappers that check inputs and delegate to these functions.
 """
 
 from .classification import (
+    TargetMargin,
     additive_angular_margin,
     additive_cosine_margin,
     multiplicative_angular_margin,
     p2sgrad_loss,
     project_to_unit_columns_,
-    scale_by_norms,
     sub_center_cosine,
     sub_center_outliers,
     temperature_logits,
     weighted_cross_entropy,
-    with_target_logits,
+    with_target_margin,
 )
 from .logsumexp import masked_logsumexp
 from .losses import (
@@ -86,6 +86,7 @@ __all__ = [
     "AdaptiveTolerances",
     "PairIndices",
     "PairWeights",
+    "TargetMargin",
     "adaptive_tolerances",
     "additive_angular_margin",
     "additive_cosine_margin",
@@ -128,7 +129,6 @@ __all__ = [
     "reference_items",
     "same_class_center_similarities",
     "sample_triplets",
-    "scale_by_norms",
     "snr_distance_matrix",
     "soft_contrastive_loss",
     "soft_contrastive_per_anchor",
@@ -146,7 +146,7 @@ __all__ = [
     "tuple_element_weights",
     "tuple_to_pair_weights",
     "weighted_cross_entropy",
-    "with_target_logits",
+    "with_target_margin",
     "zero_loss",
     "zero_mean_terms",
 ]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .reduction import Reducer
 
@@ -38,22 +40,6 @@ def weighted_cross_entropy(
     """
     losses = F.cross_entropy(logits, labels, reduction="none")
     return reducer(losses * sample_weights)
-
-
-def with_target_logits(
-    cosine: Tensor, labels: Tensor, modify: Callable[[Tensor], Tensor]
-) -> Tensor:
-    """The (N, C) cosines with each sample's target-class entry replaced by ``modify`` of it:
-    where the large-margin losses put their margin.
-
-    Args:
-        cosine: (N, C) cosines between samples and classes.
-        labels: (N,) target classes.
-        modify: Maps the (N,) target cosines to their margin-penalised values.
-    """
-    index = labels.unsqueeze(1)
-    target = cosine.gather(1, index).squeeze(1)
-    return cosine.scatter(1, index, modify(target).unsqueeze(1))
 
 
 def _angles(cosine: Tensor) -> Tensor:
@@ -112,23 +98,65 @@ def additive_cosine_margin(cosine: Tensor, margin: float) -> Tensor:
     return cosine - margin
 
 
-def scale_by_norms(
-    logits: Tensor, embeddings: Tensor, weight: Tensor | None, scale: float
+TargetMargin = Callable[[Tensor, Tensor], Tensor]
+"""Maps the (N,) target logits and their (N,) magnitudes (logit = magnitude · cosine) to the
+margin-penalised target logits."""
+
+
+class _ReplaceTargets(torch.autograd.Function):
+    """One copy of the logits forward and one of the gradient backward; the margin's own
+    (N,)-sized graph is built in forward and differentiated in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: Tensor, labels: Tensor, margin: TargetMargin, magnitudes: Tensor
+    ) -> Tensor:
+        index = labels.unsqueeze(1)
+        with torch.enable_grad():
+            inputs = (
+                logits.detach().gather(1, index).squeeze(1).requires_grad_(),
+                magnitudes.detach().requires_grad_(),
+            )
+            margined = margin(*inputs)
+        ctx.margin_graph = (margined, inputs)
+        ctx.save_for_backward(index)
+        return logits.scatter(1, index, margined.detach().unsqueeze(1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (index,) = ctx.saved_tensors
+        margined, inputs = ctx.margin_graph
+        # retain_graph: the (N,)-sized graph lives as long as this node, as other nodes' do.
+        target_grad, magnitude_grad = torch.autograd.grad(
+            margined,
+            inputs,
+            grad.gather(1, index).squeeze(1),
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return grad.scatter(1, index, target_grad.unsqueeze(1)), None, None, magnitude_grad
+
+
+def with_target_margin(
+    logits: Tensor, labels: Tensor, margin: TargetMargin, magnitudes: Tensor
 ) -> Tensor:
-    """``logits`` times ``scale``, each row's embedding norm and, given ``weight``, each
-    column's weight norm: cosines back to inner products (L-Softmax), or to ‖x‖ cos
-    (SphereFace).
+    """The (N, C) ``logits`` with each sample's target-class entry t replaced by
+    ``margin(t, m)``: where the large-margin losses put their margin.
+
+    The logits come from one margin-free product and only the N targets are recomputed, where
+    PML applies the margin to the whole cosine matrix and rescales it: the same values and
+    gradients with two (N, C) passes instead of several. First-order differentiable in
+    ``logits`` and ``magnitudes``.
 
     Args:
-        logits: (N, C) cosines (margins applied).
-        embeddings: (N, D) embeddings.
-        weight: (D, C) class weights, or None to leave the classes' norms out.
-        scale: A constant factor.
+        logits: (N, C) margin-free logits.
+        labels: (N,) target classes.
+        margin: The target logits' penalty (:data:`TargetMargin`).
+        magnitudes: (N,) what each target's cosine is multiplied by in its logit.
     """
-    magnitudes = torch.linalg.vector_norm(embeddings, dim=1).unsqueeze(1)
-    if weight is not None:
-        magnitudes = magnitudes * torch.linalg.vector_norm(weight, dim=0).unsqueeze(0)
-    return logits * magnitudes * scale
+    replaced: Tensor = _ReplaceTargets.apply(logits, labels, margin, magnitudes)
+    return replaced
 
 
 def sub_center_cosine(cosine: Tensor, num_classes: int, sub_centers: int) -> Tensor:
@@ -216,15 +244,15 @@ def p2sgrad_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, reducer: Re
 
 
 __all__ = [
+    "TargetMargin",
     "additive_angular_margin",
     "additive_cosine_margin",
     "multiplicative_angular_margin",
     "p2sgrad_loss",
     "project_to_unit_columns_",
-    "scale_by_norms",
     "sub_center_cosine",
     "sub_center_outliers",
     "temperature_logits",
     "weighted_cross_entropy",
-    "with_target_logits",
+    "with_target_margin",
 ]

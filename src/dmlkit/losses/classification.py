@@ -93,8 +93,8 @@ class LargeMarginSoftmaxLoss(_SoftmaxClassifierLoss):
         embedding_size: Embedding dimension.
         margin: The integer angle multiplier m ≥ 1 (PML truncates other values; dmlkit
             refuses them).
-        scale: Logit scale.
-        distance: Must be ``CosineSimilarity`` (the default).
+        scale: Logit scale, positive.
+        distance: Must be ``CosineSimilarity()`` with power 1 (the default).
         reducer: Reduces the per-sample losses; default ``MeanReducer()``.
         embedding_regularizer: As :class:`BaseMetricLossFunction`.
         embedding_reg_weight: As :class:`BaseMetricLossFunction`.
@@ -131,8 +131,13 @@ class LargeMarginSoftmaxLoss(_SoftmaxClassifierLoss):
             weight_reg_weight,
             weight_init_func,
         )
+        if type(self.distance) is not CosineSimilarity or self.distance.power != 1:
+            raise ValueError(
+                f"{type(self).__name__} computes cosines itself: distance must be "
+                f"CosineSimilarity() with power 1, got {self.distance!r}"
+            )
         self.margin = self.checked_margin(margin)
-        self.scale = scale
+        self.scale = check_positive_number(scale, "scale")
 
     @staticmethod
     def default_distance() -> BaseDistance:
@@ -157,18 +162,27 @@ class LargeMarginSoftmaxLoss(_SoftmaxClassifierLoss):
         """The target cosines with the margin applied."""
         return fc.multiplicative_angular_margin(cosine, int(self.margin))
 
-    def scale_logits(self, logits: Tensor, embeddings: Tensor) -> Tensor:
-        """Cosine-space logits to the logits the softmax sees."""
-        return fc.scale_by_norms(logits, embeddings, self.weight_as(embeddings), self.scale)
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        # ‖x‖‖W_j‖ cos θ_j is the inner product: one product, no (N, C) rescaling.
+        return (embeddings * self.scale) @ self.weight_as(embeddings)
+
+    def target_magnitudes(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """(N,) what turns each target's cosine into its logit: ‖x‖‖W_y‖ · scale."""
+        column_norms = torch.linalg.vector_norm(self.weight_as(embeddings), dim=0)
+        return torch.linalg.vector_norm(embeddings, dim=1) * column_norms[labels] * self.scale
+
+    def margined_target_logits(self, logits: Tensor, magnitudes: Tensor) -> Tensor:
+        """The target logits with the margin applied to their cosines (logit / magnitude)."""
+        magnitudes = magnitudes.clamp_min(torch.finfo(magnitudes.dtype).tiny)
+        return self.modify_cosine_of_target_classes(logits / magnitudes) * magnitudes
 
     def training_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        logits = fc.with_target_logits(
-            self.get_cosine(embeddings), labels, self.modify_cosine_of_target_classes
+        return fc.with_target_margin(
+            self.get_logits(embeddings),
+            labels,
+            self.margined_target_logits,
+            self.target_magnitudes(embeddings, labels),
         )
-        return self.scale_logits(logits, embeddings)
-
-    def get_logits(self, embeddings: Tensor) -> Tensor:
-        return self.scale_logits(self.get_cosine(embeddings), embeddings)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, margin={self.margin}, scale={self.scale}"
@@ -180,12 +194,28 @@ class SphereFaceLoss(LargeMarginSoftmaxLoss):
     logits ‖x‖ cos, the class weights' norms left out. Arguments as
     :class:`LargeMarginSoftmaxLoss`."""
 
-    def scale_logits(self, logits: Tensor, embeddings: Tensor) -> Tensor:
-        return fc.scale_by_norms(logits, embeddings, None, self.scale)
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        unit_classes = F.normalize(self.weight_as(embeddings), dim=0)
+        return (embeddings * self.scale) @ unit_classes
+
+    def target_magnitudes(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(embeddings, dim=1) * self.scale
+
+
+class _ScaledCosineLoss(LargeMarginSoftmaxLoss):
+    """Shared by ArcFace and CosFace (and sub-centre ArcFace): logits are cosines times
+    ``scale``."""
+
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        unit_classes = F.normalize(self.weight_as(embeddings), dim=0)
+        return (F.normalize(embeddings, dim=1) * self.scale) @ unit_classes
+
+    def target_magnitudes(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return embeddings.new_full(labels.shape, self.scale)
 
 
 @LOSSES.register()
-class ArcFaceLoss(LargeMarginSoftmaxLoss):
+class ArcFaceLoss(_ScaledCosineLoss):
     """ArcFace (Deng et al. 2019): an additive angular margin, cos(θ + m) for the target class,
     on cosine logits times ``scale``.
 
@@ -194,8 +224,8 @@ class ArcFaceLoss(LargeMarginSoftmaxLoss):
         embedding_size: Embedding dimension.
         margin: The angular margin in degrees; ``self.margin`` keeps it in degrees, as given,
             where PML's ``margin`` attribute holds it converted to radians.
-        scale: Logit scale.
-        distance: Must be ``CosineSimilarity`` (the default).
+        scale: Logit scale, positive.
+        distance: Must be ``CosineSimilarity()`` with power 1 (the default).
         reducer: Reduces the per-sample losses; default ``MeanReducer()``.
         embedding_regularizer: As :class:`BaseMetricLossFunction`.
         embedding_reg_weight: As :class:`BaseMetricLossFunction`.
@@ -239,9 +269,6 @@ class ArcFaceLoss(LargeMarginSoftmaxLoss):
     def modify_cosine_of_target_classes(self, cosine: Tensor) -> Tensor:
         return fc.additive_angular_margin(cosine, math.radians(self.margin))
 
-    def scale_logits(self, logits: Tensor, embeddings: Tensor) -> Tensor:
-        return logits * self.scale
-
 
 @LOSSES.register()
 class SubCenterArcFaceLoss(ArcFaceLoss):
@@ -256,9 +283,9 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         embedding_size: Embedding dimension.
         margin: The angular margin in degrees; ``self.margin`` keeps it in degrees, as given,
             where PML's ``margin`` attribute holds it converted to radians.
-        scale: Logit scale.
+        scale: Logit scale, positive.
         sub_centers: Sub-centres per class.
-        distance: Must be ``CosineSimilarity`` (the default).
+        distance: Must be ``CosineSimilarity()`` with power 1 (the default).
         reducer: Reduces the per-sample losses; default ``MeanReducer()``.
         embedding_regularizer: As :class:`BaseMetricLossFunction`.
         embedding_reg_weight: As :class:`BaseMetricLossFunction`.
@@ -304,6 +331,12 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     def get_cosine(self, embeddings: Tensor) -> Tensor:
         return fc.sub_center_cosine(
             super().get_cosine(embeddings), self.num_classes, self.sub_centers
+        )
+
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        # The scale is positive, so the largest scaled cosine is the scaled largest cosine.
+        return fc.sub_center_cosine(
+            super().get_logits(embeddings), self.num_classes, self.sub_centers
         )
 
     @overload
@@ -369,7 +402,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
 
 
 @LOSSES.register()
-class CosFaceLoss(LargeMarginSoftmaxLoss):
+class CosFaceLoss(_ScaledCosineLoss):
     """CosFace (large margin cosine loss, Wang et al. 2018): cos θ − m for the target class, on
     cosine logits times ``scale``.
 
@@ -377,8 +410,8 @@ class CosFaceLoss(LargeMarginSoftmaxLoss):
         num_classes: Number of classes (labels in [0, num_classes)).
         embedding_size: Embedding dimension.
         margin: The cosine margin m.
-        scale: Logit scale.
-        distance: Must be ``CosineSimilarity`` (the default).
+        scale: Logit scale, positive.
+        distance: Must be ``CosineSimilarity()`` with power 1 (the default).
         reducer: Reduces the per-sample losses; default ``MeanReducer()``.
         embedding_regularizer: As :class:`BaseMetricLossFunction`.
         embedding_reg_weight: As :class:`BaseMetricLossFunction`.
@@ -421,9 +454,6 @@ class CosFaceLoss(LargeMarginSoftmaxLoss):
 
     def modify_cosine_of_target_classes(self, cosine: Tensor) -> Tensor:
         return fc.additive_cosine_margin(cosine, self.margin)
-
-    def scale_logits(self, logits: Tensor, embeddings: Tensor) -> Tensor:
-        return logits * self.scale
 
 
 @LOSSES.register()
