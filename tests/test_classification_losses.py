@@ -467,3 +467,44 @@ def test_large_margin_psi_is_the_papers_piecewise_function() -> None:
         expected = (-1) ** k * torch.cos(m * theta) - 2 * k
         torch.testing.assert_close(multiplicative_angular_margin(torch.cos(theta), m), expected)
         assert bool((torch.diff(expected) < 0).all())  # monotonically decreasing
+
+
+def test_p2sgrad_can_be_called_twice_before_one_backward() -> None:
+    """The projection of the weight must not invalidate the graph of an earlier call."""
+    loss = dl.P2SGradLoss(D, C)
+    x1, x2 = torch.randn(6, D, requires_grad=True), torch.randn(6, D, requires_grad=True)
+    (loss(x1, torch.arange(6)) + loss(x2, torch.arange(6))).backward()
+    assert x1.grad is not None and x2.grad is not None and loss.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "cls", [dl.LargeMarginSoftmaxLoss, dl.SphereFaceLoss, dl.ArcFaceLoss, dl.CosFaceLoss]
+)
+def test_the_fused_target_margin_backward_can_run_twice_but_not_twice_differentiated(cls):
+    loss = cls(C, D).double()
+    x = torch.randn(8, D, dtype=torch.float64, requires_grad=True)
+    value = loss(x, torch.arange(8) % C)
+    (first,) = torch.autograd.grad(value, x, retain_graph=True)
+    (second,) = torch.autograd.grad(value, x, retain_graph=True)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(value, x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
+def test_the_fused_target_margin_matches_a_plain_autograd_margin() -> None:
+    """with_target_margin against the margin applied through a plain scatter, gradients for
+    the logits and the magnitudes included (gradcheck-level agreement in float64)."""
+    from dmlkit.functional.classification import with_target_margin
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+    magnitudes = (torch.rand(7, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+    labels = torch.tensor([0, 1, 4, 4, 2, 3, 0])
+
+    def margin(t, m):
+        return torch.cos(torch.acos((t / m).clamp(-1, 1)) + 0.3) * m
+
+    torch.autograd.gradcheck(
+        lambda lo, ma: with_target_margin(lo, labels, margin, ma), (logits, magnitudes)
+    )

@@ -34,7 +34,9 @@ class TestBadInput:
     def test_labels_not_1d(self, factory) -> None:
         emb, labels = _batch()
         with pytest.raises(ValueError, match="labels must be 1-D"):
-            make(factory)(emb, labels[:, None])
+            make(factory)(emb, labels[:, None, None])
+        with pytest.raises(ValueError, match=r"read as multi-hot .* must hold only 0 and 1"):
+            make(factory)(emb, labels[:, None] + 2)
 
     def test_labels_wrong_length(self, factory) -> None:
         emb, labels = _batch()
@@ -186,6 +188,25 @@ def test_half_precision_gives_finite_losses_close_to_float32(loss_cls, dtype) ->
     assert half.grad is not None and torch.isfinite(half.grad).all()
     reference = loss_fn(half.detach().float(), labels)
     torch.testing.assert_close(loss.float(), reference, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+def test_a_callers_autocast_leaves_the_loss_in_float32(loss_cls) -> None:
+    """Under the caller's bf16 autocast a loss computes as without it (products in float32),
+    where an autocast product would come back in half and mix dtypes."""
+    torch.manual_seed(2)
+    labels = torch.arange(48) // 4
+    emb = (torch.randn(12, 16)[labels] + torch.randn(48, 16)).requires_grad_(True)
+    loss_fn = make(loss_cls, 16)
+    torch.manual_seed(0)
+    expected = loss_fn(emb, labels)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_fn(emb, labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got.backward()
+    assert emb.grad is not None and torch.isfinite(emb.grad).all()
 
 
 @pytest.mark.parametrize("miner_cls", ALL_MINERS, ids=lambda c: c.__name__)

@@ -88,6 +88,10 @@ def test_unknown_yaml_key_names_it_and_suggests(tmp_path: Path) -> None:
         ({"logging": {"progress": "yes"}}, r"logging\.progress: expected true or false"),
         ({"data": {"transform": {"train_scale": [0.1]}}}, r"expected 2 values, got 1"),
         ({"model": 3}, r"model: expected a mapping"),
+        (
+            {"optimizer": {"loss_weight_decay": -0.5}},
+            r"optimizer\.loss_weight_decay must be a finite number ≥ 0, got -0\.5",
+        ),
     ],
 )
 def test_bad_values_name_the_field(values: dict[str, object], message: str) -> None:

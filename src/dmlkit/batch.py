@@ -11,10 +11,12 @@ from .distances import BaseDistance
 from .functional.masks import (
     PairIndices,
     PairWeights,
-    batch_pair_weights,
     drop_self_pairs,
+    exclude_self_pairs_,
     label_weights,
+    tuple_to_pair_weights,
 )
+from .relations import as_relation, relation_masks
 from .validation import IndicesTuple, check_anchor_in_ref, check_batch, check_indices_tuple
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -29,13 +31,17 @@ class Batch:
 
     Attributes:
         embeddings: (N, D) anchors.
-        labels: (N,) labels, or None when an indices tuple replaces them.
+        labels: (N,) integer labels; None when an indices tuple replaces them or a relation
+            gives the pairs.
         ref_emb: (M, D) separate reference set, or None for the batch against itself.
         ref_labels: (M,) labels of ``ref_emb``.
         indices_tuple: Mined (a, p, n) or (a1, p, a2, n), or None; without the entries that
             pair an anchor with itself through ``anchor_in_ref``.
         anchor_in_ref: (N,) row of ``ref_emb`` holding each anchor itself, or −1; None when
             the reference set holds no anchor (or there is none).
+        relation: Boolean (N, M) positive and negative masks from multi-hot labels or a
+            :mod:`dmlkit.relations` relation (self-pairs not yet excluded); None for integer
+            labels.
     """
 
     embeddings: Tensor
@@ -44,6 +50,7 @@ class Batch:
     ref_labels: Tensor | None
     indices_tuple: IndicesTuple | None
     anchor_in_ref: Tensor | None = None
+    relation: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def from_call(
@@ -58,13 +65,24 @@ class Batch:
         labels_required: bool = False,
     ) -> Batch:
         """Checks a call's arguments (raising ``ValueError`` naming any problem)."""
+        relation = as_relation(labels)
         emb, lab, ref, ref_lab = check_batch(
             embeddings,
-            labels,
+            None if relation is not None else labels,
             ref_emb,
-            ref_labels,
-            labels_required=labels_required or indices_tuple is None,
+            None if relation is not None else ref_labels,
+            labels_required=relation is None and (labels_required or indices_tuple is None),
         )
+        masks = None
+        if relation is not None:
+            if len(relation) != emb.shape[0]:
+                raise ValueError(
+                    f"labels has {len(relation)} rows but there are {emb.shape[0]} embeddings; "
+                    "they must match"
+                )
+            masks = relation_masks(
+                relation, ref_labels, None if ref is None else ref.shape[0], emb.device
+            )
         n_refs = emb.shape[0] if ref is None else ref.shape[0]
         indices = (
             None
@@ -81,7 +99,7 @@ class Batch:
         if emb.dtype in _LOW_PRECISION:
             emb = emb.float()
             ref = None if ref is None else ref.float()
-        return cls(emb, lab, ref, ref_lab, indices, itself)
+        return cls(emb, lab, ref, ref_lab, indices, itself, masks)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,13 +112,34 @@ class Batch:
         return distance(self.embeddings, self.ref_emb)
 
     def label_weights(self) -> tuple[Tensor, Tensor]:
-        """0/1 float (N, M) positive and negative pair weights from the labels, in the compute
-        dtype (each anchor's pair with itself excluded by index)."""
+        """0/1 float (N, M) positive and negative pair weights from the labels or the
+        relation, in the compute dtype (each anchor's pair with itself excluded by index)."""
+        dtype = self.embeddings.dtype
+        if self.relation is not None:
+            pos, neg = (mask.to(dtype) for mask in self.relation)
+            exclude_self_pairs_(pos, neg, self.ref_emb is None, self.anchor_in_ref)
+            return pos, neg
         if self.labels is None:
             raise ValueError("labels are required here")
-        return label_weights(
-            self.labels, self.ref_labels, self.embeddings.dtype, self.anchor_in_ref
-        )
+        return label_weights(self.labels, self.ref_labels, dtype, self.anchor_in_ref)
+
+    def class_labels(self, owner: str) -> Tensor:
+        """The integer labels, for what needs one class per item.
+
+        Args:
+            owner: The loss or miner, for the message.
+
+        Raises:
+            ValueError: If the call gave multi-hot labels or a relation, or no labels.
+        """
+        if self.relation is not None:
+            raise ValueError(
+                f"{owner} needs integer class labels (one class per item); multi-hot labels "
+                "and label relations work with the pair-based losses and the miners"
+            )
+        if self.labels is None:
+            raise ValueError(f"{owner} needs labels")
+        return self.labels
 
     def pairs(self) -> PairWeights | PairIndices:
         """The mined pairs as index lists if an indices tuple was given, else every labelled
@@ -112,13 +151,14 @@ class Batch:
     def pair_weights(self, binary: bool = False) -> PairWeights:
         """The mined pairs if an indices tuple was given (counted, or once each when
         ``binary``), else every labelled pair."""
-        return batch_pair_weights(
-            self.labels,
-            self.ref_labels,
-            self.indices_tuple,
-            self.shape,
-            self.embeddings.device,
-            self.embeddings.dtype,
-            binary,
-            self.anchor_in_ref,
-        )
+        if self.indices_tuple is not None:
+            return tuple_to_pair_weights(
+                self.indices_tuple,
+                self.shape,
+                self.embeddings.device,
+                self.embeddings.dtype,
+                binary,
+            )
+        if self.labels is None and self.relation is None:
+            raise ValueError("labels are required when no indices_tuple is given")
+        return PairWeights(*self.label_weights(), binary=True)

@@ -199,6 +199,17 @@ def check_positive_int(value: object, name: str) -> int:
     return int(value)
 
 
+def check_finite_number(value: object, name: str) -> float:
+    """Checks a constructor option that must be a finite real number (a margin, say).
+
+    Returns:
+        The value as a ``float``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def check_positive_number(value: object, name: str) -> float:
     """Checks a constructor option that must be a positive real number (a temperature, say).
 

@@ -10,17 +10,26 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..relations import PairRule, checked_masks
 from ..validation import check_embeddings, check_labels
 from . import metrics as M
 from .clustering import KMeansFunction, clustering_scores
-from .knn import Metric, NeighbourBlock, TorchKNN
+from .knn import (
+    Metric,
+    NeighbourBlock,
+    TorchKNN,
+    _decode_indices,
+    _decode_scores,
+    _encode,
+    _prepared,
+)
 
 KNN_METRICS = (
     "precision_at_1",
@@ -38,6 +47,7 @@ DEFAULT_METRICS = ("precision_at_1", "recall_at_k", "r_precision", "mean_average
 # queries whose lists are too short to tell.
 _LISTED_RECALL = 32
 _ABOVE = "_above"  # per-query values key of the Recall@K counts
+_RELATION_BLOCK_ELEMENTS = 1 << 24  # scores per query block under a relation: 64 MiB
 # From this many references on, the default Recall@K cut-offs are SOP's rather than CUB's.
 LARGE_REFERENCE_SET = 10_000
 Average = Literal["query", "class"]
@@ -102,13 +112,13 @@ class PerQuery:
 
     Attributes:
         values: Metric name → (Q,) float64 values (meaningless at lone queries).
-        labels: (Q,) query labels.
+        labels: (Q,) query labels; None under a label relation (no classes).
         lone: (Q,) True where the query's label has no other item among the references.
         depth: Length of the neighbour lists that were searched.
     """
 
     values: dict[str, Tensor]
-    labels: Tensor
+    labels: Tensor | None
     lone: Tensor
     depth: int
 
@@ -121,22 +131,38 @@ def _as_tensor(value: object, name: str) -> Tensor:
     return value
 
 
+def _checked_labels(
+    labels: object, length: int, device: torch.device, name: str, any_shape: bool
+) -> Tensor:
+    """1-D integer labels, or (with ``any_shape``, for a label relation) one row per item."""
+    tensor = _as_tensor(labels, name)
+    if not any_shape:
+        return check_labels(tensor, length, device, name)
+    if tensor.ndim == 0 or tensor.shape[0] != length:
+        raise ValueError(f"{name} must have one row per item ({length}), got shape "
+                         f"{tuple(tensor.shape)}")  # fmt: skip
+    return tensor.to(device)
+
+
 def checked_inputs(
     query: object,
     query_labels: object,
     reference: object | None,
     reference_labels: object | None,
     ref_includes_query: bool,
+    any_label_shape: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """Validates the retrieval inputs; returns query, its labels, reference and its labels.
 
-    The reference is None when the queries are their own references.
+    The reference is None when the queries are their own references. Labels are 1-D integers,
+    or of any shape with one row per item when ``any_label_shape`` (a label relation reads
+    them).
     """
     q = check_embeddings(_as_tensor(query, "query"), "query").detach()
     if q.shape[0] == 0:
         raise ValueError("query is empty: there is nothing to evaluate")
-    q_labels = check_labels(_as_tensor(query_labels, "query_labels"), q.shape[0], q.device,
-                            "query_labels")  # fmt: skip
+    q_labels = _checked_labels(query_labels, q.shape[0], q.device, "query_labels",
+                               any_label_shape)  # fmt: skip
     if reference is None:
         if reference_labels is not None:
             raise ValueError("reference_labels was given without reference")
@@ -146,8 +172,8 @@ def checked_inputs(
         raise ValueError("reference is empty: the queries have nothing to retrieve")
     if reference_labels is None:
         raise ValueError("reference was given without reference_labels")
-    r_labels = check_labels(_as_tensor(reference_labels, "reference_labels"), ref.shape[0],
-                            q.device, "reference_labels")  # fmt: skip
+    r_labels = _checked_labels(reference_labels, ref.shape[0], q.device, "reference_labels",
+                               any_label_shape)  # fmt: skip
     if ref.shape[1] != q.shape[1]:
         raise ValueError(
             f"query has dimension {q.shape[1]} but reference has dimension {ref.shape[1]}; "
@@ -256,6 +282,80 @@ def _count_beyond_lists(
     )
 
 
+def _relation_blocks(
+    query_labels: Tensor, reference_labels: Tensor, exclude_self: bool, rule: PairRule
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """The relation's (B, R) positive and negative masks for blocks of queries, each query's
+    own index excluded when the references include the queries."""
+    n_query, n_ref = query_labels.shape[0], reference_labels.shape[0]
+    step = max(1, _RELATION_BLOCK_ELEMENTS // max(1, n_ref))
+    for start in range(0, n_query, step):
+        rows = slice(start, min(start + step, n_query))
+        pos, neg = rule(query_labels[rows], reference_labels)
+        shape = (rows.stop - start, n_ref)
+        pos, neg = (m.clone() for m in checked_masks(pos, neg, shape, "label_relation's masks"))
+        if exclude_self:
+            local = torch.arange(shape[0], device=pos.device)
+            pos[local, local + start] = False
+            neg[local, local + start] = False
+        yield rows, pos, neg
+
+
+def relation_query_values(
+    query: Tensor,
+    query_labels: Tensor,
+    reference: Tensor | None,
+    reference_labels: Tensor,
+    ref_includes_query: bool,
+    rule: PairRule,
+    metric: Metric,
+    requests: Requests,
+) -> PerQuery:
+    """:func:`per_query_values` under a label relation: a reference is relevant when ``rule``
+    calls the pair positive, irrelevant when negative, and left out of the ranking when
+    neither, as training leaves such pairs out.
+
+    Exact: each block of queries is scored against every reference (the relation must see
+    every pair to count a query's relevant references), ranks by ``metric``'s score with ties
+    broken by the lower index, as :class:`TorchKNN` ranks.
+    """
+    refs = query if reference is None else reference
+    exclude_self = reference is None or ref_includes_query
+    x_q, h_q = _prepared(query, metric)
+    x_r, h_r = (x_q, h_q) if reference is None else _prepared(refs, metric)
+    counts = [
+        (pos.sum(1), (pos | neg).sum(1))
+        for _, pos, neg in _relation_blocks(query_labels, reference_labels, exclude_self, rule)
+    ]
+    num_relevant = torch.cat([relevant for relevant, _ in counts])
+    judged = int(torch.cat([both for _, both in counts]).max())
+    depth = max(1, min(requests.depth(int(num_relevant.max())), judged))
+    listed_requests = replace(requests, recall_at=())
+    values: dict[str, list[Tensor]] = {}
+    for rows, pos, neg in _relation_blocks(query_labels, reference_labels, exclude_self, rule):
+        pos, neg = pos.to(query.device), neg.to(query.device)
+        scores = x_q[rows] @ x_r.T - h_q[rows, None] - h_r[None, :]
+        ranked = scores.masked_fill(~(pos | neg), -math.inf)
+        order = torch.arange(refs.shape[0], device=query.device).expand_as(ranked)
+        keys = _encode(ranked, order).topk(depth, dim=1).values
+        listed, listed_scores = _decode_indices(keys), _decode_scores(keys)
+        judged_listed = listed_scores > -math.inf
+        correct = pos.gather(1, listed) & judged_listed
+        block = NeighbourBlock(
+            rows.start, torch.where(judged_listed, listed, -1), listed_scores, None
+        )
+        relevant = pos.sum(1).clamp_min(1).to(torch.float64)
+        for name, value in _block_values(block, correct, relevant, listed_requests).items():
+            values.setdefault(name, []).append(value)
+        if requests.recall_at:
+            best = scores.masked_fill(~pos, -math.inf).amax(1)
+            hits = M.recall_at_k(((scores > best[:, None]) & neg).sum(1), requests.recall_at)
+            for column, k in enumerate(requests.recall_at):
+                values.setdefault(f"recall_at_{k}", []).append(hits[:, column])
+    per_query = {name: torch.cat(parts) for name, parts in values.items()}
+    return PerQuery(per_query, None, num_relevant <= 0, depth)
+
+
 def _block_values(
     block: NeighbourBlock, correct: Tensor, relevant: Tensor, requests: Requests
 ) -> dict[str, Tensor]:
@@ -277,17 +377,20 @@ def _block_values(
 
 
 def averaged(
-    values: Tensor, labels: Tensor, keep: Tensor, average: Average
+    values: Tensor, labels: Tensor | None, keep: Tensor, average: Average
 ) -> tuple[float, dict[int, float]]:
-    """The mean over kept queries (``"query"``) or of the per-class means (``"class"``).
+    """The mean over kept queries (``"query"``) or of the per-class means (``"class"``);
+    without labels (a label relation), the mean over kept queries and no per-class means.
 
     Returns:
         The average (NaN when nothing is kept) and the per-class means, by label.
     """
     kept_values = values[keep]
-    kept_labels = labels[keep]
     if kept_values.numel() == 0:
         return math.nan, {}
+    if labels is None:
+        return float(kept_values.mean()), {}
+    kept_labels = labels[keep]
     classes, ids = torch.unique(kept_labels, return_inverse=True)
     sums = torch.zeros(classes.shape[0], dtype=torch.float64, device=values.device)
     sums.index_add_(0, ids, kept_values)
@@ -405,6 +508,26 @@ def warn_if_empty(name: str, value: float) -> None:
         )
 
 
+def _check_relation_options(
+    rule: object,
+    names: Sequence[str],
+    average: str,
+    return_per_class: bool,
+    knn: KNNBackend | None,
+) -> None:
+    if not callable(rule):
+        raise ValueError(f"label_relation must be a callable rule, got {rule!r}")
+    if average != "query" or return_per_class:
+        raise ValueError("with a label_relation there are no classes to average over: "
+                         "use average='query' and return_per_class=False")  # fmt: skip
+    clustering = [name for name in names if name in CLUSTERING_METRICS]
+    if clustering:
+        raise ValueError(f"{', '.join(clustering)} need integer labels, not a label_relation")
+    if knn is not None and not isinstance(knn, TorchKNN):
+        raise ValueError("evaluation under a label_relation is exact: knn must be None or a "
+                         "TorchKNN (whose metric ranks)")  # fmt: skip
+
+
 def evaluate(
     query: Tensor | np.ndarray,
     query_labels: Tensor | np.ndarray,
@@ -421,6 +544,7 @@ def evaluate(
     knn: KNNBackend | None = None,
     kmeans: KMeansFunction | None = None,
     n_clusters: int | None = None,
+    label_relation: PairRule | None = None,
 ) -> RetrievalResult:
     """Retrieval metrics of query embeddings against a reference set, exact and streaming.
 
@@ -461,6 +585,12 @@ def evaluate(
         knn: The neighbour search; exact :class:`TorchKNN` with Euclidean ranking by default.
         kmeans: Clusterer for NMI/AMI; :class:`SklearnKMeans` by default.
         n_clusters: Clusters for NMI/AMI; the number of distinct query labels by default.
+        label_relation: A :data:`~dmlkit.relations.PairRule` that judges (query, reference)
+            pairs instead of label equality, the one training used (e.g.
+            :func:`~dmlkit.relations.shared_class` for multi-hot labels): relevant = positive,
+            irrelevant = negative, neither = left out of the query's ranking. The labels may
+            then have any shape with one row per item. Exact (``knn`` must be None or a
+            :class:`TorchKNN`, whose metric ranks); query averaging only; no NMI/AMI.
 
     Returns:
         A :class:`RetrievalResult`.
@@ -468,9 +598,12 @@ def evaluate(
     names = _known(metrics)
     if average not in ("query", "class"):
         raise ValueError(f"average must be 'query' or 'class', got {average!r}")
+    if label_relation is not None:
+        _check_relation_options(label_relation, names, average, return_per_class, knn)
     q, q_labels, ref, r_labels = checked_inputs(
-        query, query_labels, reference, reference_labels, ref_includes_query
-    )
+        query, query_labels, reference, reference_labels, ref_includes_query,
+        any_label_shape=label_relation is not None,
+    )  # fmt: skip
     exclude_self = ref is None or ref_includes_query
     n_ref = q.shape[0] if ref is None else ref.shape[0]
     available = n_ref - int(exclude_self)
@@ -502,10 +635,15 @@ def evaluate(
     if any(name in KNN_METRICS for name in names):
         if available < 1:
             raise ValueError("the reference set has no candidate neighbour for the queries")
-        relevant = relevant_counts(q_labels, r_labels, exclude_self)
-        depth = min(requests.depth(int(relevant.max())), available)
-        values = per_query_values(q, q_labels, ref, r_labels, ref_includes_query, relevant,
-                                  search, requests, depth)  # fmt: skip
+        if label_relation is not None:
+            values = relation_query_values(q, q_labels, ref, r_labels, ref_includes_query,
+                                           label_relation, search.metric, requests)  # fmt: skip
+        else:
+            relevant = relevant_counts(q_labels, r_labels, exclude_self)
+            depth = min(requests.depth(int(relevant.max())), available)
+            values = per_query_values(q, q_labels, ref, r_labels, ref_includes_query,
+                                      relevant, search, requests, depth)  # fmt: skip
+        depth = values.depth
         num_lone = int(values.lone.sum())
         for name, per_query in values.values.items():
             results[name], per_class[name] = averaged(

@@ -105,7 +105,8 @@ margin-penalised target logits."""
 
 class _ReplaceTargets(torch.autograd.Function):
     """One copy of the logits forward and one of the gradient backward; the margin's own
-    (N,)-sized graph is built in forward and differentiated in backward."""
+    (N,)-sized graph is built in forward and differentiated in backward. First-order only
+    (no double backward), and not a ``torch.func`` transform target."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -120,7 +121,7 @@ class _ReplaceTargets(torch.autograd.Function):
             margined = margin(*inputs)
         ctx.margin_graph = (margined, inputs)
         ctx.save_for_backward(index)
-        return logits.scatter(1, index, margined.detach().unsqueeze(1))
+        return logits.scatter(1, index, margined.detach().to(logits.dtype).unsqueeze(1))
 
     @staticmethod
     @once_differentiable
@@ -135,7 +136,8 @@ class _ReplaceTargets(torch.autograd.Function):
             retain_graph=True,
             allow_unused=True,
         )
-        return grad.scatter(1, index, target_grad.unsqueeze(1)), None, None, magnitude_grad
+        target_grad = target_grad.to(grad.dtype).unsqueeze(1)
+        return grad.scatter(1, index, target_grad), None, None, magnitude_grad
 
 
 def with_target_margin(
@@ -221,8 +223,10 @@ def temperature_logits(mat: Tensor, temperature: float, is_inverted: bool) -> Te
 def project_to_unit_columns_(weight: Tensor) -> None:
     """Rescales every column of ``weight`` to unit L2 norm, in place and outside autograd:
     P2SGrad's projection of its class weights before each step."""
-    with torch.no_grad():
-        weight.div_(torch.linalg.vector_norm(weight, dim=0, keepdim=True).clamp_min(1e-12))
+    # Through .data, whose version counter is its own: a graph that still holds the weight
+    # from an earlier call (two calls before one backward) stays valid, as in PML.
+    data = weight.data
+    data.div_(torch.linalg.vector_norm(data, dim=0, keepdim=True).clamp_min(1e-12))
 
 
 def p2sgrad_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, reducer: Reducer) -> Tensor:

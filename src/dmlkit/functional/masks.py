@@ -76,14 +76,30 @@ def label_weights(
     query, key = _comparable(labels, ref)
     torch.eq(query[:, None], key[None, :], out=pos)
     neg = torch.ne(query[:, None], key[None, :], out=torch.empty_like(pos))
-    if ref_labels is None:
+    exclude_self_pairs_(pos, neg, ref_labels is None, anchor_in_ref)
+    return pos, neg
+
+
+def exclude_self_pairs_(
+    pos: Tensor, neg: Tensor, against_itself: bool, anchor_in_ref: Tensor | None
+) -> None:
+    """Zeroes each anchor's pair with itself in (N, M) pair weights, in place: the diagonal
+    for a batch against itself, and the rows ``anchor_in_ref`` names.
+
+    Args:
+        pos: Positive pair weights.
+        neg: Negative pair weights.
+        against_itself: Whether the references are the anchors themselves.
+        anchor_in_ref: (N,) row of the reference set holding each anchor itself, or −1.
+    """
+    if against_itself:
         pos.fill_diagonal_(0.0)
+        neg.fill_diagonal_(0.0)
     if anchor_in_ref is not None:
         rows = torch.nonzero(anchor_in_ref >= 0).squeeze(1)
         cols = anchor_in_ref[rows]
         pos[rows, cols] = 0.0
         neg[rows, cols] = 0.0
-    return pos, neg
 
 
 def drop_self_pairs(indices_tuple: IndicesTuple, anchor_in_ref: Tensor) -> IndicesTuple:

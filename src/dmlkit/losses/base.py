@@ -112,12 +112,16 @@ class BaseMetricLossFunction(nn.Module):
             anchor_in_ref,
             labels_required=self.labels_required,
         )
-        loss = add_regularization(
-            self.compute_loss(batch),
-            self.embedding_regularizer,
-            self.embedding_reg_weight,
-            batch.embeddings,
-        )
+        # Losses compute in the batch's dtype (float32 for half inputs), as autocast computes
+        # its own losses; under a caller's autocast, products would come back in half.
+        device_type = batch.embeddings.device.type
+        with torch.autocast(device_type, enabled=False):
+            loss = add_regularization(
+                self.compute_loss(batch),
+                self.embedding_regularizer,
+                self.embedding_reg_weight,
+                batch.embeddings,
+            )
         return loss.to(embeddings.dtype)
 
     def compute_loss(self, batch: Batch) -> Tensor:
@@ -244,8 +248,7 @@ class ClassParametersLoss(WeightRegularizedLoss):
 
     def labels_of(self, batch: Batch) -> Tensor:
         """The call's labels, checked to be class indices, as ``torch.long``."""
-        assert batch.labels is not None
-        return class_labels(batch.labels, self.num_classes)
+        return class_labels(batch.class_labels(type(self).__name__), self.num_classes)
 
     def extra_repr(self) -> str:
         return (

@@ -25,7 +25,13 @@ from ..functional import classification as fc
 from ..functional.masks import tuple_element_weights
 from ..functional.reduction import Reducer
 from ..regularizers import BaseRegularizer
-from ..validation import check_batch, check_positive_int, check_positive_number, class_labels
+from ..validation import (
+    check_batch,
+    check_finite_number,
+    check_positive_int,
+    check_positive_number,
+    class_labels,
+)
 from .base import LOSSES, ClassParametersLoss, WeightInit
 
 
@@ -264,7 +270,7 @@ class ArcFaceLoss(_ScaledCosineLoss):
 
     @staticmethod
     def checked_margin(margin: float) -> float:
-        return float(margin)
+        return check_finite_number(margin, "margin")
 
     def modify_cosine_of_target_classes(self, cosine: Tensor) -> Tensor:
         return fc.additive_angular_margin(cosine, math.radians(self.margin))
@@ -450,7 +456,7 @@ class CosFaceLoss(_ScaledCosineLoss):
 
     @staticmethod
     def checked_margin(margin: float) -> float:
-        return float(margin)
+        return check_finite_number(margin, "margin")
 
     def modify_cosine_of_target_classes(self, cosine: Tensor) -> Tensor:
         return fc.additive_cosine_margin(cosine, self.margin)

@@ -94,9 +94,8 @@ class MarginLoss(BaseMetricLossFunction):
         beta = self.beta.to(mat.dtype)
         penalty = None
         if self.num_classes is not None:
-            if batch.labels is None:
-                raise ValueError("MarginLoss with a β per class needs labels")
-            beta = beta[class_labels(batch.labels, self.num_classes)]
+            labels = batch.class_labels("MarginLoss with a β per class")
+            beta = beta[class_labels(labels, self.num_classes)]
             penalty = self.nu * beta if self.learn_beta else None
             beta = beta.unsqueeze(1)
         loss = margin_loss(

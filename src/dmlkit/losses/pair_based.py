@@ -189,12 +189,12 @@ class NPairsLoss(BaseMetricLossFunction):
         return DotProductSimilarity()
 
     def compute_loss(self, batch: Batch) -> Tensor:
-        assert batch.labels is not None
+        labels = batch.class_labels(type(self).__name__)
         if batch.indices_tuple is None:
-            anchors, positives = first_two_per_label(batch.labels)
+            anchors, positives = first_two_per_label(labels)
         else:
             anchors, positives = first_pair_per_label(
-                batch.indices_tuple[0], batch.indices_tuple[1], batch.labels
+                batch.indices_tuple[0], batch.indices_tuple[1], labels
             )
         if anchors.numel() == 0:
             return fl.zero_loss(batch.embeddings)

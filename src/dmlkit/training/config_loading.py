@@ -111,6 +111,7 @@ def _check_ranges(config: Config) -> None:
         "optimizer.backbone_lr": config.optimizer.backbone_lr,
         "optimizer.head_lr": config.optimizer.head_lr,
         "optimizer.loss_lr": config.optimizer.loss_lr,
+        "optimizer.loss_weight_decay": config.optimizer.loss_weight_decay,
     }
     for name, rate in rates.items():
         if rate is not None and not (math.isfinite(rate) and rate >= 0):
