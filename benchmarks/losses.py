@@ -83,6 +83,9 @@ CASES: list[tuple[str, dict, str | None, dict, bool]] = [
     ("GeneralizedLiftedStructureLoss", {}, None, {}, False),
     ("SoftContrastiveLoss", {}, "ATASMSMiner", {}, False),
     ("SoftWeightedTripletLoss", {}, None, {}, False),
+    ("MarginLoss", {}, None, {}, False),
+    ("FastAPLoss", {}, None, {}, False),
+    ("SignalToNoiseRatioContrastiveLoss", {}, None, {}, False),
 ]
 
 

@@ -73,6 +73,9 @@ def test_a_loss_with_parameters_trains_resumes_and_is_used(
     assert main(["embed", str(cut / "last.pt"), "--out", str(out)]) == 0
     labels = np.load(out / "labels.npy")
     assert set(labels.tolist()) <= set(range(105, 110))  # the test digits 5-9, shifted
+    page = tmp_path / "report.html"
+    assert main(["report", str(cut), "--out", str(page), "--projection", "pca"]) == 0
+    assert "<img" in page.read_text()
 
 
 def test_a_classification_loss_is_also_a_classifier_head(tmp_path: Path) -> None:
