@@ -28,6 +28,7 @@ from .classification import (
     SphereFaceLoss,
     SubCenterArcFaceLoss,
 )
+from .cross_batch import CrossBatchMemory
 from .margin import MarginLoss
 from .pair_based import (
     CircleLoss,
@@ -54,6 +55,7 @@ __all__ = [
     "ClassParametersLoss",
     "ContrastiveLoss",
     "CosFaceLoss",
+    "CrossBatchMemory",
     "FastAPLoss",
     "GeneralizedLiftedStructureLoss",
     "LargeMarginSoftmaxLoss",
