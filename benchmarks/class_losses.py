@@ -150,8 +150,8 @@ def _markdown(rows: list[Row], meta: dict) -> str:
         "for SubCenterArcFace, 10 centres for SoftTriple, 1 otherwise); dmlkit's loss holds "
         "PML's initial parameters.",
         "",
-        "| loss | batch | classes | columns | dim | bare ms | dmlkit ms | PML ms (reps) | PML / dmlkit "
-        "| dmlkit / bare |",
+        "| loss | batch | classes | columns | dim | bare ms | dmlkit ms | PML ms (reps) "
+        "| PML / dmlkit | dmlkit / bare |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

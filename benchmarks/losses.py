@@ -8,7 +8,7 @@ dmlkit call and the PML call, so all three share the machine's noise; the table 
 Usage::
 
     python benchmarks/losses.py                  # full grid, CPU (and CUDA if present)
-    python benchmarks/losses.py --batch 1024 --dim 128 --only contrastive
+    python benchmarks/losses.py --batch 1024 --dim 128 --only 'contrastive.*' HDCMiner
 
 Results go to ``benchmarks/results/losses_<device>.{md,json}``.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -48,50 +49,91 @@ def _with_miner(loss: Callable, miner: Callable | None) -> LossCall:
     return lambda emb, labels: loss(emb, labels, miner(emb, labels))
 
 
+# How far PML can be run: None for any batch; "pos_by_neg" where it builds a (positive pairs ×
+# negative pairs) matrix (its memory is estimated); an integer: the largest batch at which one
+# PML call takes less than a few minutes and fits in memory (N³ tensors or N³ work beyond).
+PMLLimit = str | int | None
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
     miner: str
     dmlkit: Callable[[], LossCall]
     pml: Callable[[], LossCall] | None
-    pml_pos_by_neg: bool = False  # PML builds a (positive pairs × negative pairs) matrix
+    pml_limit: PMLLimit = None
 
 
 def _pml_bytes(case: Case, n: int) -> int:
-    """PML's NTXent and lifted structure losses compare every positive pair with every negative
-    pair (bool, then float copies): about 13 bytes per (positive, negative) pair."""
-    if not case.pml_pos_by_neg:
+    """PML's NTXent, lifted structure and tuplet margin losses compare every positive pair with
+    every negative pair (bool, then float copies): about 13 bytes per (positive, negative)
+    pair."""
+    if case.pml_limit != "pos_by_neg":
         return 0
     positives, negatives = n * 3, n * (n - 4)
     return 13 * positives * negatives
 
 
-# (loss, loss kwargs, miner or None, miner kwargs, PML builds positive × negative pairs);
-# dmlkit and PML share class names, so each row builds both.
-CASES: list[tuple[str, dict, str | None, dict, bool]] = [
-    ("ContrastiveLoss", {}, None, {}, False),
-    ("ContrastiveLoss", {}, "PairMarginMiner", {}, False),
-    ("TripletMarginLoss", {}, None, {}, False),
-    ("TripletMarginLoss", {}, "TripletMarginMiner", {"type_of_triplets": "semihard"}, False),
-    ("TripletMarginLoss", {}, "BatchHardMiner", {}, False),
-    ("MultiSimilarityLoss", {}, "MultiSimilarityMiner", {}, False),
-    ("CircleLoss", {}, None, {}, False),
-    ("NPairsLoss", {}, None, {}, False),
-    ("NTXentLoss", {}, None, {}, True),
-    ("SupConLoss", {}, None, {}, False),
-    ("LiftedStructureLoss", {}, None, {}, True),
-    ("GeneralizedLiftedStructureLoss", {}, None, {}, False),
-    ("SoftContrastiveLoss", {}, "ATASMSMiner", {}, False),
-    ("SoftWeightedTripletLoss", {}, None, {}, False),
-    ("MarginLoss", {}, None, {}, False),
-    ("FastAPLoss", {}, None, {}, False),
-    ("SignalToNoiseRatioContrastiveLoss", {}, None, {}, False),
+def _pml_skip_note(case: Case, n: int) -> str:
+    """Why PML is not run at batch ``n``, or "" where it is."""
+    if _pml_bytes(case, n) > PML_MEMORY_LIMIT:
+        return (
+            f"PML not run: needs ~{_pml_bytes(case, n) / 2**30:.0f} GiB (positive × negative pairs)"
+        )
+    if isinstance(case.pml_limit, int) and n > case.pml_limit:
+        return f"PML not run above batch {case.pml_limit} (N³ memory or minutes per call)"
+    return ""
+
+
+# (loss, loss kwargs, miner or None, miner kwargs, how far PML runs); dmlkit and PML share
+# class names, so each row builds both.
+CASES: list[tuple[str, dict, str | None, dict, PMLLimit]] = [
+    ("ContrastiveLoss", {}, None, {}, None),
+    ("ContrastiveLoss", {}, "PairMarginMiner", {}, None),
+    ("TripletMarginLoss", {}, None, {}, None),
+    ("TripletMarginLoss", {}, "TripletMarginMiner", {"type_of_triplets": "semihard"}, None),
+    ("TripletMarginLoss", {}, "BatchHardMiner", {}, None),
+    ("MultiSimilarityLoss", {}, "MultiSimilarityMiner", {}, None),
+    ("CircleLoss", {}, None, {}, None),
+    ("NPairsLoss", {}, None, {}, None),
+    ("NTXentLoss", {}, None, {}, "pos_by_neg"),
+    ("SupConLoss", {}, None, {}, None),
+    ("LiftedStructureLoss", {}, None, {}, "pos_by_neg"),
+    ("GeneralizedLiftedStructureLoss", {}, None, {}, None),
+    ("SoftContrastiveLoss", {}, "ATASMSMiner", {}, None),
+    ("SoftWeightedTripletLoss", {}, None, {}, None),
+    ("MarginLoss", {}, None, {}, None),
+    ("FastAPLoss", {}, None, {}, None),
+    ("SignalToNoiseRatioContrastiveLoss", {}, None, {}, None),
+    ("AngularLoss", {}, None, {}, 1024),
+    ("TupletMarginLoss", {}, None, {}, "pos_by_neg"),
+    ("IntraPairVarianceLoss", {}, None, {}, None),
+    ("InstanceLoss", {}, None, {}, None),
+    ("HistogramLoss", {}, None, {}, 1024),
+    ("RankedListLoss", {"margin": 0.4, "Tn": 1.0}, None, {}, None),
+    ("PNPLoss", {}, None, {}, 512),
+    ("SmoothAPLoss", {}, None, {}, 512),
+    ("DynamicSoftMarginLoss", {}, None, {}, 1024),
+    ("ThresholdConsistentMarginLoss", {}, None, {}, 1024),
+    ("VICRegLoss", {}, None, {}, None),
+    ("ContrastiveLoss", {}, "BatchEasyHardMiner", {}, None),
+    ("ContrastiveLoss", {}, "HDCMiner", {}, None),
+    ("ContrastiveLoss", {}, "UniformHistogramMiner", {}, None),
+    ("TripletMarginLoss", {}, "AngularMiner", {}, 1024),
+    ("TripletMarginLoss", {}, "DistanceWeightedMiner", {}, None),
 ]
+
+
+def _two_views(loss: Callable) -> LossCall:
+    """VICReg takes two views and no labels: the batch against itself reversed."""
+    return lambda emb, _labels: loss(emb, ref_emb=emb.flip(0))
 
 
 def _factory(loss_mod, miner_mod, loss, loss_kw, miner, miner_kw) -> Callable[[], LossCall] | None:
     if not hasattr(loss_mod, loss) or (miner is not None and not hasattr(miner_mod, miner)):
         return None  # PML has no such loss or miner
+    if loss == "VICRegLoss":
+        return lambda: _two_views(getattr(loss_mod, loss)(**loss_kw))
     return lambda: _with_miner(
         getattr(loss_mod, loss)(**loss_kw),
         None if miner is None else getattr(miner_mod, miner)(**miner_kw),
@@ -100,7 +142,7 @@ def _factory(loss_mod, miner_mod, loss, loss_kw, miner, miner_kw) -> Callable[[]
 
 def _cases() -> list[Case]:
     cases = []
-    for loss, loss_kw, miner, miner_kw, pos_by_neg in CASES:
+    for loss, loss_kw, miner, miner_kw, pml_limit in CASES:
         label = miner or ("- (all triplets)" if loss == "TripletMarginLoss" else "-")
         if miner_kw:
             label += "(" + ", ".join(str(v) for v in miner_kw.values()) + ")"
@@ -111,7 +153,7 @@ def _cases() -> list[Case]:
         )
         ours = _factory(dl, dm, loss, loss_kw, miner, miner_kw)
         assert ours is not None
-        cases.append(Case(loss, label, ours, theirs, pos_by_neg))
+        cases.append(Case(loss, label, ours, theirs, pml_limit))
     return cases
 
 
@@ -161,11 +203,8 @@ def run_case(
     emb, labels = _batch(n, dim, device)
     ours = case.dmlkit()
     theirs = case.pml() if case.pml is not None else None
-    note = ""
-    if theirs is not None and _pml_bytes(case, n) > PML_MEMORY_LIMIT:
-        note = (
-            f"PML not run: needs ~{_pml_bytes(case, n) / 2**30:.0f} GiB (positive × negative pairs)"
-        )
+    note = _pml_skip_note(case, n) if theirs is not None else ""
+    if note:
         theirs = None
     for _ in range(2):  # warm-up: allocator, caches, lazy initialisation
         _time_once(_bare, emb, labels)
@@ -269,7 +308,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="*", default=[128, 512, 1024, 4096])
     parser.add_argument("--dim", type=int, nargs="*", default=[128, 512])
-    parser.add_argument("--only", nargs="*", default=None, help="substrings of loss names")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="regular expressions matching a loss's or a miner's whole name (any case)",
+    )
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--pml-budget", type=float, default=30.0, help="seconds per PML case")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: each available)")
@@ -287,7 +331,14 @@ def main() -> None:
         [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     )
     cases = [
-        c for c in _cases() if not args.only or any(s.lower() in c.name.lower() for s in args.only)
+        c
+        for c in _cases()
+        if not args.only
+        or any(
+            re.fullmatch(pattern, name, re.IGNORECASE)
+            for pattern in args.only
+            for name in (c.name, c.miner.split("(")[0])
+        )
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     for device_name in devices:

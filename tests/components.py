@@ -25,6 +25,10 @@ NUM_CLASSES = 64
 tests use."""
 
 
+REQUIRED_OPTIONS: dict[str, dict[str, Any]] = {"RankedListLoss": {"margin": 0.4, "Tn": 1.0}}
+"""Values for the constructor options a class requires (PML makes them required too)."""
+
+
 def make(cls: type[Any], embedding_size: int = 4, **options: Any) -> Any:
     """``cls(**options)``, plus ``num_classes`` (:data:`NUM_CLASSES`) and ``embedding_size``
     for a class that takes them, as a run gives them.
@@ -36,4 +40,6 @@ def make(cls: type[Any], embedding_size: int = 4, **options: Any) -> Any:
     """
     takes = inspect.signature(cls).parameters
     run_values = {"num_classes": NUM_CLASSES, "embedding_size": embedding_size}
+    required = REQUIRED_OPTIONS.get(cls.__name__, {})
+    options = {**{k: v for k, v in required.items() if k not in options}, **options}
     return cls(**{k: v for k, v in run_values.items() if k in takes}, **options)

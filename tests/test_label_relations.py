@@ -47,10 +47,9 @@ def _same_result(build, emb, labels, relation, **kwargs) -> None:
 
 
 def _integer_only(loss) -> bool:
-    """Losses with per-class parameters (MarginLoss with a β per class too) and N-pairs, which
-    takes one pair per class, need one class per item."""
+    """The losses that say they need one class per item, and MarginLoss with a β per class."""
     per_class_beta = isinstance(loss, dl.MarginLoss) and loss.num_classes is not None
-    return isinstance(loss, dl.ClassParametersLoss | dl.NPairsLoss) or per_class_beta
+    return loss.needs_class_labels or per_class_beta
 
 
 @pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)

@@ -56,9 +56,13 @@ def test_the_exclusions_are_mixins_and_bases() -> None:
     for module, names in EXCLUDED.items():
         theirs = _public_classes(importlib.import_module(f"pytorch_metric_learning.{module}"))
         for name in names:
-            assert name.startswith("Base") or name.endswith("Mixin") or any(
-                issubclass(other, theirs[name]) and other is not theirs[name]
-                for other in theirs.values()
+            assert (
+                name.startswith("Base")
+                or name.endswith("Mixin")
+                or any(
+                    issubclass(other, theirs[name]) and other is not theirs[name]
+                    for other in theirs.values()
+                )
             ), f"{module}.{name} is neither a mixin nor a base of another PML class"
 
 

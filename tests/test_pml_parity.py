@@ -414,7 +414,13 @@ def test_miner_matches_pml(name: str, layout: str, dtype: torch.dtype) -> None:
 
 # Losses holding per-class weights are compared with PML's weights loaded into them, in their
 # own test files; each such file lists its (dmlkit, PML) factories as ``PML_CASES``.
-WEIGHTED_PARITY_FILES = ("test_classification_losses", "test_proxy_losses")
+WEIGHTED_PARITY_FILES = (
+    "test_adaptive_margin_losses",
+    "test_classification_losses",
+    "test_list_based_losses",
+    "test_proxy_losses",
+    "test_tuple_based_losses",
+)
 
 
 def test_every_registered_class_that_pml_has_is_compared_with_pml() -> None:
@@ -431,6 +437,7 @@ def test_every_registered_class_that_pml_has_is_compared_with_pml() -> None:
         cases = importlib.import_module(file).PML_CASES
         compared_losses |= {type(make()[0]).__name__ for make in cases.values()}
     compared_miners = {type(ours(**kwargs)).__name__ for ours, _, kwargs in MINER_PAIRS.values()}
+    compared_miners |= importlib.import_module("test_more_miners").PML_COMPARED_MINERS
     missing = [
         name
         for name in LOSS_REGISTRY.names()

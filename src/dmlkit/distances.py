@@ -6,11 +6,15 @@ They mirror PML's classes and defaults (``LpDistance`` L2-normalises by default,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import pairwise
 from .registry import Registry
+from .validation import check_embeddings, check_positive_int
 
 
 class BaseDistance:
@@ -146,9 +150,67 @@ def check_distance(owner: str, distance: BaseDistance, requirement: SimilarityRe
         )
 
 
+class BatchedDistance:
+    """Computes a distance's matrix one block of query rows at a time and hands each block to
+    ``iter_fn`` instead of returning it: for reference sets too large for the full (N, M)
+    matrix (nearest-neighbour search over a whole dataset, say).
+
+    The call ``batched(query_emb, ref_emb=None)`` runs ``iter_fn(mat, s, e)`` for
+    s = 0, batch_size, 2·batch_size, …, where ``mat`` is the (rows, M) matrix of
+    ``query_emb[s:e]`` against ``ref_emb`` (``query_emb`` itself when None) and
+    e = s + batch_size, as in PML: on the last block e may pass N, and ``mat`` has only the
+    rows left. It returns None. Every other attribute (``is_inverted``, ``p``…) is the
+    wrapped distance's. Not a ``distance=`` for losses or miners, which need the matrix.
+
+    Args:
+        distance: The distance or similarity to compute.
+        iter_fn: Called with each block; may also be set later, before the call.
+        batch_size: Query rows per block.
+    """
+
+    def __init__(
+        self,
+        distance: BaseDistance,
+        iter_fn: Callable[[Tensor, int, int], object] | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if not isinstance(distance, BaseDistance):
+            raise ValueError(f"BatchedDistance wraps a BaseDistance, got {type(distance).__name__}")
+        if iter_fn is not None and not callable(iter_fn):
+            raise ValueError(f"iter_fn must be callable, got {type(iter_fn).__name__}")
+        self.distance = distance
+        self.iter_fn = iter_fn
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+
+    def __call__(self, query_emb: Tensor, ref_emb: Tensor | None = None) -> None:
+        """Hands ``iter_fn`` the matrix of each block of ``query_emb`` rows against ``ref_emb``."""
+        if self.iter_fn is None:
+            raise ValueError("BatchedDistance needs an iter_fn to hand each block to")
+        query = check_embeddings(query_emb, "query_emb")
+        ref = query if ref_emb is None else check_embeddings(ref_emb, "ref_emb")
+        if ref.shape[1] != query.shape[1]:
+            raise ValueError(
+                f"ref_emb has embedding size {ref.shape[1]} but query_emb has {query.shape[1]}"
+            )
+        for start in range(0, query.shape[0], self.batch_size):
+            end = start + self.batch_size
+            self.iter_fn(self.distance(query[start:end], ref), start, end)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes this object lacks; "distance" itself is looked up
+        # directly so an unpickled, half-built object cannot recurse.
+        if name == "distance":
+            raise AttributeError(name)
+        return getattr(self.distance, name)
+
+    def __repr__(self) -> str:
+        return f"BatchedDistance({self.distance!r}, batch_size={self.batch_size})"
+
+
 __all__ = [
     "DISTANCES",
     "BaseDistance",
+    "BatchedDistance",
     "CosineSimilarity",
     "DotProductSimilarity",
     "LpDistance",

@@ -13,6 +13,7 @@ so an anchor's own copy in the reference set never sets a mining threshold (PML'
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import ClassVar, Literal
 
@@ -31,7 +32,14 @@ from .functional import mining
 from .functional.masks import label_weights
 from .functional.triplets import DEFAULT_CHUNK_ELEMENTS, mine_triplets
 from .registry import Registry
-from .validation import IndicesTuple, check_embeddings, check_labels
+from .validation import (
+    IndicesTuple,
+    check_embeddings,
+    check_finite_number,
+    check_indices_tuple,
+    check_labels,
+    check_positive_int,
+)
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,17 @@ class BaseMiner(nn.Module):
     Attributes:
         requires_similarity: What ``distance`` must be: False for anything, True for any
             similarity, or the one similarity class the rule is written for.
+        mines_rows_independently: Each anchor's tuples depend on its own row of the matrix
+            only (not on the batch as a whole, positions or random draws): mining a batch
+            against a memory bank then equals mining their union and keeping the batch's
+            anchors.
 
     Args:
         distance: The distance or similarity; None for ``default_distance()`` (PML's).
     """
 
     requires_similarity: ClassVar[SimilarityRequirement] = False
+    mines_rows_independently: ClassVar[bool] = True
 
     def __init__(self, distance: BaseDistance | None = None) -> None:
         super().__init__()
@@ -136,10 +149,18 @@ class BaseMiner(nn.Module):
             embeddings, labels, None, ref_emb, ref_labels, anchor_in_ref, labels_required=True
         )
         with torch.no_grad():
-            mat = batch.matrix(self.distance)
-            sim = mat if self.distance.is_inverted else mat.neg_()
-            pos, neg = batch.label_weights()
-        return self._mine_and_record(sim, pos, neg)
+            mined, stats = self.mine_batch(batch)
+        return self._record(mined, stats)
+
+    def mine_batch(self, batch: Batch) -> tuple[IndicesTuple, MiningStats]:
+        """Mines a checked batch: by default ``mine`` on its matrix and label weights. Miners
+        whose rule needs more than the matrix (the embeddings, their dimension, which anchors
+        the reference set holds) override this instead of ``mine``.
+        """
+        mat = batch.matrix(self.distance)
+        sim = mat if self.distance.is_inverted else mat.neg_()
+        pos, neg = batch.label_weights()
+        return self.mine(sim, pos, neg)
 
     def mine_similarities(self, sim: Tensor, labels: Tensor) -> IndicesTuple:
         """Mines a batch against itself from its (N, N) similarity matrix, already computed
@@ -157,11 +178,10 @@ class BaseMiner(nn.Module):
         labels = check_labels(labels, sim.shape[0], sim.device)
         with torch.no_grad():
             pos, neg = label_weights(labels, None, sim.dtype)
-            return self._mine_and_record(sim.detach().clone(), pos, neg)
+            mined, stats = self.mine(sim.detach().clone(), pos, neg)
+        return self._record(mined, stats)
 
-    def _mine_and_record(self, sim: Tensor, pos: Tensor, neg: Tensor) -> IndicesTuple:
-        with torch.no_grad():
-            mined, stats = self.mine(sim, pos, neg)
+    def _record(self, mined: IndicesTuple, stats: MiningStats) -> IndicesTuple:
         if len(mined) == 3:
             self.last_stats = replace(stats, num_triplets=len(mined[0]))
         else:
@@ -408,15 +428,395 @@ class ATASMSMiner(ASMSMiner):
         )
 
 
+def _check_unit_euclidean(owner: str, distance: BaseDistance) -> None:
+    """PML's angular and distance-weighted rules assume Euclidean distances of unit vectors."""
+    if not (distance.p == 2 and distance.power == 1 and distance.normalize_embeddings):
+        raise ValueError(
+            f"{owner} requires LpDistance(p=2, power=1, normalize_embeddings=True), "
+            f"got {distance!r}"
+        )
+
+
+def _check_number(value: object, name: str, low: float, high: float = math.inf) -> float:
+    """A real option in [low, high)."""
+    number = check_finite_number(value, name)
+    if not low <= number < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value!r}")
+    return number
+
+
+@MINERS.register()
+class AngularMiner(BaseMiner):
+    """Triplets whose angle at the negative exceeds ``angle`` (Wang et al. 2017, "Deep Metric
+    Learning with Angular Loss"): with c = (a + p)/2, ``atan(‖a − p‖ / (2‖n − c‖)) > angle``.
+
+    As in PML the angle is measured between the embeddings as given, not normalised: the
+    distance, which must be PML's ``LpDistance()``, does not enter the rule. Works in blocks of
+    positive pairs, so memory stays bounded.
+
+    Args:
+        angle: Threshold in degrees, in [0, 90).
+        distance: ``LpDistance()`` (p = 2, power 1, normalised), the default.
+        chunk_elements: Upper bound on temporaries.
+    """
+
+    requires_similarity = LpDistance
+
+    def __init__(
+        self,
+        angle: float = 20,
+        distance: BaseDistance | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        super().__init__(distance)
+        _check_unit_euclidean(type(self).__name__, self.distance)
+        self.angle = _check_number(angle, "angle", 0.0, 90.0)
+        self.chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
+
+    def mine_batch(self, batch: Batch) -> tuple[IndicesTuple, MiningStats]:
+        pos, neg = batch.label_weights()
+        ref = batch.embeddings if batch.ref_emb is None else batch.ref_emb
+        mined = mining.angular_triplets(
+            batch.embeddings, ref, pos, neg, math.radians(self.angle), self.chunk_elements
+        )
+        return mined, MiningStats()
+
+
+_STRATEGIES = ("hard", "semihard", "easy", "all")
+
+
+# Global rules gather one side's pairs from the matrix: one flat index per pair is cheaper to
+# find and to gather with than a (row, column) pair.
+def _flat_positions(pairs: Tensor) -> Tensor:
+    return pairs.flatten().nonzero().squeeze(1)
+
+
+def _rows_and_columns(positions: Tensor, width: int) -> list[Tensor]:
+    return [positions // width, positions % width]
+
+
+def _check_range(value: object, name: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise ValueError(f"{name} must be None or a (low, high) pair, got {value!r}")
+    low, high = (check_finite_number(x, f"{name}[{i}]") for i, x in enumerate(value))
+    if low > high:
+        raise ValueError(f"{name} must have low <= high, got {value!r}")
+    return low, high
+
+
+@MINERS.register()
+class BatchEasyHardMiner(BaseMiner):
+    """Per anchor, one positive and one negative chosen by strategy (Xuan et al. 2020,
+    "Improved Embeddings with Easy Positive Triplet Mining"), as pairs (a, p, a, n).
+
+    ``"hard"`` takes the farthest positive or the nearest negative, ``"easy"`` the nearest
+    positive or the farthest negative, ``"semihard"`` the hardest positive nearer than the
+    chosen negative (or the hardest negative farther than the chosen positive), strictly;
+    ``"all"`` every pair of that side. Anchors lacking either side's choice are dropped (an
+    ``"all"`` side keeps its pairs regardless). A range keeps only the pairs whose distance
+    (or similarity) lies in [low, high].
+
+    Differs from PML in one case: PML ignores a side's allowed range when that side's
+    strategy is ``"all"``; dmlkit applies it, as the option describes.
+
+    Args:
+        pos_strategy: ``"hard"``, ``"semihard"``, ``"easy"`` or ``"all"``.
+        neg_strategy: Likewise; not ``"semihard"`` on both sides, nor with ``"all"``.
+        allowed_pos_range: (low, high) allowed anchor-positive distances, or None.
+        allowed_neg_range: (low, high) allowed anchor-negative distances, or None.
+        distance: Default ``LpDistance()``.
+    """
+
+    HARD: ClassVar[str] = "hard"
+    SEMIHARD: ClassVar[str] = "semihard"
+    EASY: ClassVar[str] = "easy"
+    ALL: ClassVar[str] = "all"
+    all_batch_mining_strategies: ClassVar[list[str]] = list(_STRATEGIES)
+
+    def __init__(
+        self,
+        pos_strategy: mining.EasyHardStrategy = "easy",
+        neg_strategy: mining.EasyHardStrategy = "semihard",
+        allowed_pos_range: tuple[float, float] | None = None,
+        allowed_neg_range: tuple[float, float] | None = None,
+        distance: BaseDistance | None = None,
+    ) -> None:
+        super().__init__(distance)
+        for name, strategy in (("pos_strategy", pos_strategy), ("neg_strategy", neg_strategy)):
+            if strategy not in _STRATEGIES:
+                raise ValueError(
+                    f"{name} must be 'hard', 'semihard', 'easy' or 'all', got {strategy!r}"
+                )
+        if pos_strategy == neg_strategy == "semihard":
+            raise ValueError('pos_strategy and neg_strategy cannot both be "semihard"')
+        if {pos_strategy, neg_strategy} == {"semihard", "all"}:
+            raise ValueError('"semihard" cannot be used in combination with "all"')
+        self.pos_strategy: mining.EasyHardStrategy = pos_strategy
+        self.neg_strategy: mining.EasyHardStrategy = neg_strategy
+        self.allowed_pos_range = _check_range(allowed_pos_range, "allowed_pos_range")
+        self.allowed_neg_range = _check_range(allowed_neg_range, "allowed_neg_range")
+
+    def _on_sim(self, allowed: tuple[float, float] | None) -> tuple[float, float] | None:
+        if allowed is None or self.distance.is_inverted:
+            return allowed
+        return -allowed[1], -allowed[0]
+
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
+        mined = mining.easy_hard_pairs(
+            sim,
+            pos,
+            neg,
+            self.pos_strategy,
+            self.neg_strategy,
+            self._on_sim(self.allowed_pos_range),
+            self._on_sim(self.allowed_neg_range),
+        )
+        return mined, MiningStats()
+
+
+@MINERS.register()
+class HDCMiner(BaseMiner):
+    """Hard-aware deeply cascaded mining (Yuan et al. 2017): the hardest ``filter_percentage``
+    of the batch's positive pairs (the farthest) and of its negative pairs (the nearest),
+    ``ceil(filter_percentage · count)`` of each, in no particular order (PML lists them
+    hardest first; the order of a tuple changes no loss).
+
+    ``set_idx_externally`` restricts the candidates to a given tuple's pairs (a cascade's
+    previous stage; triplets count as their two pairs), as given, repeats included, until
+    ``reset_idx``. Unlike PML, the pairs of that tuple that the labels do not make positive
+    (or negative), and each anchor's pair with itself, are left out.
+
+    Args:
+        filter_percentage: Share of each side's pairs kept, in (0, 1].
+        distance: Default ``LpDistance()``.
+    """
+
+    mines_rows_independently = False
+
+    def __init__(
+        self, filter_percentage: float = 0.5, distance: BaseDistance | None = None
+    ) -> None:
+        super().__init__(distance)
+        self.filter_percentage = check_finite_number(filter_percentage, "filter_percentage")
+        if not 0 < self.filter_percentage <= 1:
+            raise ValueError(f"filter_percentage must be in (0, 1], got {filter_percentage!r}")
+        self._external: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def was_set_externally(self) -> bool:
+        """Whether ``set_idx_externally`` gave the candidate pairs."""
+        return self._external is not None
+
+    def set_idx_externally(self, external_indices_tuple: IndicesTuple, labels: Tensor) -> None:
+        """Mines from the pairs of ``external_indices_tuple`` on later calls, not from every
+        labelled pair.
+
+        Args:
+            external_indices_tuple: (a, p, n) or (a1, p, a2, n) of the batches to come.
+            labels: (N,) labels of those batches; anchor indices must address them.
+        """
+        checked = check_indices_tuple(
+            external_indices_tuple, len(labels), torch.iinfo(torch.long).max, labels.device
+        )
+        self._external = (
+            checked if len(checked) == 4 else (checked[0], checked[1], checked[0], checked[2])
+        )
+
+    def reset_idx(self) -> None:
+        """Mines from every labelled pair again."""
+        self._external = None
+
+    def _candidates(self, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat positions in the (N, M) matrix of the positive and negative candidates."""
+        if self._external is None:
+            return _flat_positions(pos), _flat_positions(neg)
+        a1, p, a2, n = (t.to(pos.device) for t in self._external)
+        highest = [int(t.max()) if t.numel() else -1 for t in (a1, a2, p, n)]
+        if max(highest[:2]) >= pos.shape[0] or max(highest[2:]) >= pos.shape[1]:
+            raise ValueError(
+                "HDCMiner's external pairs address rows beyond this batch's "
+                f"{pos.shape[0]} anchors and {pos.shape[1]} references"
+            )
+        width = pos.shape[1]
+        keep_pos, keep_neg = pos[a1, p] > 0, neg[a2, n] > 0
+        return (a1 * width + p)[keep_pos], (a2 * width + n)[keep_neg]
+
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
+        flat = sim.flatten()
+        mined: list[Tensor] = []
+        for positions, largest in zip(self._candidates(pos, neg), (False, True), strict=True):
+            hardest = mining.hardest_fraction(flat[positions], self.filter_percentage, largest)
+            mined += _rows_and_columns(positions[hardest], sim.shape[1])
+        a1, p, a2, n = mined
+        return (a1, p, a2, n), MiningStats()
+
+
+@MINERS.register()
+class UniformHistogramMiner(BaseMiner):
+    """Pairs spread evenly over their distances: each side's pairs are binned into
+    ``num_bins`` equal-width bins between their smallest and largest distance (or similarity),
+    and ``pos_per_bin`` (``neg_per_bin``) pairs are drawn from each non-empty bin, uniformly
+    and with replacement.
+
+    Random: pass a ``generator`` for reproducible draws (the global one otherwise).
+
+    Args:
+        num_bins: Number of bins per side.
+        pos_per_bin: Positive pairs drawn from each non-empty bin.
+        neg_per_bin: Negative pairs drawn from each non-empty bin.
+        distance: Default ``LpDistance()``.
+        generator: Source of randomness (any device); None for the global one.
+    """
+
+    mines_rows_independently = False
+
+    def __init__(
+        self,
+        num_bins: int = 100,
+        pos_per_bin: int = 10,
+        neg_per_bin: int = 10,
+        distance: BaseDistance | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(distance)
+        self.num_bins = check_positive_int(num_bins, "num_bins")
+        self.pos_per_bin = check_positive_int(pos_per_bin, "pos_per_bin")
+        self.neg_per_bin = check_positive_int(neg_per_bin, "neg_per_bin")
+        self.generator = generator
+
+    def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
+        # The bins are half-open in the distances themselves (as PML draws them), not in
+        # their negation.
+        values = (sim if self.distance.is_inverted else sim.neg_()).flatten()
+        mined: list[Tensor] = []
+        for pairs, per_bin in ((pos, self.pos_per_bin), (neg, self.neg_per_bin)):
+            positions = _flat_positions(pairs)
+            picked = mining.uniform_histogram_sample(
+                values[positions], self.num_bins, per_bin, self.generator
+            )
+            mined += _rows_and_columns(positions[picked], sim.shape[1])
+        a1, p, a2, n = mined
+        return (a1, p, a2, n), MiningStats()
+
+
+@MINERS.register()
+class DistanceWeightedMiner(BaseMiner):
+    """Distance-weighted sampling (Wu et al. 2017, "Sampling Matters in Deep Embedding
+    Learning"): random triplets whose negatives are drawn with probability ∝ 1/q(d), q the
+    density of distances between random points of the unit sphere in the embedding
+    dimension, with d clamped below at ``cutoff`` and never at d ≥ ``nonzero_loss_cutoff``.
+
+    As PML, each anchor gets as many triplets as the reference set holds items of its class
+    (itself included), each with a positive drawn uniformly among its positives. Unlike PML,
+    each anchor's weights are scaled by their own maximum rather than the batch's, so in high
+    dimensions (float32, D ≳ 128) no anchor loses all its negatives to underflow; otherwise
+    the probabilities are PML's.
+
+    Random: pass a ``generator`` for reproducible draws (the global one otherwise).
+
+    Args:
+        cutoff: Lower clamp of the distances.
+        nonzero_loss_cutoff: Negatives at this distance or beyond are never drawn.
+        distance: ``LpDistance()`` (p = 2, power 1, normalised), the default.
+        generator: Source of randomness (any device); None for the global one.
+    """
+
+    mines_rows_independently = False
+
+    requires_similarity = LpDistance
+
+    def __init__(
+        self,
+        cutoff: float = 0.5,
+        nonzero_loss_cutoff: float = 1.4,
+        distance: BaseDistance | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(distance)
+        _check_unit_euclidean(type(self).__name__, self.distance)
+        self.cutoff = _check_number(cutoff, "cutoff", 0.0)
+        self.nonzero_loss_cutoff = _check_number(nonzero_loss_cutoff, "nonzero_loss_cutoff", 0.0)
+        if self.nonzero_loss_cutoff <= self.cutoff:
+            raise ValueError(
+                f"nonzero_loss_cutoff ({nonzero_loss_cutoff}) must exceed cutoff ({cutoff}): "
+                "otherwise no negative is ever drawn"
+            )
+        self.generator = generator
+
+    def mine_batch(self, batch: Batch) -> tuple[IndicesTuple, MiningStats]:
+        pos, neg = batch.label_weights()
+        weights = mining.distance_weighted_negative_weights(
+            batch.matrix(self.distance),
+            neg,
+            batch.embeddings.shape[1],
+            self.cutoff,
+            self.nonzero_loss_cutoff,
+        )
+        # PML's count of triplets per anchor includes the anchor's own copy when the
+        # reference set holds it.
+        n = batch.shape[0]
+        if batch.ref_emb is None:
+            itself = torch.ones(n, dtype=torch.long, device=pos.device)
+        elif batch.anchor_in_ref is None:
+            itself = torch.zeros(n, dtype=torch.long, device=pos.device)
+        else:
+            itself = (batch.anchor_in_ref >= 0).long()
+        per_anchor = (pos > 0).sum(1) + itself
+        return mining.random_triplets(pos, weights, per_anchor, self.generator), MiningStats()
+
+
+@MINERS.register()
+class EmbeddingsAlreadyPackagedAsTriplets(BaseMiner):
+    """For batches laid out as consecutive (anchor, positive, negative) triplets: returns
+    (3k, 3k + 1, 3k + 2) for every k, whatever the labels.
+
+    With a reference set, a triplet's positive and negative are looked up where
+    ``anchor_in_ref`` places the batch's items in it; triplets whose positive or negative the
+    reference set does not hold are left out (all of them without ``anchor_in_ref``). PML
+    returns the in-batch indices unchanged, which then address the wrong rows.
+
+    The batch size must be a multiple of 3 (PML fails an assertion otherwise).
+    """
+
+    mines_rows_independently = False
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def mine_batch(self, batch: Batch) -> tuple[IndicesTuple, MiningStats]:
+        n = batch.shape[0]
+        if n % 3:
+            raise ValueError(
+                f"{type(self).__name__} needs the batch laid out as consecutive (anchor, "
+                f"positive, negative) triplets, but its size {n} is not a multiple of 3"
+            )
+        a, p, neg = mining.packaged_triplets(n, batch.embeddings.device)
+        if batch.ref_emb is None:
+            return (a, p, neg), MiningStats()
+        if batch.anchor_in_ref is None:
+            return (a[:0], p[:0], neg[:0]), MiningStats()
+        p, neg = batch.anchor_in_ref[p], batch.anchor_in_ref[neg]
+        kept = (p >= 0) & (neg >= 0)
+        return (a[kept], p[kept], neg[kept]), MiningStats()
+
+
 __all__ = [
     "MINERS",
     "ASMSMiner",
     "ASMSStats",
     "ATASMSMiner",
+    "AngularMiner",
     "BaseMiner",
+    "BatchEasyHardMiner",
     "BatchHardMiner",
+    "DistanceWeightedMiner",
+    "EmbeddingsAlreadyPackagedAsTriplets",
+    "HDCMiner",
     "MiningStats",
     "MultiSimilarityMiner",
     "PairMarginMiner",
     "TripletMarginMiner",
+    "UniformHistogramMiner",
 ]

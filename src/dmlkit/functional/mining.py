@@ -15,7 +15,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .pairwise import squared_euclidean_distance_matrix
+from .triplets import DEFAULT_CHUNK_ELEMENTS
+
 NegativeRule = Literal["code", "figure"]
+EasyHardStrategy = Literal["hard", "semihard", "easy", "all"]
 
 
 def _extreme_selected(
@@ -179,3 +183,336 @@ def pairs_from_masks(keep_pos: Tensor, keep_neg: Tensor) -> tuple[Tensor, Tensor
     a1, p = keep_pos.nonzero(as_tuple=True)
     a2, n = keep_neg.nonzero(as_tuple=True)
     return a1, p, a2, n
+
+
+def _empty_indices(device: torch.device, count: int) -> tuple[Tensor, ...]:
+    return tuple(torch.empty(0, dtype=torch.long, device=device) for _ in range(count))
+
+
+def _uniform(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """Float64 draws from [0, 1) on ``device``, from ``generator`` (on its own device, which
+    may differ from the data's) or from the global generator of ``device``."""
+    source = device if generator is None else generator.device
+    draws = torch.rand(shape, generator=generator, device=source, dtype=torch.float64)
+    return draws.to(device)
+
+
+def angular_triplets(
+    query: Tensor,
+    ref: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    angle: float,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triplets whose angle at the negative exceeds ``angle`` (Wang et al. 2017): with
+    c = (a + p)/2, the angle is ``atan(‖a − p‖ / (2‖n − c‖))``, measured between the
+    embeddings as given.
+
+    Works in blocks of positive pairs against every reference, so memory stays bounded by
+    ``chunk_elements``; no tensor has one entry per candidate triplet.
+
+    Args:
+        query: (N, D) anchor embeddings.
+        ref: (M, D) reference embeddings (``query`` itself for a batch against itself).
+        pos: 0/1 (N, M) positive pairs.
+        neg: 0/1 (N, M) negative pairs.
+        angle: Threshold in radians (strict).
+        chunk_elements: Upper bound on the elements of each block's temporaries.
+
+    Returns:
+        (a, p, n) index tensors, ordered by anchor, then positive, then negative.
+    """
+    anchors, positives = pos.nonzero(as_tuple=True)
+    if anchors.numel() == 0 or ref.shape[0] == 0:
+        return _empty_indices(query.device, 3)  # type: ignore[return-value]
+    ap = (query[anchors] - ref[positives]).norm(dim=1)
+    step = max(1, chunk_elements // ref.shape[0])
+    found: list[tuple[Tensor, Tensor, Tensor]] = []
+    for start in range(0, anchors.numel(), step):
+        a, p = anchors[start : start + step], positives[start : start + step]
+        centres = (query[a] + ref[p]) / 2
+        nc = squared_euclidean_distance_matrix(centres, ref).sqrt_()
+        angles = torch.atan(ap[start : start + step, None] / nc.mul_(2))
+        rows, n = ((angles > angle) & (neg[a] > 0)).nonzero(as_tuple=True)
+        found.append((a[rows], p[rows], n))
+    a, p, n = (torch.cat(column) for column in zip(*found, strict=True))
+    return a, p, n
+
+
+def _extreme_per_row(
+    sim: Tensor, candidates: Tensor, largest: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's largest (or smallest) candidate: (values, columns, found), with ∓inf values
+    where a row has no candidate."""
+    if sim.shape[1] == 0:
+        fill = sim.new_full((sim.shape[0],), -math.inf if largest else math.inf)
+        return (
+            fill,
+            torch.zeros_like(fill, dtype=torch.long),
+            torch.zeros_like(fill, dtype=torch.bool),
+        )
+    masked = sim.masked_fill(~candidates, -math.inf if largest else math.inf)
+    values, columns = masked.max(1) if largest else masked.min(1)
+    return values, columns, candidates.any(1)
+
+
+def easy_hard_pairs(
+    sim: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    pos_strategy: EasyHardStrategy,
+    neg_strategy: EasyHardStrategy,
+    pos_range: tuple[float, float] | None = None,
+    neg_range: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PML's ``BatchEasyHardMiner`` rule: per anchor, one positive and one negative chosen by
+    strategy, or every pair of a side whose strategy is ``"all"``.
+
+    On the similarity-like matrix: a ``"hard"`` positive is the least similar, an ``"easy"``
+    one the most similar; a ``"hard"`` negative is the most similar, an ``"easy"`` one the
+    least similar. ``"semihard"`` is the hard choice among the pairs on the right side of the
+    other side's choice: positives strictly more similar than the chosen negative, or
+    negatives strictly less similar than the chosen positive. A range keeps only the pairs
+    with ``low ≤ sim ≤ high``.
+
+    Args:
+        sim: (N, M) similarity-like matrix.
+        pos: 0/1 (N, M) positive pairs.
+        neg: 0/1 (N, M) negative pairs.
+        pos_strategy: ``"hard"``, ``"semihard"``, ``"easy"`` or ``"all"``.
+        neg_strategy: Likewise; ``"semihard"`` on both sides, or with ``"all"``, is undefined.
+        pos_range: (low, high) allowed similarities of the positives, or None.
+        neg_range: (low, high) allowed similarities of the negatives, or None.
+
+    Returns:
+        (a1, p, a2, n): with no ``"all"`` side, one (positive, negative) per anchor that has
+        both, as (a, p, a, n); an ``"all"`` side lists every pair of that side.
+    """
+    pos_candidates, neg_candidates = pos > 0, neg > 0
+    for candidates, allowed in ((pos_candidates, pos_range), (neg_candidates, neg_range)):
+        if allowed is not None:
+            candidates &= (sim >= allowed[0]) & (sim <= allowed[1])
+
+    def pick_positive(threshold: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        candidates = (
+            pos_candidates if threshold is None else pos_candidates & (sim > threshold[:, None])
+        )
+        return _extreme_per_row(sim, candidates, largest=pos_strategy == "easy")
+
+    def pick_negative(threshold: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        candidates = (
+            neg_candidates if threshold is None else neg_candidates & (sim < threshold[:, None])
+        )
+        return _extreme_per_row(sim, candidates, largest=neg_strategy != "easy")
+
+    pos_pick: tuple[Tensor, Tensor, Tensor] | None = None
+    neg_pick: tuple[Tensor, Tensor, Tensor] | None = None
+    if pos_strategy == "semihard":
+        neg_pick = pick_negative(None)
+        pos_pick = pick_positive(neg_pick[0])
+    elif neg_strategy == "semihard":
+        pos_pick = pick_positive(None)
+        neg_pick = pick_negative(pos_pick[0])
+    else:
+        pos_pick = None if pos_strategy == "all" else pick_positive(None)
+        neg_pick = None if neg_strategy == "all" else pick_negative(None)
+    if pos_pick is None or neg_pick is None:
+        a1, p = pos_candidates.nonzero(as_tuple=True) if pos_pick is None else _chosen(pos_pick)
+        a2, n = neg_candidates.nonzero(as_tuple=True) if neg_pick is None else _chosen(neg_pick)
+        return a1, p, a2, n
+    anchors = (pos_pick[2] & neg_pick[2]).nonzero().squeeze(1)
+    return anchors, pos_pick[1][anchors], anchors.clone(), neg_pick[1][anchors]
+
+
+def _chosen(pick: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(anchors, columns) of the rows where a per-row choice found a candidate."""
+    rows = pick[2].nonzero().squeeze(1)
+    return rows, pick[1][rows]
+
+
+def hardest_fraction(values: Tensor, fraction: float, largest: bool) -> Tensor:
+    """Positions of the ``ceil(fraction · len(values))`` largest (or smallest) values: HDC's
+    filter (Yuan et al. 2017), over one side's pairs of the whole batch.
+
+    Args:
+        values: (K,) similarity-like values of one side's candidate pairs.
+        fraction: Share of the pairs to keep, in (0, 1].
+        largest: Keep the most similar (negatives) rather than the least similar (positives).
+
+    Returns:
+        (k,) positions into ``values``, in no particular order.
+    """
+    k = math.ceil(fraction * values.numel())
+    return torch.topk(values, k, largest=largest, sorted=False).indices
+
+
+def histogram_bins(values: Tensor, num_bins: int) -> Tensor:
+    """The bin of each value among ``num_bins`` equal-width bins spanning [min, max]: bin b
+    holds ``edge_b ≤ v < edge_{b+1}``, the last bin also its upper edge.
+
+    The edges are ``torch.linspace(min, max, num_bins + 1)`` in the values' dtype, as PML's
+    ``UniformHistogramMiner`` draws them, so a value on an edge, or in a range too narrow for
+    the dtype, falls in PML's bin.
+
+    Args:
+        values: (K,) non-empty values.
+        num_bins: Number of bins.
+
+    Returns:
+        (K,) bin indices in [0, num_bins).
+    """
+    low, high = values.min(), values.max()
+    edges = torch.linspace(low, high, num_bins + 1, dtype=values.dtype, device=values.device)
+    span = float(high) - float(low)
+    if span == 0:
+        return torch.full_like(values, num_bins - 1, dtype=torch.long)
+    # The arithmetic bin can miss the edges' rounding by a bin or, in a range only a few
+    # units in the last place wide, by several: step it onto the edges' own bin.
+    bins = ((values.double() - float(low)) / span * num_bins).long().clamp_(0, num_bins - 1)
+    for _ in range(num_bins):
+        below = values < edges[bins]
+        above = (values >= edges[bins + 1]) & (bins < num_bins - 1)
+        if not bool((below | above).any()):
+            break
+        bins.sub_(below.long()).add_(above.long())
+    return bins
+
+
+def uniform_histogram_sample(
+    values: Tensor, num_bins: int, per_bin: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """``per_bin`` draws from every non-empty bin of :func:`histogram_bins`, uniformly among the
+    bin's values and with replacement: a sample whose values spread evenly over their range.
+
+    Args:
+        values: (K,) values of one side's candidate pairs.
+        num_bins: Number of equal-width bins.
+        per_bin: Draws from each non-empty bin.
+        generator: Source of randomness; the global one when None.
+
+    Returns:
+        (per_bin · non-empty bins,) positions into ``values``, bin by bin in increasing order.
+    """
+    if values.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=values.device)
+    bins = histogram_bins(values, num_bins)
+    # Sorting narrow integers is several times faster than sorting int64.
+    narrow = torch.int16 if num_bins <= torch.iinfo(torch.int16).max else torch.int32
+    by_bin = torch.argsort(bins.to(narrow), stable=True)
+    counts = torch.bincount(bins, minlength=num_bins)
+    starts = counts.cumsum(0) - counts
+    filled = counts.nonzero().squeeze(1)
+    size = counts[filled, None]
+    draws = _uniform((filled.numel(), per_bin), generator, values.device)
+    offsets = torch.minimum(draws.mul_(size).long(), size - 1)
+    return by_bin[(starts[filled, None] + offsets).flatten()]
+
+
+def distance_weighted_negative_weights(
+    dist: Tensor,
+    neg: Tensor,
+    dim: int,
+    cutoff: float = 0.5,
+    nonzero_loss_cutoff: float = 1.4,
+) -> Tensor:
+    """Distance-weighted sampling weights of the negatives (Wu et al. 2017, §4): on the unit
+    sphere in ``dim`` dimensions pairwise distances have density
+    q(d) ∝ d^(dim−2) (1 − d²/4)^((dim−3)/2); a negative is drawn with probability ∝ 1/q(d),
+    with d clamped below at ``cutoff``, and never at d ≥ ``nonzero_loss_cutoff``.
+
+    Each row is scaled so its largest weight is 1 (a row with no usable negative is all
+    zero), so no row underflows whatever its distances.
+
+    Args:
+        dist: (N, M) Euclidean distances between unit vectors.
+        neg: 0/1 (N, M) negative pairs.
+        dim: The embeddings' dimension.
+        cutoff: Lower clamp of the distances.
+        nonzero_loss_cutoff: Distances at or beyond it get weight 0.
+
+    Returns:
+        (N, M) non-negative weights, 0 outside the negatives; not normalised.
+    """
+    if dist.shape[1] == 0:
+        return torch.zeros_like(dist)
+    d = dist.clamp_min(cutoff)
+    log_w = (2.0 - dim) * d.log() - ((dim - 3.0) / 2.0) * torch.log1p(-0.25 * d.square())
+    usable = (neg > 0) & (d < nonzero_loss_cutoff) & log_w.isfinite()
+    log_w.masked_fill_(~usable, -math.inf)
+    row_max = log_w.amax(1, keepdim=True)
+    return torch.where(usable, (log_w - row_max).exp_(), 0.0)
+
+
+def random_triplets(
+    pos: Tensor,
+    neg_weights: Tensor,
+    per_anchor: Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``per_anchor[i]`` random triplets for each anchor i with a positive and a non-zero
+    negative weight: each draws its positive uniformly among the anchor's positives and its
+    negative with probability ∝ ``neg_weights[i]``, with replacement.
+
+    Args:
+        pos: 0/1 (N, M) positive pairs.
+        neg_weights: (N, M) non-negative weights of the negatives (0 elsewhere).
+        per_anchor: (N,) integer number of triplets wanted per anchor.
+        generator: Source of randomness; the global one when None.
+
+    Returns:
+        (a, p, n) index tensors, anchors in increasing order, each anchor's triplets together.
+    """
+    device = pos.device
+    positive = pos > 0
+    n_pos = positive.sum(1)
+    rows = ((n_pos > 0) & (neg_weights.sum(1) > 0) & (per_anchor > 0)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return _empty_indices(device, 3)  # type: ignore[return-value]
+    count = per_anchor[rows]
+    width = int(count.max())
+    draws = _uniform((2, rows.numel(), width), generator, device)
+    # The j-th positive of a row is the first column where the running count of positives
+    # passes j; a negative is the first column where the running weight passes a uniform draw.
+    j = torch.minimum((draws[0] * n_pos[rows, None]).long(), n_pos[rows, None] - 1)
+    p = torch.searchsorted(positive[rows].long().cumsum(1), j, right=True)
+    cdf = neg_weights[rows].double().cumsum(1)
+    n = torch.searchsorted(cdf.div_(cdf[:, -1:]), draws[1], right=True)
+    kept = torch.arange(width, device=device) < count[:, None]
+    a = rows[:, None].expand(-1, width)
+    return a[kept], p[kept], n[kept]
+
+
+def packaged_triplets(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The triplets (3k, 3k + 1, 3k + 2) of a batch laid out as consecutive triplets.
+
+    Args:
+        n: Batch size, a multiple of 3.
+        device: Device of the indices.
+
+    Returns:
+        (a, p, n) index tensors.
+    """
+    anchors = torch.arange(0, n, 3, device=device)
+    return anchors, anchors + 1, anchors + 2
+
+
+__all__ = [
+    "AdaptiveTolerances",
+    "EasyHardStrategy",
+    "adaptive_tolerances",
+    "angular_triplets",
+    "asymmetric_mining_masks",
+    "batch_hard_triplets",
+    "distance_weighted_negative_weights",
+    "easy_hard_pairs",
+    "hardest_fraction",
+    "histogram_bins",
+    "packaged_triplets",
+    "pairs_from_masks",
+    "random_triplets",
+    "tolerances_from_ratio",
+    "uniform_histogram_sample",
+]

@@ -139,7 +139,17 @@ def all_triplets_margin_loss(
 
     Returns:
         Scalar loss.
+
+    Raises:
+        ValueError: For a reducer that reduces the losses themselves (not
+            ``reducer.fusable``): the kernel keeps only a total and a count.
     """
+    if not reducer.fusable:
+        raise ValueError(
+            f"{type(reducer).__name__} reduces the losses themselves; TripletMarginLoss over all "
+            "triplets keeps only their total and count: give it a plain reducer, or "
+            "triplets_per_anchor / a mined indices_tuple"
+        )
     total, count = _AllTriplets.apply(
         dist, swap_dist, anchors, positives, neg_weights, margin, smooth, reducer, chunk_elements
     )

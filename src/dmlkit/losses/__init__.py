@@ -18,6 +18,7 @@ Differences from PML, all deliberate:
 * Half-precision inputs are computed in float32 and the result cast back.
 """
 
+from .adaptive_margins import DynamicSoftMarginLoss, ManifoldLoss, ThresholdConsistentMarginLoss
 from .base import LOSSES, BaseMetricLossFunction, ClassParametersLoss, WeightRegularizedLoss
 from .classification import (
     ArcFaceLoss,
@@ -29,6 +30,7 @@ from .classification import (
     SubCenterArcFaceLoss,
 )
 from .cross_batch import CrossBatchMemory
+from .list_based import HistogramLoss, PNPLoss, RankedListLoss, SmoothAPLoss
 from .margin import MarginLoss
 from .pair_based import (
     CircleLoss,
@@ -46,9 +48,13 @@ from .pair_based import (
 )
 from .proxies import NCALoss, ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss
 from .ranking import FastAPLoss
+from .self_supervised import VICRegLoss
+from .tuple_based import AngularLoss, InstanceLoss, IntraPairVarianceLoss, TupletMarginLoss
+from .wrappers import MultipleLosses, SelfSupervisedLoss
 
 __all__ = [
     "LOSSES",
+    "AngularLoss",
     "ArcFaceLoss",
     "BaseMetricLossFunction",
     "CircleLoss",
@@ -56,26 +62,39 @@ __all__ = [
     "ContrastiveLoss",
     "CosFaceLoss",
     "CrossBatchMemory",
+    "DynamicSoftMarginLoss",
     "FastAPLoss",
     "GeneralizedLiftedStructureLoss",
+    "HistogramLoss",
+    "InstanceLoss",
+    "IntraPairVarianceLoss",
     "LargeMarginSoftmaxLoss",
     "LiftedStructureLoss",
+    "ManifoldLoss",
     "MarginLoss",
     "MultiSimilarityLoss",
+    "MultipleLosses",
     "NCALoss",
     "NPairsLoss",
     "NTXentLoss",
     "NormalizedSoftmaxLoss",
     "P2SGradLoss",
+    "PNPLoss",
     "ProxyAnchorLoss",
     "ProxyNCALoss",
+    "RankedListLoss",
+    "SelfSupervisedLoss",
     "SignalToNoiseRatioContrastiveLoss",
+    "SmoothAPLoss",
     "SoftContrastiveLoss",
     "SoftTripleLoss",
     "SoftWeightedTripletLoss",
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
+    "ThresholdConsistentMarginLoss",
     "TripletMarginLoss",
+    "TupletMarginLoss",
+    "VICRegLoss",
     "WeightRegularizedLoss",
 ]

@@ -30,6 +30,9 @@ class BaseMetricLossFunction(nn.Module):
         supports_ref: The loss accepts ``ref_emb``.
         requires_similarity: What ``distance`` must be: False for anything, True for any
             similarity, or the one similarity class the formula is written for.
+        supports_indices_tuple: The loss takes a mined ``indices_tuple`` (pairs or triplets).
+        needs_class_labels: The loss needs one integer class per item, not multi-hot labels
+            or a label relation (:mod:`dmlkit.relations`).
         tuple_weighs_items: An ``indices_tuple`` weighs items rather than selecting pairs or
             triplets (PML's rule for losses over items: each item's count in the tuple over the
             largest count; an empty tuple weighs every item 1, as no tuple does).
@@ -48,6 +51,8 @@ class BaseMetricLossFunction(nn.Module):
     labels_required: ClassVar[bool] = False
     supports_ref: ClassVar[bool] = True
     requires_similarity: ClassVar[SimilarityRequirement] = False
+    supports_indices_tuple: ClassVar[bool] = True
+    needs_class_labels: ClassVar[bool] = False
     tuple_weighs_items: ClassVar[bool] = False
 
     def __init__(
@@ -103,6 +108,8 @@ class BaseMetricLossFunction(nn.Module):
         """
         if ref_emb is not None and not self.supports_ref:
             raise ValueError(f"{type(self).__name__} does not support ref_emb")
+        if indices_tuple is not None and not self.supports_indices_tuple:
+            raise ValueError(f"{type(self).__name__} does not support indices_tuple")
         batch = Batch.from_call(
             embeddings,
             labels,
@@ -112,17 +119,21 @@ class BaseMetricLossFunction(nn.Module):
             anchor_in_ref,
             labels_required=self.labels_required,
         )
+        return self.loss_of_batch(batch, embeddings.dtype)
+
+    def loss_of_batch(self, batch: Batch, dtype: torch.dtype) -> Tensor:
+        """The loss of a checked batch plus the embedding regulariser, in ``dtype``: the end
+        of :meth:`forward`, for a subclass whose forward builds its batch otherwise."""
         # Losses compute in the batch's dtype (float32 for half inputs), as autocast computes
         # its own losses; under a caller's autocast, products would come back in half.
-        device_type = batch.embeddings.device.type
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(batch.embeddings.device.type, enabled=False):
             loss = add_regularization(
                 self.compute_loss(batch),
                 self.embedding_regularizer,
                 self.embedding_reg_weight,
                 batch.embeddings,
             )
-        return loss.to(embeddings.dtype)
+        return loss.to(dtype)
 
     def compute_loss(self, batch: Batch) -> Tensor:
         raise NotImplementedError
@@ -199,6 +210,7 @@ class ClassParametersLoss(WeightRegularizedLoss):
 
     labels_required = True
     supports_ref = False
+    needs_class_labels = True
     tuple_weighs_items = True
     weight_name: ClassVar[str] = "W"
     weight_layout: ClassVar[Literal["columns", "rows"]] = "columns"

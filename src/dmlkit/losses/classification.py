@@ -552,6 +552,7 @@ class P2SGradLoss(ClassParametersLoss):
             an alternative to ``descriptors_dim``.
     """
 
+    supports_indices_tuple = False
     tuple_weighs_items = False
     weight_name = "weight"
     weight: nn.Parameter
@@ -592,8 +593,6 @@ class P2SGradLoss(ClassParametersLoss):
         self.descriptors_dim = self.embedding_size
 
     def compute_loss(self, batch: Batch) -> Tensor:
-        if batch.indices_tuple is not None:
-            raise ValueError("P2SGradLoss does not support indices_tuple")
         labels = self.labels_of(batch)
         fc.project_to_unit_columns_(self.weight)
         emb = batch.embeddings

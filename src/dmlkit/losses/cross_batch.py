@@ -24,7 +24,7 @@ def _as_tuple_of(kind: int, indices: IndicesTuple) -> IndicesTuple:
     triplets they form (every negative pair with every positive pair of the same anchor)."""
     if len(indices) == kind:
         return indices
-    if kind == 4:
+    if len(indices) == 3:
         a, p, n = indices
         return a, p, a, n
     a1, p, a2, n = indices

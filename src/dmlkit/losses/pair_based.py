@@ -175,6 +175,8 @@ class NPairsLoss(BaseMetricLossFunction):
     labels_required = True
     supports_ref = False
 
+    needs_class_labels = True
+
     def __init__(
         self,
         distance: BaseDistance | None = None,
