@@ -51,7 +51,46 @@ def _comparison(before: dict[str, float] | None, after: dict[str, float] | None)
     return "\n".join(lines)
 
 
+def _launch_processes(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``dmlkit train --nproc-per-node N``: the same command under torchrun, N processes."""
+    from torch.distributed import run as torchrun
+
+    rest = list(argv)
+    at = next(i for i, arg in enumerate(rest) if arg.startswith("--nproc-per-node"))
+    del rest[at : at + (1 if "=" in rest[at] else 2)]
+    torchrun.main(["--nproc-per-node", str(args.nproc_per_node), "-m", "dmlkit", *rest])
+    return 0
+
+
+def _in_process_group() -> bool:
+    """Joins the process group torchrun describes in the environment, if any."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return True
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.nproc_per_node is not None and args.nproc_per_node > 1:
+        return _launch_processes(args, args.argv)
+    joined = _in_process_group()
+    try:
+        return _train_here(args)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train_here(args: argparse.Namespace) -> int:
     config_path = args.config
     if args.resume and args.config is None and args.run_dir is not None:
         config_path = Path(args.run_dir) / "config.yaml"  # the run's own config
@@ -217,6 +256,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", action="store_true", help="continue exactly from <run dir>/last.pt"
     )
+    train.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (torchrun; gloo on CPU, nccl on GPUs): "
+        "each takes its share of every global P×K batch",
+    )
     train.set_defaults(handler=_train)
 
     for name, handler, summary in (
@@ -353,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Errors a user can fix (a bad config key, a missing file, an output path that is a folder) are
     printed as one line, without a traceback, with exit status 2.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.handler(args))
     except (ConfigError, OSError, ImportError, ValueError) as error:

@@ -59,9 +59,11 @@ class Objective(nn.Module):
 
     Attributes:
         amp_unsupported: Why ``train.amp`` cannot be used with this objective (None: it can).
+        distributed_unsupported: Why it cannot train on several processes (None: it can).
     """
 
     amp_unsupported: ClassVar[str | None] = None
+    distributed_unsupported: ClassVar[str | None] = None
 
     @property
     def may_skip(self) -> bool:

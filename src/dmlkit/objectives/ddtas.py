@@ -47,6 +47,11 @@ class DDTASObjective(Objective):
     """
 
     amp_unsupported = "its forward-mode and double-backward passes run in float32"
+    distributed_unsupported = (
+        "its Online Threshold Generator takes a virtual step of the model on a meta batch; "
+        "across processes that step would need the gathered meta batch and a gradient "
+        "all-reduce inside torch.func's functional call, which dmlkit does not implement"
+    )
 
     def __init__(
         self,

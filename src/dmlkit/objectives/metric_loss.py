@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..distributed import gather, is_distributed
 from ..losses import BaseMetricLossFunction
 from ..miners import BaseMiner
 from .base import OBJECTIVES, Objective, StepOutput
@@ -14,7 +15,8 @@ class MetricLossObjective(Objective):
     """Miner → loss on the step's embeddings: what every PML training loop does.
 
     Any loss and miner with PML's call contract work (PML's own included): the miner's output
-    is counted as ``mined`` in the logs.
+    is counted as ``mined`` in the logs. On several processes the miner and the loss see the
+    global batch, gathered with its gradient (:mod:`dmlkit.distributed`, global mode).
 
     Args:
         loss: The loss (the config's ``loss`` section).
@@ -32,6 +34,10 @@ class MetricLossObjective(Objective):
 
     def forward(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> StepOutput:
         embeddings = model(inputs)
+        if is_distributed():
+            # Global mode: every rank computes the loss of the whole global batch (see
+            # dmlkit.distributed for why the averaged gradients are one process's).
+            embeddings, labels = gather(embeddings), gather(labels)
         indices_tuple = None if self.miner is None else self.miner(embeddings, labels)
         loss = self.loss(embeddings, labels, indices_tuple)
         return StepOutput(loss, stats={"mined": _count(indices_tuple)})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import ArrayDataset, LabelledDataset
+from ..distributed import average_gradients, is_distributed, rank_and_world_size
 from ..evaluation import evaluate
 from ..models import EmbeddingModel, cache_features
 from ..objectives import BatchStream, Objective
@@ -188,6 +191,8 @@ def resolve_device(name: str) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {name!r} but CUDA is not available here")
+    if device.type == "cuda" and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
     return device
 
 
@@ -239,6 +244,10 @@ class Trainer:
         chosen = run_dir or config.logging.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(chosen)
         self.callbacks = list(callbacks)
+        # Several processes (torchrun): each trains on its share of every global batch; rank 0
+        # alone writes files.
+        self.rank, self.world_size = rank_and_world_size()
+        self.is_writer = self.rank == 0
         self.device = resolve_device(config.train.device)
         self.amp = config.train.amp and self.device.type == "cuda"
         self.state = TrainState()
@@ -267,11 +276,18 @@ class Trainer:
             seed=config.train.seed,
             too_few=config.sampler.too_few,
             groups_per_class=config.sampler.groups_per_class,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         self.batches, self.loader = self._seeded_loader(self.sampler, config.train.seed)
         with self.randomness.active():
             self.objective = (self._build_objective() if objective is None else objective).to(
                 self.device
+            )
+        if self.world_size > 1 and self.objective.distributed_unsupported:
+            raise ConfigError(
+                f"{type(self.objective).__name__} cannot train on several processes: "
+                f"{self.objective.distributed_unsupported}"
             )
         if self.amp and self.objective.amp_unsupported:
             raise ConfigError(
@@ -409,7 +425,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": vars(self.state).copy(),
-            "rng": self.randomness.state_dict(),
+            "rng": self._every_ranks_randomness(),
+            "world_size": self.world_size,
             "config": self.config.to_dict(),
             "classes": self.classes.tolist(),
             "in_channels": self.data.in_channels,
@@ -426,9 +443,28 @@ class Trainer:
         objective = {f"loss.{key}": value for key, value in payload.pop("loss").items()}
         return {**payload, "objective": objective, "rng": rng}
 
+    def _every_ranks_randomness(self) -> dict[str, Any]:
+        """The run's random stream; on several processes every rank's, by rank."""
+        own = self.randomness.state_dict()
+        if self.world_size == 1:
+            return own
+        ranks: list[Any] = [None] * self.world_size
+        dist.all_gather_object(ranks, own)
+        return {"ranks": ranks}
+
     def save(self, name: str = "last.pt") -> Path:
-        """Write a resumable checkpoint atomically into the run folder."""
-        return save_atomic(self._payload(), self.run_dir / name)
+        """Write a resumable checkpoint atomically into the run folder (rank 0 writes; every
+        rank waits until the file is there)."""
+        payload = self._payload()
+        path = self.run_dir / name
+        if self.is_writer:
+            save_atomic(payload, path)
+        self._wait_for_writer()
+        return path
+
+    def _wait_for_writer(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
     def _restore(self, path: Path) -> None:
         payload = load_checkpoint(path)
@@ -443,13 +479,21 @@ class Trainer:
             payload = self._migrated(payload)
         if payload.get("classes", self.classes.tolist()) != self.classes.tolist():
             raise ConfigError(f"cannot resume {path}: its training classes differ from this run's")
+        saved_world = payload.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise ConfigError(
+                f"cannot resume {path}: it was written by {saved_world} process(es) and this run "
+                f"has {self.world_size}; resume with --nproc-per-node {saved_world} (each "
+                "process's share of a batch and its random stream depend on the count)"
+            )
         self.model.load_state_dict(payload["model"])
         self.objective.load_state_dict(payload["objective"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         self.state = TrainState(**payload["state"])
-        self.randomness.load_state_dict(payload["rng"])
+        rng = payload["rng"]
+        self.randomness.load_state_dict(rng["ranks"][self.rank] if "ranks" in rng else rng)
 
     # ---------------------------------------------------------------- training
 
@@ -477,18 +521,22 @@ class Trainer:
                 )
             # Rows of a run killed before its first checkpoint: this run starts them again.
             for name in logs:
-                (self.run_dir / name).unlink(missing_ok=True)
+                if self.is_writer:
+                    (self.run_dir / name).unlink(missing_ok=True)
+        self._wait_for_writer()  # every rank has checked the folder before rank 0 writes to it
         train_log, val_log = (CSVLog(self.run_dir / name) for name in logs)
         if resume:
             self._restore(self.run_dir / "last.pt")
-            train_log.truncate_after(self.state.step)
-            val_log.truncate_after(self.state.step)
+            if self.is_writer:
+                train_log.truncate_after(self.state.step)
+                val_log.truncate_after(self.state.step)
         else:
-            (self.run_dir / "config.yaml").write_text(config.to_yaml())
+            if self.is_writer:
+                (self.run_dir / "config.yaml").write_text(config.to_yaml())
             if test and config.validation.before_training:
                 self.state.before = self.evaluate_on(self.data.test)
         board = None
-        if config.logging.tensorboard:
+        if config.logging.tensorboard and self.is_writer:
             purge = self.state.step + 1 if resume else None
             board = TensorBoardLog(self.run_dir / "tensorboard", purge_step=purge)
 
@@ -523,7 +571,7 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "images_per_second": images / seconds,
                 }
-                if self.state.step % config.logging.log_every == 0:
+                if self.state.step % config.logging.log_every == 0 and self.is_writer:
                     train_log.write(row)
                     if board:
                         board.write("train", self.state.step, row)
@@ -574,6 +622,11 @@ class Trainer:
             self.state.skipped_steps += 1
         else:
             self.scaler.scale(out.loss).backward()
+            if self.world_size > 1:
+                # What DDP does: the ranks' gradients averaged (model and objective alike).
+                average_gradients(
+                    p for group in self.optimizer.param_groups for p in group["params"]
+                )
             if self.config.optimizer.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -598,8 +651,15 @@ class Trainer:
         assert self.data.val is not None
         validation = self.config.validation
         metrics = self.evaluate_on(self.data.val)
+        if self.world_size > 1:
+            # Every rank evaluated the same model on the same data; rank 0's numbers decide,
+            # so that best checkpoints and early stopping can never disagree.
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
         self.state.validated_step = self.state.step
-        log.write({"step": self.state.step, "epoch": self.state.epoch, **metrics})
+        if self.is_writer:
+            log.write({"step": self.state.step, "epoch": self.state.epoch, **metrics})
         if board:
             board.write("validation", self.state.step, metrics)
         value = metrics[validation.metric]
@@ -643,5 +703,7 @@ class Trainer:
             "objective": f"{type(self.objective).__module__}:{type(self.objective).__qualname__}",
         }
         # Atomic: the protocol reads a results.json as "this run finished".
-        write_text_atomic(json.dumps(summary, indent=2), self.run_dir / "results.json")
+        if self.is_writer:
+            write_text_atomic(json.dumps(summary, indent=2), self.run_dir / "results.json")
+        self._wait_for_writer()
         return result

@@ -1,0 +1,86 @@
+"""``dmlkit train`` on two processes (torchrun, gloo) against one process with the same global
+batches: the same weights, every file written once, and a resume that needs the same process
+count."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmlkit.cli import main
+from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
+
+TESTS = Path(__file__).parent
+RUN = [
+    "data.name=user_parts:shifted_digits",
+    "train.epochs=1",
+    "train.max_steps=8",
+    "train.checkpoint_every=4",
+    "sampler.classes_per_batch=4",
+    "sampler.samples_per_class=4",
+    "logging.progress=false",
+    "logging.log_every=1",
+    "validation.before_training=false",
+    "miner.name=MultiSimilarityMiner",
+    "loss.name=MultiSimilarityLoss",
+    # A frozen backbone keeps BatchNorm in evaluation mode: without SyncBatchNorm (CUDA only),
+    # batch statistics would be each process's own.
+    "optimizer.backbone_lr=0",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed")
+    environment = {
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    try:
+        two = folder / "two"
+        overrides = [part for option in RUN for part in ("--set", option)]
+        args = ["train", *overrides, "--run-dir", str(two)]
+        assert main([*args, "--nproc-per-node", "2"]) == 0
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    one = Trainer(load_config(None, RUN), folder / "one")
+    one.fit()
+    return one, two
+
+
+def test_two_processes_train_the_weights_of_one(runs, tmp_path) -> None:
+    one, two = runs
+    expected = one.model.state_dict()
+    got = load_checkpoint(two / "last.pt")["model"]
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    initial = Trainer(load_config(None, RUN), tmp_path / "fresh").model.state_dict()
+    trained = [key for key in initial if not torch.equal(initial[key], expected[key])]
+    assert trained and all(key.startswith("head") for key in trained)  # the backbone is frozen
+    assert load_checkpoint(two / "last.pt")["state"]["step"] == 8
+
+
+def test_rank_zero_writes_each_file_once(runs) -> None:
+    _, two = runs
+    lines = (two / "train.csv").read_text().splitlines()
+    assert len(lines) == 1 + 8  # a header and one row per step, not one per process
+    assert (two / "results.json").is_file() and (two / "config.yaml").is_file()
+    rng = load_checkpoint(two / "last.pt")["rng"]
+    assert len(rng["ranks"]) == 2
+
+
+def test_a_resume_needs_the_same_number_of_processes(runs) -> None:
+    _, two = runs
+    trainer = Trainer(load_config(two / "config.yaml"), two)
+    with pytest.raises(ConfigError, match="written by 2 process"):
+        trainer.fit(resume=True)
