@@ -516,8 +516,17 @@ class NormalizedSoftmaxLoss(_SoftmaxClassifierLoss):
         # The class weights are normalised in the distance's own norm, whatever its
         # normalize_embeddings says, as in PML.
         classes = F.normalize(self.weight_as(embeddings), p=self.distance.p, dim=0)
+        distance = self.distance
+        if type(distance) in (DotProductSimilarity, CosineSimilarity) and distance.power == 1:
+            # The temperature divides the (N, D) embeddings, not the (N, C) logits.
+            query = (
+                F.normalize(embeddings, p=distance.p, dim=1)
+                if distance.normalize_embeddings
+                else embeddings
+            )
+            return (query / self.temperature) @ classes
         return fc.temperature_logits(
-            self.distance(embeddings, classes.t()), self.temperature, self.distance.is_inverted
+            distance(embeddings, classes.t()), self.temperature, distance.is_inverted
         )
 
     def training_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
