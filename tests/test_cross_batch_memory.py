@@ -126,3 +126,42 @@ def test_bad_calls_are_value_errors(call, message: str) -> None:
 def test_a_loss_without_a_reference_set_is_refused() -> None:
     with pytest.raises(ValueError, match="needs a loss that takes a reference set"):
         dl.CrossBatchMemory(dl.NPairsLoss(), D)
+
+
+MEMORY_RUN = [
+    "data.name=user_parts:shifted_digits",
+    "train.epochs=1",
+    "train.max_steps=8",
+    "train.checkpoint_every=1",
+    "sampler.classes_per_batch=4",
+    "sampler.samples_per_class=4",
+    "logging.progress=false",
+    "validation.before_training=false",
+    "loss.name=dmlkit.losses:CrossBatchMemory",
+    "loss.options.loss.name=ContrastiveLoss",
+    "loss.options.memory_size=40",
+    "loss.options.miner.name=MultiSimilarityMiner",
+    "miner.name=null",
+]
+
+
+def test_a_run_with_memory_killed_and_resumed_equals_an_uninterrupted_one(tmp_path) -> None:
+    """The memory is part of the objective's state: a resumed run continues its queue."""
+    from dmlkit.training import Trainer, load_config
+    from run_helpers import StopTrainingError, stop_at
+
+    whole = Trainer(load_config(None, MEMORY_RUN), tmp_path / "whole")
+    whole.fit(test=False)
+    memory = whole.objective.loss
+    assert isinstance(memory, dl.CrossBatchMemory) and memory.has_been_filled
+    cut = tmp_path / "cut"
+    with pytest.raises(StopTrainingError):
+        Trainer(load_config(None, MEMORY_RUN), cut, callbacks=[stop_at(5)]).fit(test=False)
+    resumed = Trainer(load_config(None, MEMORY_RUN), cut)
+    resumed.fit(resume=True, test=False)
+    assert resumed.objective.loss.queue_idx == memory.queue_idx
+    for key, value in whole.objective.state_dict().items():
+        other = resumed.objective.state_dict()[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key

@@ -84,3 +84,17 @@ def test_a_resume_needs_the_same_number_of_processes(runs) -> None:
     trainer = Trainer(load_config(two / "config.yaml"), two)
     with pytest.raises(ConfigError, match="written by 2 process"):
         trainer.fit(resume=True)
+
+
+def test_a_process_count_that_does_not_divide_the_batch_stops_every_process(
+    tmp_path, monkeypatch, capfd
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    overrides = [part for option in RUN for part in ("--set", option)]
+    args = ["train", *overrides, "--run-dir", str(tmp_path / "three")]
+    assert main([*args, "--nproc-per-node", "3"]) == 2
+    err = capfd.readouterr().err
+    assert "classes_per_batch=4 must be divisible by world_size=3" in err
+    assert "failed; all processes were stopped" in err
+    assert not (tmp_path / "three" / "last.pt").exists()

@@ -54,11 +54,18 @@ def _comparison(before: dict[str, float] | None, after: dict[str, float] | None)
 def _launch_processes(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``dmlkit train --nproc-per-node N``: the same command under torchrun, N processes."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     rest = list(argv)
     at = next(i for i, arg in enumerate(rest) if arg.startswith("--nproc-per-node"))
     del rest[at : at + (1 if "=" in rest[at] else 2)]
-    torchrun.main(["--nproc-per-node", str(args.nproc_per_node), "-m", "dmlkit", *rest])
+    try:
+        torchrun.main(["--nproc-per-node", str(args.nproc_per_node), "-m", "dmlkit", *rest])
+    except ChildFailedError as error:
+        # torchrun stops every process when one fails; the failed one printed its error.
+        failed = ", ".join(f"rank {rank}" for rank in sorted(error.failures))
+        print(f"dmlkit train: error: {failed} failed; all processes were stopped", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -248,6 +248,12 @@ class Trainer:
         # alone writes files.
         self.rank, self.world_size = rank_and_world_size()
         self.is_writer = self.rank == 0
+        if self.world_size > 1:
+            configs: list[Any] = [None] * self.world_size
+            dist.all_gather_object(configs, config.to_dict())
+            if any(other != configs[0] for other in configs):
+                differ = [r for r, other in enumerate(configs) if other != configs[0]]
+                raise ConfigError(f"ranks {differ} were given another config than rank 0")
         self.device = resolve_device(config.train.device)
         self.amp = config.train.amp and self.device.type == "cuda"
         self.state = TrainState()
