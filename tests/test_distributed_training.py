@@ -98,3 +98,16 @@ def test_a_process_count_that_does_not_divide_the_batch_stops_every_process(
     assert "classes_per_batch=4 must be divisible by world_size=3" in err
     assert "failed; all processes were stopped" in err
     assert not (tmp_path / "three" / "last.pt").exists()
+
+
+def test_efficient_mode_trains_from_a_config(tmp_path, monkeypatch) -> None:
+    """Each rank's anchors against the gathered batch (objective option ``distributed``)."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    options = [*RUN, "train.max_steps=4", "objective.options.distributed=efficient"]
+    overrides = [part for option in options for part in ("--set", option)]
+    run = tmp_path / "efficient"
+    assert main(["train", *overrides, "--run-dir", str(run), "--nproc-per-node", "2"]) == 0
+    assert load_checkpoint(run / "last.pt")["state"]["step"] == 4
+    with pytest.raises(ConfigError, match="distributed"):
+        load_config(None, [*RUN, "objective.options.distributed=everywhere"])

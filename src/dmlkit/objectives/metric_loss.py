@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
 
-from ..distributed import gather, is_distributed
+from ..distributed import gather, is_distributed, own_rows
 from ..losses import BaseMetricLossFunction
 from ..miners import BaseMiner
 from .base import OBJECTIVES, Objective, StepOutput
@@ -15,31 +17,49 @@ class MetricLossObjective(Objective):
     """Miner → loss on the step's embeddings: what every PML training loop does.
 
     Any loss and miner with PML's call contract work (PML's own included): the miner's output
-    is counted as ``mined`` in the logs. On several processes the miner and the loss see the
-    global batch, gathered with its gradient (:mod:`dmlkit.distributed`, global mode).
+    is counted as ``mined`` in the logs. On several processes the batch is gathered with its
+    gradient (:mod:`dmlkit.distributed`): in ``"global"`` mode the miner and the loss see the
+    whole global batch on every rank; in ``"efficient"`` mode each rank's anchors are mined and
+    scored against it.
 
     Args:
         loss: The loss (the config's ``loss`` section).
         miner: The miner, or None to use every pair or triplet (the ``miner`` section).
+        distributed: ``"global"`` or ``"efficient"``, on several processes.
     """
 
     def __init__(
         self,
         loss: BaseMetricLossFunction | nn.Module,
         miner: BaseMiner | nn.Module | None = None,
+        distributed: Literal["global", "efficient"] = "global",
     ) -> None:
         super().__init__()
+        if distributed not in ("global", "efficient"):
+            raise ValueError(f"distributed must be 'global' or 'efficient', got {distributed!r}")
         self.loss = loss
         self.miner = miner
+        self.distributed = distributed
 
     def forward(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> StepOutput:
         embeddings = model(inputs)
-        if is_distributed():
-            # Global mode: every rank computes the loss of the whole global batch (see
-            # dmlkit.distributed for why the averaged gradients are one process's).
-            embeddings, labels = gather(embeddings), gather(labels)
-        indices_tuple = None if self.miner is None else self.miner(embeddings, labels)
-        loss = self.loss(embeddings, labels, indices_tuple)
+        if not is_distributed():
+            indices_tuple = None if self.miner is None else self.miner(embeddings, labels)
+            loss = self.loss(embeddings, labels, indices_tuple)
+        elif self.distributed == "global":
+            all_embeddings, all_labels = gather(embeddings), gather(labels)
+            mined = None if self.miner is None else self.miner(all_embeddings, all_labels)
+            indices_tuple = mined
+            loss = self.loss(all_embeddings, all_labels, indices_tuple)
+        else:
+            all_embeddings, all_labels = gather(embeddings), gather(labels)
+            itself = own_rows(len(labels), labels.device)
+            indices_tuple = (
+                None
+                if self.miner is None
+                else self.miner(embeddings, labels, all_embeddings.detach(), all_labels, itself)
+            )
+            loss = self.loss(embeddings, labels, indices_tuple, all_embeddings, all_labels, itself)
         return StepOutput(loss, stats={"mined": _count(indices_tuple)})
 
 
