@@ -35,8 +35,10 @@ class TestBadInput:
         emb, labels = _batch()
         with pytest.raises(ValueError, match="labels must be 1-D"):
             make(factory)(emb, labels[:, None, None])
+        with pytest.raises(ValueError, match=r"squeeze it to one label per item"):
+            make(factory)(emb, labels[:, None])
         with pytest.raises(ValueError, match=r"read as multi-hot .* must hold only 0 and 1"):
-            make(factory)(emb, labels[:, None] + 2)
+            make(factory)(emb, torch.stack([labels, labels], dim=1) + 2)
 
     def test_labels_wrong_length(self, factory) -> None:
         emb, labels = _batch()

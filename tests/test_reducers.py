@@ -354,18 +354,33 @@ def test_a_mean_reducer_subclass_overriding_element_reduction_is_reached_everywh
         "SupConLoss",
     ],
 )
-@pytest.mark.parametrize("name", ["custom", "per_anchor", "per_anchor_avg_non_zero"])
+@pytest.mark.parametrize(
+    "name", ["custom", "per_anchor", "per_anchor_avg_non_zero", "class_weighted"]
+)
 def test_dmlkit_losses_reach_pml_style_reducers_as_pml_losses_do(loss_name: str, name: str) -> None:
-    """A dmlkit loss given a custom or per-anchor reducer equals PML's loss given PML's."""
+    """A dmlkit loss given a custom, per-anchor or class-weighted reducer equals PML's loss
+    given PML's.
+
+    Except where PML is wrong: its multi-similarity, circle and generalised lifted structure
+    losses hand their reducer (N, 1) losses, which ClassWeightedReducer broadcasts against the
+    (N,) class weights into an (N, N) mean; the oracle is the mean of each anchor's loss times
+    its class's weight."""
     g = torch.Generator().manual_seed(5)
     embeddings = torch.randn(12, 5, generator=g)
     labels = torch.randint(0, 3, (12,), generator=g)
+    column_losses = {"MultiSimilarityLoss", "CircleLoss", "GeneralizedLiftedStructureLoss"}
     results = []
     for losses_module, module in ((dl, dr), (pml_losses, pml_reducers)):
         e = embeddings.clone().requires_grad_(True)
-        value = getattr(losses_module, loss_name)(reducer=REDUCER_FACTORIES[name](module))(
-            e, labels
-        )
+        if module is pml_reducers and name == "class_weighted" and loss_name in column_losses:
+            each = getattr(pml_losses, loss_name)(reducer=pml_reducers.DoNothingReducer())(
+                e, labels
+            )["loss"]["losses"].squeeze(1)
+            value = (each * torch.tensor(CLASS_WEIGHTS)[labels]).mean()
+        else:
+            value = getattr(losses_module, loss_name)(reducer=REDUCER_FACTORIES[name](module))(
+                e, labels
+            )
         (grad,) = torch.autograd.grad(value, e)
         results.append((value.detach(), grad))
     assert_close(results[0][0], results[1][0], rtol=1e-4)
@@ -393,12 +408,13 @@ def test_multiple_reducers_dmlkit_call_uses_the_default_or_refuses_names() -> No
         )
 
 
-def test_class_weighted_reducer_needs_labels_which_dmlkit_losses_do_not_give() -> None:
-    with pytest.raises(ValueError, match="needs the batch's labels"):
+def test_class_weighted_reducer_needs_integer_labels() -> None:
+    with pytest.raises(ValueError, match="needs the batch's"):
         dr.ClassWeightedReducer(CLASS_WEIGHTS)(torch.rand(4))
-    with pytest.raises(ValueError, match="needs the batch's labels"):
-        dl.NPairsLoss(reducer=dr.ClassWeightedReducer(CLASS_WEIGHTS))(
-            torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    multi_hot = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(ValueError, match="needs the batch's"):
+        dl.ContrastiveLoss(reducer=dr.ClassWeightedReducer(CLASS_WEIGHTS))(
+            torch.randn(6, 3), multi_hot
         )
 
 
@@ -562,3 +578,32 @@ def test_registry_builds_the_new_reducers_from_specs() -> None:
             {"name": "MultipleReducers", "options": {"reducers": {"pos_loss": "MeanReduce"}}}
         )
     assert {"DoNothingReducer", "MultipleReducers", "PerAnchorReducer"} <= set(dr.REDUCERS.names())
+
+
+@pytest.mark.parametrize("name", ["custom", "class_weighted"])
+def test_all_triplets_are_listed_for_a_reducer_that_reduces_them(name: str) -> None:
+    """Over every triplet the fused kernel keeps only a total; a reducer with its own rule gets
+    the triplet losses listed, as PML's loss gives them (values and gradients equal PML's)."""
+    g = torch.Generator().manual_seed(9)
+    embeddings = torch.randn(12, 5, generator=g)
+    labels = torch.randint(0, 3, (12,), generator=g)
+    results = []
+    for losses_module, module in ((dl, dr), (pml_losses, pml_reducers)):
+        e = embeddings.clone().requires_grad_(True)
+        value = losses_module.TripletMarginLoss(reducer=REDUCER_FACTORIES[name](module))(e, labels)
+        (grad,) = torch.autograd.grad(value, e)
+        results.append((value.detach(), grad))
+    assert_close(results[0][0], results[1][0], rtol=1e-4)
+    assert_close(results[0][1], results[1][1], rtol=1e-4)
+
+
+def test_dynamic_soft_margin_lists_its_triplets_for_a_reducer_that_reduces_them() -> None:
+    """PML's DynamicSoftMarginLoss ignores its reducer; dmlkit's applies it, the triplets listed
+    for one with its own rule: the custom rule of the listed per-triplet losses."""
+    g = torch.Generator().manual_seed(9)
+    embeddings = torch.randn(12, 5, generator=g)
+    labels = torch.randint(0, 3, (12,), generator=g)
+    listed = dl.DynamicSoftMarginLoss(reducer=dr.DoNothingReducer())(embeddings, labels)
+    custom = dl.DynamicSoftMarginLoss(reducer=REDUCER_FACTORIES["custom"](dr))(embeddings, labels)
+    expected = REDUCER_FACTORIES["custom"](dr).element_reduction(listed, None, None, None)
+    assert_close(custom, expected, rtol=1e-6)

@@ -139,6 +139,11 @@ def as_relation(labels: object, name: str = "labels") -> Relation | None:
     if isinstance(labels, LabelRelation | PairRelation):
         return labels
     if isinstance(labels, Tensor) and labels.ndim == 2:
+        if labels.shape[1] == 1:
+            raise ValueError(
+                f"{name} has shape {tuple(labels.shape)}: squeeze it to one label per item "
+                "(an (N, C) tensor with C > 1 is read as multi-hot labels)"
+            )
         return multi_hot_relation(labels, name)
     return None
 

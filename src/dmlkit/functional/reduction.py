@@ -17,7 +17,9 @@ An empty selection gives a zero that keeps the autograd graph, never a Python nu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, cast, overload
 
@@ -37,6 +39,22 @@ REDUCTION_TYPES = ("element", "pos_pair", "neg_pair", "triplet", "already_reduce
 _INDEX_COUNTS = {"pos_pair": 2, "neg_pair": 2, "triplet": 3}
 
 
+_CALL_LABELS: ContextVar[Tensor | None] = ContextVar("reducer_call_labels", default=None)
+
+
+@contextmanager
+def labels_for_reducers(labels: Tensor | None) -> Iterator[None]:
+    """Within this block, dmlkit's reducer call gives ``labels`` (the loss call's, indexed by
+    each element's row) to a reducer's ``element_reduction``, as PML's call gives its labels:
+    what :class:`ClassWeightedReducer` and PML-style reducers that weigh by class read. The
+    losses' ``forward`` opens it around their computation."""
+    token = _CALL_LABELS.set(labels)
+    try:
+        yield
+    finally:
+        _CALL_LABELS.reset(token)
+
+
 @dataclass(frozen=True, eq=False)
 class BaseReducer:
     """Base of every reducer: both call contracts, and PML's hooks for custom reducers.
@@ -47,8 +65,9 @@ class BaseReducer:
     PML. PML's call reaches them by the entry's ``reduction_type``. dmlkit's call carries no
     reduction type, indices, embeddings or labels: it reaches ``element_reduction`` with the
     selected elements (repeated by their integer weights), the row of each (its anchor or item
-    for a 2-D matrix, its position for a vector) as indices, and None for embeddings and labels;
-    an empty selection gives a zero without calling it.
+    for a 2-D matrix, its position for a vector) as indices, None for the embeddings and the
+    loss call's labels (:func:`labels_for_reducers`); an empty selection gives a zero without
+    calling it.
 
     Unlike PML's, reducers are frozen dataclasses, not torch modules, and record no statistics.
     """
@@ -97,7 +116,7 @@ class BaseReducer:
         values, rows = selected_elements(losses, weights)
         if values.numel() == 0:
             return losses.sum() * 0.0
-        return self.element_reduction(values, rows, None, None)
+        return self.element_reduction(values, rows, None, _CALL_LABELS.get())
 
     def reduce_loss_dict(
         self, loss_dict: LossDict, embeddings: Tensor, labels: Tensor | None = None
@@ -516,8 +535,9 @@ class ClassWeightedReducer(BaseReducer):
     """Mean of the losses, each times the weight of its class (PML's ``ClassWeightedReducer``):
     an element's own label, a pair's or triplet's anchor's.
 
-    It needs the batch's labels, which only PML's call gives: dmlkit's losses do not give them
-    to their reducer, so there it raises ``ValueError``.
+    It needs the batch's labels: PML's call gives them, and so does a dmlkit loss's call
+    (:func:`labels_for_reducers`), an element's row standing for its anchor or item as PML's
+    indices do. Without labels (a call with a label relation) it raises ``ValueError``.
 
     Attributes:
         weights: One weight per class, indexed by label (a sequence or a 1-D tensor; kept as
@@ -561,8 +581,7 @@ class ClassWeightedReducer(BaseReducer):
         if labels is None:
             raise ValueError(
                 "ClassWeightedReducer weighs each loss by its class, so it needs the batch's "
-                "labels: PML's call reducer(loss_dict, embeddings, labels) gives them, "
-                "dmlkit's losses do not"
+                "integer labels (a loss called with multi-hot labels or a relation has none)"
             )
         classes = labels.to(elements.device)[elements]
         if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= len(self.weights)):

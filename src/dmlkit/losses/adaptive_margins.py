@@ -19,9 +19,16 @@ from ..batch import Batch
 from ..distances import BaseDistance, CosineSimilarity, LpDistance
 from ..functional import adaptive_margins as fam
 from ..functional.masks import tuple_to_pair_weights
-from ..functional.reduction import Reducer
+from ..functional.reduction import Reducer, labels_for_reducers
+from ..functional.triplets import mine_triplets
 from ..regularizers import BaseRegularizer
-from ..validation import check_anchor_in_ref, check_batch, check_labels, check_positive_int
+from ..validation import (
+    check_anchor_in_ref,
+    check_batch,
+    check_finite_number,
+    check_labels,
+    check_positive_int,
+)
 from .base import LOSSES, BaseMetricLossFunction
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -181,9 +188,16 @@ class DynamicSoftMarginLoss(BaseMetricLossFunction):
             else:
                 anchors, positives = indices[0], indices[1]
                 neg = tuple_to_pair_weights(indices, batch.shape, dist.device, dist.dtype).neg
-            loss, hist = fam.all_triplets_dynamic_soft_margin_loss(
-                dist, anchors, positives, neg, hist, *settings
-            )
+            if self.reducer.fusable:
+                loss, hist = fam.all_triplets_dynamic_soft_margin_loss(
+                    dist, anchors, positives, neg, hist, *settings
+                )
+            else:  # a reducer that reduces the losses themselves gets them listed, as in PML
+                a, p, n = mine_triplets(dist, anchors, positives, neg, None, None)
+                with labels_for_reducers(None if batch.labels is None else batch.labels[a]):
+                    loss, hist = fam.dynamic_soft_margin_loss(
+                        dist[a, p] - dist[a, n], hist, *settings
+                    )
         self.hist_ = hist
         return loss
 
@@ -263,7 +277,7 @@ class ManifoldLoss(BaseMetricLossFunction):
         self.K = check_positive_int(K, "K")
         self.lambdaC = float(lambdaC)
         self.alpha = _check_unit_interval(alpha, "alpha", open_ends=True)
-        self.margin = margin
+        self.margin = check_finite_number(margin, "margin")
         self.proxies = nn.Parameter(torch.randn(self.K, self.l))
 
     @staticmethod
@@ -384,10 +398,10 @@ class ThresholdConsistentMarginLoss(BaseMetricLossFunction):
         embedding_reg_weight: float = 1,
     ) -> None:
         super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
-        self.lambda_plus = lambda_plus
-        self.lambda_minus = lambda_minus
-        self.margin_plus = margin_plus
-        self.margin_minus = margin_minus
+        self.lambda_plus = check_finite_number(lambda_plus, "lambda_plus")
+        self.lambda_minus = check_finite_number(lambda_minus, "lambda_minus")
+        self.margin_plus = check_finite_number(margin_plus, "margin_plus")
+        self.margin_minus = check_finite_number(margin_minus, "margin_minus")
 
     @staticmethod
     def default_distance() -> BaseDistance:

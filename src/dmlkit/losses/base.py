@@ -16,7 +16,7 @@ from ..distances import (
     SimilarityRequirement,
     check_distance,
 )
-from ..functional.reduction import MeanReducer, Reducer
+from ..functional.reduction import MeanReducer, Reducer, labels_for_reducers
 from ..registry import Registry
 from ..regularizers import BaseRegularizer
 from ..validation import check_positive_int, class_labels
@@ -126,7 +126,10 @@ class BaseMetricLossFunction(nn.Module):
         of :meth:`forward`, for a subclass whose forward builds its batch otherwise."""
         # Losses compute in the batch's dtype (float32 for half inputs), as autocast computes
         # its own losses; under a caller's autocast, products would come back in half.
-        with torch.autocast(batch.embeddings.device.type, enabled=False):
+        with (
+            torch.autocast(batch.embeddings.device.type, enabled=False),
+            labels_for_reducers(batch.labels),
+        ):
             loss = add_regularization(
                 self.compute_loss(batch),
                 self.embedding_regularizer,

@@ -18,7 +18,7 @@ from ..functional.masks import tuple_element_weights
 from ..functional.reduction import Reducer
 from ..functional.triplets import DEFAULT_CHUNK_ELEMENTS
 from ..regularizers import BaseRegularizer
-from ..validation import check_positive_int, check_positive_number
+from ..validation import check_finite_number, check_positive_int, check_positive_number
 from .base import LOSSES, BaseMetricLossFunction
 
 
@@ -143,6 +143,17 @@ class RankedListLoss(BaseMetricLossFunction):
         embedding_reg_weight: float = 1,
     ) -> None:
         super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
+        margin, Tn, imbalance, Tp = (  # noqa: N806 (PML's parameter names)
+            check_finite_number(value, name)
+            for value, name in (
+                (margin, "margin"),
+                (Tn, "Tn"),
+                (imbalance, "imbalance"),
+                (Tp, "Tp"),
+            )
+        )
+        if alpha is not None:
+            alpha = check_finite_number(alpha, "alpha")
         if not (isinstance(imbalance, numbers.Real) and 0 <= imbalance <= 1):
             raise ValueError(f"imbalance must be between 0 and 1, got {imbalance!r}")
         if Tp > 5 or Tn > 5:
@@ -233,8 +244,8 @@ class PNPLoss(BaseMetricLossFunction):
             raise ValueError(f"variant={variant!r} but must be one of {self.VARIANTS}")
         if variant == "Ib":
             check_positive_number(b, "b")
-        self.b = b
-        self.alpha = alpha
+        self.b = check_finite_number(b, "b")
+        self.alpha = check_finite_number(alpha, "alpha")
         self.anneal = check_positive_number(anneal, "anneal")
         self.variant: fll.PNPVariant = variant
         self.chunk_elements = check_positive_int(chunk_elements, "chunk_elements")

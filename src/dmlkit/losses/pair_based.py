@@ -19,10 +19,11 @@ from ..distances import (
 )
 from ..functional import losses as fl
 from ..functional.masks import first_pair_per_label, first_two_per_label, tuple_to_pair_weights
-from ..functional.reduction import AvgNonZeroReducer, Reducer
+from ..functional.reduction import AvgNonZeroReducer, Reducer, labels_for_reducers
 from ..functional.triplets import (
     DEFAULT_CHUNK_ELEMENTS,
     all_triplets_margin_loss,
+    mine_triplets,
     sample_triplets,
 )
 from ..regularizers import BaseRegularizer
@@ -132,6 +133,15 @@ class TripletMarginLoss(BaseMetricLossFunction):
         indices = batch.indices_tuple
         if indices is None and self.triplets_per_anchor != "all":
             indices = sample_triplets(*batch.label_weights(), int(self.triplets_per_anchor))
+        if not self.reducer.fusable and (indices is None or len(indices) == 4):
+            # A reducer that reduces the losses themselves gets them listed, as PML lists them.
+            if indices is None:
+                pos, neg = batch.label_weights()
+                anchors, positives = pos.nonzero(as_tuple=True)
+            else:
+                anchors, positives = indices[0], indices[1]
+                neg = tuple_to_pair_weights(indices, batch.shape, dist.device, dist.dtype).neg
+            indices = mine_triplets(dist, anchors, positives, neg, None, None, self.chunk_elements)
         if indices is not None and len(indices) == 3:
             a, p, n = indices
             d_an = dist[a, n]
@@ -139,7 +149,11 @@ class TripletMarginLoss(BaseMetricLossFunction):
                 d_an = torch.minimum(d_an, swap_dist[p, n])
             violation = dist[a, p] - d_an + self.margin
             losses = nn.functional.softplus(violation) if self.smooth_loss else violation.relu()
-            return self.reducer(losses) if a.numel() else fl.zero_loss(dist)
+            if not a.numel():
+                return fl.zero_loss(dist)
+            # Each triplet's class is its anchor's, for a reducer that weighs by class.
+            with labels_for_reducers(None if batch.labels is None else batch.labels[a]):
+                return self.reducer(losses)
         if indices is None:
             pos, neg_weights = batch.label_weights()
             anchors, positives = pos.nonzero(as_tuple=True)
