@@ -3,9 +3,6 @@ variance loss and the instance loss (PML 2.9's classes)."""
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -16,20 +13,13 @@ from ..functional import tuple_losses as ft
 from ..functional.masks import PairIndices
 from ..functional.reduction import Reducer
 from ..regularizers import BaseRegularizer
-from ..validation import check_positive_number
+from ..validation import check_finite_number, check_positive_number
 from .base import LOSSES, BaseMetricLossFunction
-
-
-def _finite(value: object, name: str) -> float:
-    """A real constructor option (``bool`` refused), as a ``float``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _fraction(value: object, name: str) -> float:
     """A constructor option in [0, 1), as a ``float``."""
-    number = _finite(value, name)
+    number = check_finite_number(value, name)
     if not 0 <= number < 1:
         raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
     return number
@@ -85,7 +75,7 @@ class AngularLoss(BaseMetricLossFunction):
                 "AngularLoss requires LpDistance(p=2, power=1, normalize_embeddings=True), "
                 f"got {self.distance!r}"
             )
-        self.alpha = _finite(alpha, "alpha")
+        self.alpha = check_finite_number(alpha, "alpha")
         if not 0 < self.alpha < 90:
             raise ValueError(f"alpha must be an angle in degrees in (0, 90), got {alpha!r}")
 
@@ -150,7 +140,7 @@ class TupletMarginLoss(BaseMetricLossFunction):
         embedding_reg_weight: float = 1,
     ) -> None:
         super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight)
-        self.margin = _finite(margin, "margin")
+        self.margin = check_finite_number(margin, "margin")
         self.scale = check_positive_number(scale, "scale")
 
     @staticmethod

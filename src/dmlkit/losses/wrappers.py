@@ -14,8 +14,6 @@ both need the losses they wrap. A config may still name them by import path
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..miners import BaseMiner
-from ..validation import check_embeddings
+from ..validation import check_embeddings, check_finite_number
 from .base import BaseMetricLossFunction
 from .self_supervised import VICRegLoss
 
@@ -261,12 +259,13 @@ def _weight_dict(weights: object, keys: list[str]) -> dict[str, float]:
         raise ValueError(
             f"weights must have exactly the losses' keys {sorted(keys)}, got {sorted(mapping)}"
         )
-    return {key: _weight(mapping[key], f"weights[{key!r}]") for key in keys}
+    return {key: check_finite_number(mapping[key], f"weights[{key!r}]") for key in keys}
 
 
 def _weight_list(weights: object, count: int) -> list[float]:
     return [
-        _weight(w, f"weights[{i}]") for i, w in enumerate(_one_per_loss(weights, count, "weights"))
+        check_finite_number(w, f"weights[{i}]")
+        for i, w in enumerate(_one_per_loss(weights, count, "weights"))
     ]
 
 
@@ -295,12 +294,6 @@ def _as_dict(values: object, name: str) -> Mapping[str, Any]:
     if not isinstance(values, Mapping):
         raise ValueError(f"{name} must be a dict, as the losses are, got {type(values).__name__}")
     return values
-
-
-def _weight(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value!r}")
-    return float(value)
 
 
 __all__ = ["MultipleLosses", "SelfSupervisedLoss"]
