@@ -111,3 +111,27 @@ def test_efficient_mode_trains_from_a_config(tmp_path, monkeypatch) -> None:
     assert load_checkpoint(run / "last.pt")["state"]["step"] == 4
     with pytest.raises(ConfigError, match="distributed"):
         load_config(None, [*RUN, "objective.options.distributed=everywhere"])
+
+
+def test_two_processes_killed_and_resumed_end_bit_identical(tmp_path, monkeypatch) -> None:
+    """Rank 1 dies by SIGKILL mid-run (torchrun stops rank 0); resumed on 2 processes, the run
+    ends with the uninterrupted 2-process run's weights, bit for bit."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    options = [*RUN, "data.name=user_parts:killed_digits", "train.checkpoint_every=1"]
+    overrides = [part for option in options for part in ("--set", option)]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["train", *overrides, "--run-dir", str(whole), "--nproc-per-node", "2"]) == 0
+    monkeypatch.setenv("DMLKIT_TEST_KILL_RANK", "1")
+    monkeypatch.setenv("DMLKIT_TEST_KILL_AFTER", str(5 * 8))  # during step 6 (8 items a step)
+    assert main(["train", *overrides, "--run-dir", str(cut), "--nproc-per-node", "2"]) == 2
+    stopped_at = load_checkpoint(cut / "last.pt")["state"]["step"]
+    assert 0 < stopped_at < 8
+    monkeypatch.delenv("DMLKIT_TEST_KILL_RANK")
+    resume = ["train", "--run-dir", str(cut), "--resume", "--nproc-per-node", "2"]
+    assert main(resume) == 0
+    expected = load_checkpoint(whole / "last.pt")
+    got = load_checkpoint(cut / "last.pt")
+    assert got["state"]["step"] == expected["state"]["step"] == 8
+    for key, value in expected["model"].items():
+        assert torch.equal(value, got["model"][key]), key

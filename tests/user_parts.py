@@ -134,3 +134,33 @@ class PartlyAnnotated(nn.Module):
     ) -> None:
         super().__init__()
         self.hint, self.scale, self.distance = hint, scale, distance
+
+
+class _KillingDigits(ArrayDataset):
+    """Digits that kill their own process with SIGKILL after ``after`` training items: a crash
+    no handler sees, for the multi-process kill-and-resume test."""
+
+    def __init__(self, data: ArrayDataset, after: int) -> None:
+        super().__init__(data.data, data.labels)
+        self.after, self.read = after, 0
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        self.read += 1
+        if self.read > self.after:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(index)
+
+
+def killed_digits(split: str) -> ArrayDataset:
+    """``shifted_digits``; on the rank named by ``$DMLKIT_TEST_KILL_RANK`` (and only while it is
+    set) the training split kills its process after ``$DMLKIT_TEST_KILL_AFTER`` items."""
+    import os
+
+    data = shifted_digits(split)
+    rank = os.environ.get("DMLKIT_TEST_KILL_RANK")
+    if split != "train" or rank is None or os.environ.get("RANK") != rank:
+        return data
+    return _KillingDigits(data, int(os.environ["DMLKIT_TEST_KILL_AFTER"]))
