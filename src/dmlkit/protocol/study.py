@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 import torch
 import yaml
 from optuna.storages import RDBStorage, fail_stale_trials
@@ -129,6 +130,9 @@ def run_fold(
     return FoldOutcome(result.best_validation, result.steps, result.stopped_early, False, trainer)
 
 
+_SCHEMA_ATTEMPTS = 5
+
+
 def open_study(bench: BenchConfig, method: str, worker: int = 0) -> optuna.Study:
     """Create or load a method's study in the benchmark's storage.
 
@@ -144,15 +148,24 @@ def open_study(bench: BenchConfig, method: str, worker: int = 0) -> optuna.Study
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Several local workers write to one SQLite file: wait for its lock instead of failing.
         engine = {"connect_args": {"timeout": 120}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=protocol.heartbeat_interval,
-            grace_period=protocol.grace_period,
-            heartbeat_stale_trial_callback=_requeue_callback(protocol.max_retries),
-        )
+    for attempt in range(_SCHEMA_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = RDBStorage(
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=protocol.heartbeat_interval,
+                    grace_period=protocol.grace_period,
+                    heartbeat_stale_trial_callback=_requeue_callback(protocol.max_retries),
+                )
+            break
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers starting together on an empty server database race to create Optuna's
+            # tables; the loser finds them made a moment later.
+            if attempt == _SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
     study = optuna.create_study(
         study_name=bench.study_name(method),
         storage=storage,
