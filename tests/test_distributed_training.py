@@ -101,10 +101,16 @@ def test_a_process_count_that_does_not_divide_the_batch_stops_every_process(
 
 
 def test_efficient_mode_trains_from_a_config(tmp_path, monkeypatch) -> None:
-    """Each rank's anchors against the gathered batch (objective option ``distributed``)."""
+    """Each rank's anchors against the gathered batch (objective option ``distributed``), on
+    cached backbone features (rank 0 writes the cache, the other rank reads it)."""
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    options = [*RUN, "train.max_steps=4", "objective.options.distributed=efficient"]
+    options = [
+        *RUN,
+        "train.max_steps=4",
+        "objective.options.distributed=efficient",
+        "model.freeze_backbone=true",
+    ]
     overrides = [part for option in options for part in ("--set", option)]
     run = tmp_path / "efficient"
     assert main(["train", *overrides, "--run-dir", str(run), "--nproc-per-node", "2"]) == 0

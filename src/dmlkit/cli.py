@@ -106,13 +106,16 @@ def _train_here(args: argparse.Namespace) -> int:
         raise ConfigError("--resume needs the run folder: give --run-dir or logging.run_dir")
     trainer = Trainer(config, run_dir=args.run_dir)
     data = trainer.data
-    print(
-        f"dmlkit train: {config.data.name}, {len(data.train)} training items of "
-        f"{len(np.unique(data.train.labels))} classes; test on {len(data.test)} items of "
-        f"{len(np.unique(data.test.labels))} held-out classes; run folder {trainer.run_dir}",
-        flush=True,
-    )
+    if trainer.is_writer:
+        print(
+            f"dmlkit train: {config.data.name}, {len(data.train)} training items of "
+            f"{len(np.unique(data.train.labels))} classes; test on {len(data.test)} items of "
+            f"{len(np.unique(data.test.labels))} held-out classes; run folder {trainer.run_dir}",
+            flush=True,
+        )
     result = trainer.fit(resume=args.resume)
+    if not trainer.is_writer:
+        return 0  # rank 0 reports and draws for the run
     stopped = ", stopped early" if result.stopped_early else ""
     speed = f", {result.images_per_second:.0f} images/s" if result.images_per_second else ""
     print(

@@ -377,15 +377,23 @@ class Trainer:
             if dataset is None:
                 cached[name] = None
                 continue
-            cache = cache_features(
-                self.model,
-                dataset,
-                cache_dir / f"{self.data.cache_key}-{backbone}-{name}.pt",
-                batch_size=self.config.train.eval_batch_size,
-                device=self.device,
-                num_workers=self.config.data.num_workers,
-                progress=self.config.logging.progress,
-            )
+
+            def cached_features(dataset: LabelledDataset = dataset, name: str = name) -> Any:
+                return cache_features(
+                    self.model,
+                    dataset,
+                    cache_dir / f"{self.data.cache_key}-{backbone}-{name}.pt",
+                    batch_size=self.config.train.eval_batch_size,
+                    device=self.device,
+                    num_workers=self.config.data.num_workers,
+                    progress=self.config.logging.progress,
+                )
+
+            # Rank 0 computes and writes the cache; the other ranks then read it.
+            cache = cached_features() if self.is_writer else None
+            self._wait_for_writer()
+            if cache is None:
+                cache = cached_features()
             cached[name] = ArrayDataset(cache.features, cache.labels)
         train, test = cached["train"], cached["test"]
         assert train is not None and test is not None
@@ -556,7 +564,7 @@ class Trainer:
                 len(self.sampler),
                 self.state.batch,
                 f"epoch {self.state.epoch + 1}/{config.train.epochs}",
-                config.logging.progress,
+                config.logging.progress and self.is_writer,
             )
             self.trained_part.train()
             start = time.perf_counter()
