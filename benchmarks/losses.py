@@ -134,6 +134,10 @@ def _factory(loss_mod, miner_mod, loss, loss_kw, miner, miner_kw) -> Callable[[]
         return None  # PML has no such loss or miner
     if loss == "VICRegLoss":
         return lambda: _two_views(getattr(loss_mod, loss)(**loss_kw))
+    if loss == "DynamicSoftMarginLoss":
+        # PML's cannot backward twice through its histogram (its issue #731): a fresh loss per
+        # call on both sides.
+        return lambda: lambda emb, labels: getattr(loss_mod, loss)(**loss_kw)(emb, labels)
     return lambda: _with_miner(
         getattr(loss_mod, loss)(**loss_kw),
         None if miner is None else getattr(miner_mod, miner)(**miner_kw),

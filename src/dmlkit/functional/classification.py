@@ -248,7 +248,7 @@ def p2sgrad_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, reducer: Re
         # Every entry counts: Σ (cos − onehot)² = Σ cos² − 2 Σᵢ cos(xᵢ, W_yᵢ) + N, one pass
         # over the (N, C) cosines each way instead of four. The clamp to [-1, 1] is left out:
         # unit vectors' cosines pass ±1 by rounding only.
-        targets = (unit * weight.index_select(1, labels).T).sum(1)
+        targets = cosine.gather(1, labels.unsqueeze(1))
         total = cosine.square().sum() - 2 * targets.sum() + labels.numel()
         return reducer.finish(total, torch.tensor(float(cosine.numel()), device=cosine.device))
     one_hot = F.one_hot(labels, weight.shape[1]).to(cosine.dtype)
