@@ -17,8 +17,8 @@ TESTS = Path(__file__).parent
 RUN = [
     "data.name=user_parts:shifted_digits",
     "train.epochs=1",
-    "train.max_steps=8",
-    "train.checkpoint_every=4",
+    "train.max_steps=24",
+    "train.checkpoint_every=8",
     "sampler.classes_per_batch=4",
     "sampler.samples_per_class=4",
     "logging.progress=false",
@@ -67,13 +67,13 @@ def test_two_processes_train_the_weights_of_one(runs, tmp_path) -> None:
     initial = Trainer(load_config(None, RUN), tmp_path / "fresh").model.state_dict()
     trained = [key for key in initial if not torch.equal(initial[key], expected[key])]
     assert trained and all(key.startswith("head") for key in trained)  # the backbone is frozen
-    assert load_checkpoint(two / "last.pt")["state"]["step"] == 8
+    assert load_checkpoint(two / "last.pt")["state"]["step"] == 24
 
 
 def test_rank_zero_writes_each_file_once(runs) -> None:
     _, two = runs
     lines = (two / "train.csv").read_text().splitlines()
-    assert len(lines) == 1 + 8  # a header and one row per step, not one per process
+    assert len(lines) == 1 + 24  # a header and one row per step, not one per process
     assert (two / "results.json").is_file() and (two / "config.yaml").is_file()
     rng = load_checkpoint(two / "last.pt")["rng"]
     assert len(rng["ranks"]) == 2
@@ -132,12 +132,72 @@ def test_two_processes_killed_and_resumed_end_bit_identical(tmp_path, monkeypatc
     monkeypatch.setenv("DMLKIT_TEST_KILL_AFTER", str(5 * 8))  # during step 6 (8 items a step)
     assert main(["train", *overrides, "--run-dir", str(cut), "--nproc-per-node", "2"]) == 2
     stopped_at = load_checkpoint(cut / "last.pt")["state"]["step"]
-    assert 0 < stopped_at < 8
+    assert 0 < stopped_at < 24
     monkeypatch.delenv("DMLKIT_TEST_KILL_RANK")
     resume = ["train", "--run-dir", str(cut), "--resume", "--nproc-per-node", "2"]
     assert main(resume) == 0
     expected = load_checkpoint(whole / "last.pt")
     got = load_checkpoint(cut / "last.pt")
-    assert got["state"]["step"] == expected["state"]["step"] == 8
+    assert got["state"]["step"] == expected["state"]["step"] == 24
     for key, value in expected["model"].items():
         assert torch.equal(value, got["model"][key]), key
+
+
+def test_efficient_mode_refuses_the_losses_it_cannot_use() -> None:
+    import dmlkit.losses as dl
+    from dmlkit.objectives import MetricLossObjective
+
+    for loss, message in [
+        (dl.DynamicSoftMarginLoss(), "states would diverge"),
+        (dl.CrossBatchMemory(dl.ContrastiveLoss(), 4), "global mode only"),
+        (dl.ArcFaceLoss(3, 4), "takes ref_emb"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            MetricLossObjective(loss, distributed="efficient")
+
+
+def _mismatched_worker(rank: int, store: str, folder: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    steps = 8 if rank == 0 else 9
+    try:
+        Trainer(load_config(None, [*RUN, f"train.max_steps={steps}"]), Path(folder) / "run")
+    except ConfigError as error:
+        (Path(folder) / f"rank{rank}.txt").write_text(str(error))
+    dist.destroy_process_group()
+
+
+def test_ranks_given_different_configs_are_refused(tmp_path, monkeypatch) -> None:
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    mp.spawn(_mismatched_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "ranks [1] were given another config or run folder than rank 0" in message
+
+
+def test_cross_batch_memory_on_two_processes_equals_one(tmp_path, monkeypatch) -> None:
+    """The gathered global batch is queued once, identically, on every rank."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    options = [
+        *RUN,
+        "loss.name=dmlkit.losses:CrossBatchMemory",
+        "loss.options.loss.name=ContrastiveLoss",
+        "loss.options.memory_size=40",
+        "miner.name=null",
+    ]
+    overrides = [part for option in options for part in ("--set", option)]
+    two = tmp_path / "two"
+    assert main(["train", *overrides, "--run-dir", str(two), "--nproc-per-node", "2"]) == 0
+    one = Trainer(load_config(None, options), tmp_path / "one")
+    one.fit(test=False)
+    got = load_checkpoint(two / "last.pt")
+    for key, value in one.model.state_dict().items():
+        torch.testing.assert_close(got["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    memory = one.objective.state_dict()
+    for key in ("loss.embedding_memory", "loss.label_memory"):
+        torch.testing.assert_close(got["objective"][key], memory[key], rtol=1e-5, atol=1e-6)

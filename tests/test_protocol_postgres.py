@@ -137,7 +137,9 @@ def test_two_workers_on_postgresql_lose_nothing_when_one_is_killed(
     final = _worker(out, postgres_url, tmp_path / "final.txt")
     assert final.wait(timeout=600) == 0, (tmp_path / "final.txt").read_text()
 
-    after = {t.number: t for t in optuna.load_study(study_name=METHOD, storage=postgres_url).get_trials()}
+    after = {
+        t.number: t for t in optuna.load_study(study_name=METHOD, storage=postgres_url).get_trials()
+    }
     for number, trial in before.items():  # finished trials are untouched
         assert after[number].state == TrialState.COMPLETE
         assert after[number].value == trial.value and after[number].params == trial.params

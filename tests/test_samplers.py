@@ -184,8 +184,12 @@ def test_ranks_split_each_global_batch_into_whole_class_groups(mode: str) -> Non
     for b, global_batch in enumerate(global_batches):
         groups = np.reshape(global_batch, (-1, 2))
         for r in range(world):
-            # Rank r holds the groups at positions r, r + W, ... of the global batch.
-            assert per_rank[r][b] == groups[r::world].reshape(-1).tolist()
+            # Rank r holds the r-th consecutive run of P / W groups of the global batch.
+            share = len(groups) // world
+            assert per_rank[r][b] == groups[r * share : (r + 1) * share].reshape(-1).tolist()
+        # Concatenated in rank order (as a gather gives them), the ranks' batches are the
+        # global batch, in its order.
+        assert [i for r in range(world) for i in per_rank[r][b]] == list(global_batch)
         parts = [set(per_rank[r][b]) for r in range(world)]
         assert set().union(*parts) == set(global_batch)
         assert sum(len(part) for part in parts) == len(set(global_batch))

@@ -57,7 +57,7 @@ def _launch_processes(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     rest = list(argv)
-    at = next(i for i, arg in enumerate(rest) if arg.startswith("--nproc-per-node"))
+    at = next(i for i, arg in enumerate(rest) if arg.startswith("--nproc"))  # or a prefix of it
     del rest[at : at + (1 if "=" in rest[at] else 2)]
     try:
         torchrun.main(["--nproc-per-node", str(args.nproc_per_node), "-m", "dmlkit", *rest])
@@ -79,14 +79,25 @@ def _in_process_group() -> bool:
         return False
     import torch
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        # One GPU per process; CUDA tensors go over NCCL, CPU tensors and objects over gloo.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
     return True
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.nproc_per_node is not None and args.nproc_per_node > 1:
-        return _launch_processes(args, args.argv)
+    if args.nproc_per_node is not None:
+        import os
+
+        if args.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+        if "WORLD_SIZE" in os.environ:
+            raise ConfigError("--nproc-per-node starts torchrun: do not give it under torchrun")
+        if args.nproc_per_node > 1:
+            return _launch_processes(args, args.argv)
     joined = _in_process_group()
     try:
         return _train_here(args)

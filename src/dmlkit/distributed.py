@@ -94,14 +94,46 @@ def own_rows(n: int, device: torch.device) -> Tensor:
 
 def average_gradients(parameters: Any) -> None:
     """Averages the parameters' gradients over the ranks, as DDP does (for parameters outside
-    a DDP module, such as a loss's proxies)."""
+    a DDP module, such as a loss's proxies), in one all-reduce; a parameter without a gradient
+    on some rank counts zeros there, so every rank makes the same collective."""
     if not is_distributed():
         return
     _, world = rank_and_world_size()
-    for p in parameters:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
+    dist.all_reduce(flat)
+    flat.div_(world)
+    start = 0
+    for p in params:
+        part = flat[start : start + p.numel()].view_as(p)
+        start += p.numel()
+        if p.grad is None:
+            p.grad = part.clone()
+        else:
+            p.grad.copy_(part)
+
+
+def check_efficient_mode(loss: nn.Module) -> None:
+    """Raises ``ValueError`` for a loss that efficient mode cannot use: one without a reference
+    set, a cross-batch memory (every rank must queue the same batch), or one with state updated
+    from each batch (each rank would update it from its own anchors and the states diverge)."""
+    if isinstance(loss, CrossBatchMemory):
+        raise ValueError(
+            "CrossBatchMemory is used in global mode only: every rank must queue the same "
+            "gathered batch"
+        )
+    if not isinstance(loss, BaseMetricLossFunction) or not loss.supports_ref:
+        raise ValueError(f"efficient mode needs a dmlkit loss that takes ref_emb; {loss!r} is not")
+    if any(True for _ in loss.buffers()):
+        raise ValueError(
+            f"{type(loss).__name__} keeps state updated from each batch: in efficient mode "
+            "each rank would update it from its own anchors and the ranks' states would "
+            "diverge; use global mode"
+        )
 
 
 class DistributedLossWrapper(nn.Module):
@@ -119,19 +151,8 @@ class DistributedLossWrapper(nn.Module):
         super().__init__()
         if not isinstance(loss, BaseMetricLossFunction | CrossBatchMemory):
             raise ValueError(f"loss must be a dmlkit loss or CrossBatchMemory, got {loss!r}")
-        if efficient and isinstance(loss, CrossBatchMemory):
-            raise ValueError(
-                "CrossBatchMemory is wrapped in global mode only: every rank must queue the "
-                "same gathered batch"
-            )
-        if efficient and not loss.supports_ref:
-            raise ValueError(f"efficient mode needs a loss that takes ref_emb; {loss!r} does not")
-        if efficient and any(True for _ in loss.buffers()):
-            raise ValueError(
-                f"{type(loss).__name__} keeps state updated from each batch: in efficient mode "
-                "each rank would update it from its own anchors and the ranks' states would "
-                "diverge; use global mode"
-            )
+        if efficient:
+            check_efficient_mode(loss)
         self.loss = loss
         self.efficient = efficient
 
@@ -193,6 +214,7 @@ __all__ = [
     "DistributedLossWrapper",
     "DistributedMinerWrapper",
     "average_gradients",
+    "check_efficient_mode",
     "gather",
     "is_distributed",
     "own_rows",

@@ -18,8 +18,8 @@ same epoch:
 1. Every class's items are put in a fresh random order; a class's groups are consecutive runs of
    K items in that order, so the groups of one class are disjoint.
 2. A class schedule lists ``(class, group)`` slots; consecutive runs of P slots are the batches.
-3. Each global batch is split across ranks by class position, so each rank gets P / W whole
-   class groups.
+3. Each global batch is split across ranks in consecutive runs of P / W whole class groups,
+   so the ranks' batches concatenated in rank order are the global batch, in its order.
 
 Batch assembly (``groups_per_class="all"``) is round-robin: round ``r`` lists, in a fresh random
 order, every class that still has an unused group, so each class appears at most once per round.
@@ -142,8 +142,9 @@ class PKSampler(Sampler[list[int]]):
     Leftover slots that cannot fill a complete batch are dropped.
 
     With ``world_size`` W > 1, all ranks build the same global batches and rank ``r`` keeps the
-    class groups at positions ``r, r + W, ...`` of each, so every rank yields the same number of
-    batches of ``(P // W) * K`` indices.
+    class groups at positions ``r·P/W … (r+1)·P/W − 1`` of each, so every rank yields the same
+    number of batches of ``(P // W) * K`` indices, and the ranks' batches concatenated in rank
+    order (what a gather of them gives) are the global batch in its order.
 
     Args:
         labels: One integer class label per dataset item (any values, e.g. 1..200 or negative).
@@ -315,7 +316,9 @@ class PKSampler(Sampler[list[int]]):
             run one class.
         """
         batches = self._global_batches(self._epoch)[self._start_batch :]
-        mine = batches[:, self._rank :: self._world_size, :].reshape(len(batches), self.batch_size)
+        share = self._p // self._world_size
+        mine = batches[:, self._rank * share : (self._rank + 1) * share, :]
+        mine = mine.reshape(len(batches), self.batch_size)
         for batch in mine:
             yield batch.tolist()
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from ..distributed import gather, is_distributed, own_rows
+from ..distributed import check_efficient_mode, gather, is_distributed, own_rows
 from ..losses import BaseMetricLossFunction
 from ..miners import BaseMiner
 from .base import OBJECTIVES, Objective, StepOutput
@@ -37,6 +37,8 @@ class MetricLossObjective(Objective):
         super().__init__()
         if distributed not in ("global", "efficient"):
             raise ValueError(f"distributed must be 'global' or 'efficient', got {distributed!r}")
+        if distributed == "efficient":
+            check_efficient_mode(loss)
         self.loss = loss
         self.miner = miner
         self.distributed = distributed

@@ -17,6 +17,7 @@ Exact resumption rests on three rules:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -249,17 +250,18 @@ class Trainer:
         self.rank, self.world_size = rank_and_world_size()
         self.is_writer = self.rank == 0
         if self.world_size > 1:
-            configs: list[Any] = [None] * self.world_size
-            dist.all_gather_object(configs, config.to_dict())
-            if any(other != configs[0] for other in configs):
-                differ = [r for r, other in enumerate(configs) if other != configs[0]]
-                raise ConfigError(f"ranks {differ} were given another config than rank 0")
+            self._agree_with_rank_zero(config, run_dir)
         self.device = resolve_device(config.train.device)
         self.amp = config.train.amp and self.device.type == "cuda"
         self.state = TrainState()
         self.randomness = RunRandomness(config.train.seed, self.device)
 
+        # Rank 0 reads (and downloads) the data first, so that ranks never download at once.
+        if not self.is_writer:
+            self._wait_for_writer()
         self.data: RunData = build_run_data(config.data, config.train.seed)
+        if self.is_writer:
+            self._wait_for_writer()
         self.classes = np.unique(self.data.train.labels)
         model_config = config.model
         with self.randomness.active():
@@ -317,6 +319,27 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         check_selection_metric(config.validation.metric, config.validation.metrics)
+        if self.world_size > 1:
+            # Every rank starts from rank 0's weights, whatever initialised them.
+            with torch.no_grad():
+                for tensor in [
+                    *self.model.state_dict().values(),
+                    *self.objective.state_dict().values(),
+                ]:
+                    if isinstance(tensor, Tensor) and tensor.is_floating_point():
+                        dist.broadcast(tensor, src=0)
+
+    def _agree_with_rank_zero(self, config: Config, run_dir: str | Path | None) -> None:
+        """Refuses ranks given another config or run folder than rank 0, and makes rank 0's
+        default run folder (a timestamp) every rank's."""
+        given: list[Any] = [None] * self.world_size
+        dist.all_gather_object(given, (config.to_dict(), None if run_dir is None else str(run_dir)))
+        differ = [r for r, other in enumerate(given) if other != given[0]]
+        if differ:
+            raise ConfigError(f"ranks {differ} were given another config or run folder than rank 0")
+        chosen = [str(self.run_dir)]
+        dist.broadcast_object_list(chosen, src=0)
+        self.run_dir = Path(chosen[0])
 
     def _build_objective(self) -> Objective:
         config = self.config
@@ -574,7 +597,7 @@ class Trainer:
                 self.state.batch += 1
                 self.state.step += 1
                 now = time.perf_counter()
-                images += len(y)
+                images += len(y) * self.world_size  # the global batch
                 seconds += now - start
                 start = now
                 row = {
@@ -604,6 +627,10 @@ class Trainer:
                     self.save()
                 for callback in self.callbacks:
                     callback(self.state)
+                if self.world_size > 1:  # a callback may stop one rank: then all stop
+                    stop = torch.tensor([float(self.state.stopped_early)], device=self.device)
+                    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+                    self.state.stopped_early = bool(stop.item())
                 if self.state.stopped_early or self.state.step >= self.total_steps:
                     break
             bar.close()
@@ -628,6 +655,12 @@ class Trainer:
         """One optimisation step; returns the loss and what to log beside it."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         out = self.objective(self.step_model, x, y)
+        if self.world_size > 1 and self.objective.may_skip:
+            # One rank skipping alone would leave the others waiting in the backward's
+            # collectives: a step is skipped when any rank skips it.
+            skip = torch.tensor([float(out.skip)], device=self.device)
+            dist.all_reduce(skip, op=dist.ReduceOp.MAX)
+            out = dataclasses.replace(out, skip=bool(skip.item()))
         extras = dict(out.stats)
         if self.objective.may_skip:
             extras["skipped_steps"] = self.state.skipped_steps + int(out.skip)
