@@ -70,6 +70,21 @@ def test_two_processes_train_the_weights_of_one(runs, tmp_path) -> None:
     assert load_checkpoint(two / "last.pt")["state"]["step"] == 24
 
 
+def test_two_processes_evaluate_as_one(runs) -> None:
+    """Each rank embeds a share of the test items, rank 0 scores them all."""
+    import json
+
+    one, two = runs
+    expected = json.loads((one.run_dir / "results.json").read_text())
+    got = json.loads((two / "results.json").read_text())
+    assert got["after"].keys() == expected["after"].keys()
+    # The weights agree to float rounding (1e-5), which can move a near-tie neighbour: a few
+    # queries' values, at most a fraction of a percent of the metric.
+    for name, value in expected["after"].items():
+        assert got["after"][name] == pytest.approx(value, abs=2e-3), name
+    assert got["best_validation"] == pytest.approx(expected["best_validation"], abs=2e-3)
+
+
 def test_rank_zero_writes_each_file_once(runs) -> None:
     _, two = runs
     lines = (two / "train.csv").read_text().splitlines()

@@ -33,8 +33,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import ArrayDataset, LabelledDataset
-from ..distributed import average_gradients, is_distributed, rank_and_world_size
+from ..data import ArrayDataset, LabelledDataset, subset
+from ..distributed import average_gradients, gather, is_distributed, rank_and_world_size
 from ..evaluation import evaluate
 from ..models import EmbeddingModel, cache_features
 from ..objectives import BatchStream, Objective
@@ -444,13 +444,34 @@ class Trainer:
             )
 
     def evaluate_on(self, dataset: LabelledDataset) -> dict[str, float]:
-        """Retrieval metrics of the current model on a dataset (each item queries the rest)."""
-        embeddings, labels = self.embed(dataset)
+        """Retrieval metrics of the current model on a dataset (each item queries the rest).
+
+        On several processes each rank embeds a consecutive share of the items, rank 0 scores
+        the gathered embeddings (in the dataset's order, so ties break as on one process) and
+        every rank gets its numbers."""
         validation = self.config.validation
-        result = evaluate(
-            embeddings, labels, metrics=validation.metrics, recall_at=validation.recall_at
-        )
-        return dict(result.metrics)
+        if self.world_size == 1:
+            embeddings, labels = self.embed(dataset)
+        else:
+            bounds = [len(dataset) * r // self.world_size for r in range(self.world_size + 1)]
+            share = subset(dataset, np.arange(bounds[self.rank], bounds[self.rank + 1]))
+            own, own_labels = self.embed(share)
+            with torch.no_grad():
+                embeddings = gather(own.to(self.device)).cpu()
+                labels = gather(torch.as_tensor(own_labels).to(self.device)).cpu().numpy()
+        metrics = None
+        if self.is_writer:
+            metrics = dict(
+                evaluate(
+                    embeddings, labels, metrics=validation.metrics, recall_at=validation.recall_at
+                ).metrics
+            )
+        if self.world_size > 1:
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        assert metrics is not None
+        return metrics
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -697,13 +718,7 @@ class Trainer:
     def _validate(self, log: CSVLog, board: TensorBoardLog | None) -> None:
         assert self.data.val is not None
         validation = self.config.validation
-        metrics = self.evaluate_on(self.data.val)
-        if self.world_size > 1:
-            # Every rank evaluated the same model on the same data; rank 0's numbers decide,
-            # so that best checkpoints and early stopping can never disagree.
-            shared = [metrics]
-            dist.broadcast_object_list(shared, src=0)
-            metrics = shared[0]
+        metrics = self.evaluate_on(self.data.val)  # rank 0's numbers, on every rank
         self.state.validated_step = self.state.step
         if self.is_writer:
             log.write({"step": self.state.step, "epoch": self.state.epoch, **metrics})
