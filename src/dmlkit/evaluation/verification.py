@@ -1,0 +1,168 @@
+"""Verification: deciding "same class or not" by a similarity threshold, with known error rates.
+
+A pair is accepted when its score is at least the threshold. With the genuine pairs (same class)
+and the impostor pairs (different classes):
+
+- TPR (true positive rate) = accepted genuine / genuine; FNMR (false non-match rate) = 1 − TPR;
+- FPR (false positive rate) = FMR (false match rate) = accepted impostors / impostors;
+- precision = accepted genuine / accepted.
+
+The curves list every distinct score as a threshold, highest first, as scikit-learn's
+``roc_curve(drop_intermediate=False)`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..validation import check_embeddings, check_labels
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Error rates at every distinct threshold, highest threshold first.
+
+    Attributes:
+        thresholds: (T,) descending scores; a pair is accepted at ``score >= threshold``.
+        tpr: (T,) true positive rate at each threshold.
+        fpr: (T,) false positive (false match) rate.
+        precision: (T,) precision (1 where nothing is accepted).
+    """
+
+    thresholds: Tensor
+    tpr: Tensor
+    fpr: Tensor
+    precision: Tensor
+
+
+def _checked_pairs(scores: object, same: object) -> tuple[Tensor, Tensor]:
+    if not isinstance(scores, Tensor) or not isinstance(same, Tensor):
+        raise TypeError("scores and same must be tensors")
+    if scores.ndim != 1 or same.shape != scores.shape:
+        raise ValueError(
+            f"scores and same must be 1-D of one length, got {tuple(scores.shape)} and "
+            f"{tuple(same.shape)}"
+        )
+    if not scores.is_floating_point() or not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores must be finite floating-point values")
+    same = same.bool()
+    if not bool(same.any()) or bool(same.all()):
+        raise ValueError("verification needs both genuine (same) and impostor (different) pairs")
+    return scores.double(), same
+
+
+def curves(scores: Tensor, same: Tensor) -> Curves:
+    """TPR, FPR and precision at every distinct threshold.
+
+    Args:
+        scores: (P,) similarity of each pair (higher: more alike).
+        same: (P,) bool: the pair is genuine.
+    """
+    scores, same = _checked_pairs(scores, same)
+    order = torch.argsort(scores, descending=True, stable=True)
+    ranked, genuine = scores[order], same[order].double()
+    accepted_genuine = torch.cumsum(genuine, 0)
+    accepted = torch.arange(1, len(ranked) + 1, dtype=torch.float64)
+    # The last of each run of equal scores: a threshold accepts the whole run.
+    last = torch.ones_like(ranked, dtype=torch.bool)
+    last[:-1] = ranked[1:] != ranked[:-1]
+    tp, n = accepted_genuine[last], accepted[last]
+    positives, negatives = genuine.sum(), len(genuine) - genuine.sum()
+    return Curves(
+        thresholds=ranked[last],
+        tpr=tp / positives,
+        fpr=(n - tp) / negatives,
+        precision=tp / n,
+    )
+
+
+def tpr_at_fpr(scores: Tensor, same: Tensor, fpr: float) -> float:
+    """The highest TPR of a threshold whose FPR (FMR) is at most ``fpr`` (0 if none is)."""
+    c = curves(scores, same)
+    allowed = c.fpr <= fpr
+    return float(c.tpr[allowed].max()) if bool(allowed.any()) else 0.0
+
+
+def fnmr_at_fmr(scores: Tensor, same: Tensor, fmr: float) -> float:
+    """FNMR at FMR ≤ ``fmr``: 1 − :func:`tpr_at_fpr`."""
+    return 1.0 - tpr_at_fpr(scores, same, fmr)
+
+
+def best_f1(scores: Tensor, same: Tensor) -> tuple[float, float]:
+    """(threshold, F1) of the threshold with the best F1 score."""
+    c = curves(scores, same)
+    f1 = 2 * c.precision * c.tpr / (c.precision + c.tpr).clamp_min(1e-300)
+    best = int(torch.argmax(f1))
+    return float(c.thresholds[best]), float(f1[best])
+
+
+def calibrate(
+    scores: Tensor,
+    same: Tensor,
+    *,
+    target_fmr: float | None = None,
+    target_precision: float | None = None,
+) -> float:
+    """The lowest threshold (most pairs accepted) that meets the target on these pairs.
+
+    Args:
+        scores: (P,) calibration pair scores.
+        same: (P,) bool: genuine pairs.
+        target_fmr: The largest false match rate allowed.
+        target_precision: The smallest precision allowed.
+
+    Returns:
+        The threshold; ``inf`` when no threshold meets the target (accept nothing).
+
+    Raises:
+        ValueError: Unless exactly one target in [0, 1] is given.
+    """
+    if (target_fmr is None) == (target_precision is None):
+        raise ValueError("give exactly one of target_fmr and target_precision")
+    target = target_fmr if target_fmr is not None else target_precision
+    assert target is not None
+    if not 0 <= target <= 1:
+        raise ValueError(f"the target must be in [0, 1], got {target}")
+    c = curves(scores, same)
+    meets = c.fpr <= target_fmr if target_fmr is not None else c.precision >= target
+    if not bool(meets.any()):
+        return math.inf
+    # Thresholds descend: the last one meeting the target accepts the most pairs.
+    return float(c.thresholds[torch.nonzero(meets).max()])
+
+
+def item_pairs(embeddings: Tensor, labels: Tensor, metric: str = "cosine") -> tuple[Tensor, Tensor]:
+    """Every pair of distinct items of a labelled set: (scores, same).
+
+    Args:
+        embeddings: (N, D) embeddings.
+        labels: (N,) integer labels.
+        metric: ``"cosine"`` similarity or ``"euclidean"`` (scored as minus the distance).
+    """
+    emb = check_embeddings(embeddings).double()
+    labels = check_labels(labels, emb.shape[0], emb.device)
+    if metric == "cosine":
+        unit = F.normalize(emb, dim=1)
+        matrix = unit @ unit.T
+    elif metric == "euclidean":
+        matrix = -torch.cdist(emb, emb)
+    else:
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    rows, cols = torch.triu_indices(len(emb), len(emb), offset=1)
+    return matrix[rows, cols].float(), labels[rows] == labels[cols]
+
+
+__all__ = [
+    "Curves",
+    "best_f1",
+    "calibrate",
+    "curves",
+    "fnmr_at_fmr",
+    "item_pairs",
+    "tpr_at_fpr",
+]
