@@ -67,8 +67,10 @@ def test_a_loss_with_parameters_trains_resumes_and_is_used(
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
-    assert main(["evaluate", str(cut / "last.pt")]) == 0
-    assert "precision_at_1" in capsys.readouterr().out
+    assert main(["evaluate", str(cut / "last.pt"), "--verification"]) == 0
+    printed = capsys.readouterr().out
+    assert "precision_at_1" in printed
+    assert "fnmr_at_fmr_0.01" in printed and "best_f1_threshold" in printed
     out = tmp_path / "emb"
     assert main(["embed", str(cut / "last.pt"), "--out", str(out)]) == 0
     labels = np.load(out / "labels.npy")

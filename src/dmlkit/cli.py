@@ -151,6 +151,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         model, dataset, batch_size=config.train.eval_batch_size, num_workers=args.num_workers
     )
     print(evaluate(embeddings, labels, metrics=config.validation.metrics))
+    if args.verification:
+        import torch
+
+        from .evaluation import verification
+
+        scores, same = verification.item_pairs(embeddings, torch.as_tensor(labels))
+        print(f"\nVerification over every pair of the {len(labels)} items (cosine):")
+        for name, value in verification.summary(scores, same).items():
+            print(f"  {name:<24} {value:.6g}")
     return 0
 
 
@@ -299,6 +308,13 @@ def _parser() -> argparse.ArgumentParser:
         if name == "embed":
             command.add_argument(
                 "--out", required=True, help="folder for embeddings.npy, labels.npy"
+            )
+        else:
+            command.add_argument(
+                "--verification",
+                action="store_true",
+                help="also same/different verification over every pair: FNMR at FMR 1e-2 and "
+                "1e-3 with their thresholds, the best F1 and its threshold",
             )
         command.set_defaults(handler=handler)
 

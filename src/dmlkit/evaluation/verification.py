@@ -136,6 +136,33 @@ def calibrate(
     return float(c.thresholds[torch.nonzero(meets).max()])
 
 
+DEFAULT_FMRS = (1e-2, 1e-3)
+
+
+def summary(
+    scores: Tensor, same: Tensor, fmrs: tuple[float, ...] = DEFAULT_FMRS
+) -> dict[str, float]:
+    """The verification numbers a report shows: FNMR at each FMR and the threshold that
+    reaches it, the best F1 and its threshold, and the pair counts.
+
+    Args:
+        scores: (P,) pair scores.
+        same: (P,) bool: genuine pairs.
+        fmrs: The false match rates to report.
+    """
+    threshold, f1 = best_f1(scores, same)
+    out = {
+        "genuine_pairs": float(same.sum()),
+        "impostor_pairs": float((~same.bool()).sum()),
+        "best_f1": f1,
+        "best_f1_threshold": threshold,
+    }
+    for fmr in fmrs:
+        out[f"fnmr_at_fmr_{fmr:g}"] = fnmr_at_fmr(scores, same, fmr)
+        out[f"threshold_at_fmr_{fmr:g}"] = calibrate(scores, same, target_fmr=fmr)
+    return out
+
+
 def item_pairs(embeddings: Tensor, labels: Tensor, metric: str = "cosine") -> tuple[Tensor, Tensor]:
     """Every pair of distinct items of a labelled set: (scores, same).
 
@@ -164,5 +191,6 @@ __all__ = [
     "curves",
     "fnmr_at_fmr",
     "item_pairs",
+    "summary",
     "tpr_at_fpr",
 ]
