@@ -135,10 +135,17 @@ def test_run_report_is_one_valid_page_with_the_runs_numbers(run_dir: Path) -> No
     assert path == run_dir / "report.html"
     page = _parse(path)
     text = " ".join(page.text)
-    # Curves, the maps, the chosen and the worst queries' grids.
-    assert len(page.images) == 4
-    for name in ("training.png", "embeddings.png", "retrieval_chosen.png", "retrieval_worst.png"):
+    # Curves, the maps, the chosen and the worst queries' grids, the verification curves.
+    assert len(page.images) == 5
+    for name in (
+        "training.png",
+        "embeddings.png",
+        "retrieval_chosen.png",
+        "retrieval_worst.png",
+        "verification.png",
+    ):
         assert (run_dir / "plots" / name).read_bytes()[:8] == PNG
+    assert "fnmr_at_fmr_0.01" in text and "Verification" in text
     results = json.loads((run_dir / "results.json").read_text())
     rows = {row[0]: row[1:] for row in page.cell_rows}
     for name, label in (("precision_at_1", "P@1"), ("mean_average_precision_at_r", "MAP@R")):
@@ -188,7 +195,7 @@ def test_report_of_a_run_cut_off_before_its_first_log_row(run_dir: Path, tmp_pat
     page = _parse(write_report(folder, options=FAST_OPTIONS))
     text = " ".join(page.text)
     assert "No training curves" in text and "has not finished" in text
-    assert len(page.images) == 2  # the maps and the worst queries; no curves
+    assert len(page.images) == 3  # the maps, the worst queries, verification; no curves
     (folder / "train.csv").unlink()
     assert report_kind(folder) == "run"  # config.yaml and its checkpoints
 
@@ -197,11 +204,12 @@ def test_report_with_worst_zero_and_a_page_elsewhere(run_dir: Path, tmp_path: Pa
     out = tmp_path / "pages" / "mine.html"
     options = ReportOptions(projection="pca", worst=0, queries=(2,), k=3)
     page = _parse(write_report(run_dir, out, options))
-    assert len(page.images) == 3  # curves, maps, the chosen query
+    assert len(page.images) == 4  # curves, maps, the chosen query, verification
     assert sorted(p.name for p in (tmp_path / "pages" / "mine_plots").iterdir()) == [
         "embeddings.png",
         "retrieval_chosen.png",
         "training.png",
+        "verification.png",
     ]
     assert out.stat().st_mode & 0o777 == 0o644
 
@@ -252,7 +260,7 @@ def test_cli_report_and_its_errors(
     args = ["report", str(run_dir), "--out", str(out), "--projection", "pca", "--worst", "2"]
     assert main([*args, "--query", "3", "--max-points", "200"]) == 0
     assert f"Report: {out}" in capsys.readouterr().out
-    assert len(_parse(out).images) == 4
+    assert len(_parse(out).images) == 5
     for bad in (
         ["report", str(tmp_path / "nowhere")],
         ["report", str(run_dir), "--out", str(tmp_path)],  # a folder
@@ -392,4 +400,4 @@ def test_report_maps_with_umap_by_default(
     out = tmp_path / "page.html"
     assert main(["report", str(run_dir), "--out", str(out), "--worst", "1"]) == 0
     assert used == ["UMAP", "UMAP"]  # the training and the held-out classes
-    assert len(_parse(out).images) == 3
+    assert len(_parse(out).images) == 4

@@ -163,6 +163,92 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from .gallery import Gallery
+    from .training import resolve_device
+
+    gallery = Gallery.from_checkpoint(
+        args.checkpoint,
+        args.data,
+        metric=args.metric,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
+        num_workers=args.num_workers,
+    )
+    out = gallery.save(args.out)
+    print(f"indexed {len(gallery)} items of {args.data} ({gallery.metric}) into {out}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .gallery import Gallery
+    from .training import resolve_device
+
+    gallery = Gallery.load(args.gallery, device=resolve_device(args.device))
+    result = gallery.search(args.image, k=args.k, exact=not args.approximate, index=args.index)
+    names = gallery.class_names
+
+    def label_text(label: int) -> str:
+        return names[label] if names is not None and 0 <= label < len(names) else str(label)
+
+    if args.json:
+        payload = result.to_dict()
+        for rows in payload["queries"]:
+            for row in rows:
+                row["label_name"] = label_text(row["label"])
+        payload["queries"] = [
+            {"image": image, "neighbours": rows}
+            for image, rows in zip(args.image, payload["queries"], strict=True)
+        ]
+        print(json.dumps(payload, indent=2))
+        return 0
+    print(f"{result.method}")
+    for query, image in enumerate(args.image):
+        rows = result.rows(query)
+        ids = [str(row["id"]) for row in rows]
+        labels = [label_text(row["label"]) for row in rows]
+        id_width = max(len("id"), *map(len, ids))
+        label_width = max(len("label"), *map(len, labels))
+        print(f"\n{image}")
+        print(f"{'rank':>4}  {'id':<{id_width}}  {'label':<{label_width}}  score")
+        for row, id_, label in zip(rows, ids, labels, strict=True):
+            print(
+                f"{row['rank']:>4}  {id_:<{id_width}}  {label:<{label_width}}  {row['score']:.4f}"
+            )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models.export import check_export, export_model, read_sidecar, sidecar_path
+
+    if args.check_images < 1:
+        raise ValueError(f"--check-images must be at least 1, got {args.check_images}")
+    path = export_model(args.checkpoint, args.format, args.out)
+    print(f"exported {args.format} model: {path}")
+    print(f"sidecar: {sidecar_path(path)}")
+    config, model = load_trained_model(args.checkpoint)
+    try:
+        test = split_dataset(config, "test")
+        count = min(args.check_images, len(test))
+        step = max(1, len(test) // count)
+        images = torch.stack([test[i * step][0] for i in range(count)])
+        what = f"{count} test images"
+    except FileNotFoundError as error:
+        # The run's data is not on this machine: random inputs of the exported shape instead.
+        channels, height, width = read_sidecar(path)["input_size"]
+        images = torch.randn(args.check_images, channels, height, width)
+        what = f"{args.check_images} random inputs (no test data: {error})"
+    try:
+        diff = check_export(path, model, images)
+    except ImportError as error:
+        print(f"parity check skipped: {error}")
+        return 0
+    print(f"parity check on {what}: max abs difference {diff:.3g}")
+    return 0
+
+
 def _embed(args: argparse.Namespace) -> int:
     config, model = load_trained_model(args.checkpoint)
     dataset = split_dataset(config, args.split)
@@ -427,6 +513,69 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the maps and retrieval grids (no model or data needed)",
     )
     report.set_defaults(handler=_report)
+
+    index = commands.add_parser(
+        "index",
+        help="embed an image folder or CSV manifest with a checkpoint into a searchable gallery",
+        description="Embed every image of DATA (a folder <root>/<class>/<image> or a CSV "
+        "manifest path,label[,split]) with the checkpoint's model and evaluation preprocessing, "
+        "and save the gallery (embeddings, labels, ids = image paths, model fingerprint) to --out.",
+    )
+    index.add_argument("checkpoint", help="a run's last.pt or best.pt")
+    index.add_argument("data", help="an image folder (one sub-folder per class) or a CSV manifest")
+    index.add_argument("--out", required=True, help="gallery folder (written atomically)")
+    index.add_argument(
+        "--metric",
+        choices=("cosine", "euclidean", "dot"),
+        default="cosine",
+        help="similarity of the gallery (default: cosine)",
+    )
+    index.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    index.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    index.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    index.set_defaults(handler=_index)
+
+    search = commands.add_parser(
+        "search",
+        help="the nearest gallery items of query images",
+        description="Embed each IMAGE with the gallery's model and preprocessing and print its "
+        "k nearest gallery items (rank, id, label, score; higher scores are nearer).",
+    )
+    search.add_argument("gallery", help="a folder written by dmlkit index")
+    search.add_argument("image", nargs="+", help="query image files")
+    search.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    search.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    search.add_argument(
+        "--approximate", action="store_true", help="approximate search with faiss (--index)"
+    )
+    search.add_argument(
+        "--index",
+        choices=("hnsw", "ivf"),
+        default="hnsw",
+        help="faiss index of --approximate (default hnsw)",
+    )
+    search.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    search.set_defaults(handler=_search)
+
+    export = commands.add_parser(
+        "export",
+        help="export a trained model to ONNX or TorchScript, with a JSON sidecar",
+        description="Export a run's model to ONNX or TorchScript: the file takes preprocessed "
+        "images [N, C, H, W] (any N) and returns L2-normalised embeddings; <FILE>.json beside it "
+        "gives the input size, the preprocessing (mean/std, resize, crop), the embedding size, "
+        "the backbone and a fingerprint of the weights. Prints the largest difference from the "
+        "PyTorch model on a few test images.",
+    )
+    export.add_argument("checkpoint", help="a run's last.pt or best.pt")
+    export.add_argument(
+        "--format", choices=("onnx", "torchscript"), required=True, help="onnx or torchscript"
+    )
+    export.add_argument("--out", required=True, metavar="FILE", help="the exported model file")
+    export.add_argument(
+        "--check-images", type=int, default=8, metavar="N", help="test images checked (default 8)"
+    )
+    export.set_defaults(handler=_export)
+
     return parser
 
 

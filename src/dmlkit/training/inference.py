@@ -55,7 +55,9 @@ def _channels_last(model: nn.Module) -> Iterator[None]:
     """
     saved = [(t, t.data) for t in itertools.chain(model.parameters(), model.buffers())]
     try:
-        model.to(memory_format=torch.channels_last)
+        for tensor, data in saved:
+            if data.ndim == 4:
+                tensor.data = data.contiguous(memory_format=torch.channels_last)
         yield
     finally:
         for tensor, data in saved:

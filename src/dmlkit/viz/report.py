@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 import yaml
 from torch import Tensor
 
 from .. import __version__
 from ..data import LabelledDataset, subset
 from ..display import metric_label, short_value
+from ..evaluation import verification
 from ..training import (
     build_run_data,
     config_from_dict,
@@ -45,6 +47,7 @@ from ..training import (
 from .curves import plot_training_log
 from .embedding_map import EmbeddingPanel, plot_embedding_maps
 from .retrieval_grid import item_image, plot_retrieval_grid, retrieval_lists, worst_queries
+from .verification import plot_verification
 
 ReportKind = Literal["run", "sweep", "bench"]
 # A retrieval grid is one figure: beyond these it is no longer a picture one can read.
@@ -315,7 +318,24 @@ def _run_embedding_sections(
         say,
     )
     grids = _retrieval_section(data.test, test_embeddings, test_labels, plots, options, say)
-    return [maps, grids]
+    return [maps, grids, _verification_section(test_embeddings, test_labels, plots)]
+
+
+def _verification_section(embeddings: Tensor, labels: np.ndarray, plots: Path) -> Section:
+    """Same/different verification over every pair of the test items."""
+    scores, same = verification.item_pairs(embeddings, torch.as_tensor(labels))
+    section = Section("Verification")
+    section.paragraphs.append(
+        f"Every pair of the {len(labels)} test items, by cosine similarity: a pair is accepted "
+        "as the same class at a score at least the threshold."
+    )
+    numbers = verification.summary(scores, same)
+    section.tables.append(
+        Table(["quantity", "value"], [[name, _number(value)] for name, value in numbers.items()])
+    )
+    path = plot_verification(verification.curves(scores, same), plots / "verification.png")
+    section.figures.append(Figure(path, "ROC (FMR on a log scale) and precision–recall."))
+    return section
 
 
 # ------------------------------------------------------------------------------ maps and grids
