@@ -15,6 +15,7 @@ from dmlkit.evaluation.verification import (
     curves,
     fnmr_at_fmr,
     item_pairs,
+    items_for_pairs,
     tpr_at_fpr,
 )
 
@@ -98,3 +99,15 @@ def test_item_pairs_list_every_pair_once() -> None:
 def test_bad_input_is_a_value_error(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_large_sets_are_sampled_to_at_most_max_pairs() -> None:
+    g = torch.Generator().manual_seed(0)
+    emb, labels = torch.randn(50, 4, generator=g), torch.arange(50) % 5
+    assert items_for_pairs(50, 10**6) == 50
+    kept = items_for_pairs(50, 100)
+    assert kept * (kept - 1) // 2 <= 100 < (kept + 1) * kept // 2
+    scores, same = item_pairs(emb, labels, max_pairs=100)
+    assert len(scores) == kept * (kept - 1) // 2 and len(same) == len(scores)
+    again, _ = item_pairs(emb, labels, max_pairs=100)
+    assert torch.equal(scores, again)  # seeded

@@ -157,7 +157,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         from .evaluation import verification
 
         scores, same = verification.item_pairs(embeddings, torch.as_tensor(labels))
-        print(f"\nVerification over every pair of the {len(labels)} items (cosine):")
+        kept = verification.items_for_pairs(len(labels))
+        which = (
+            f"the {kept} items"
+            if kept == len(labels)
+            else (
+                f"a random {kept} of the {len(labels)} items (at most "
+                f"{verification.MAX_PAIRS:,} pairs)"
+            )
+        )
+        print(f"\nVerification over every pair of {which} (cosine):")
         for name, value in verification.summary(scores, same).items():
             print(f"  {name:<24} {value:.6g}")
     return 0

@@ -163,25 +163,53 @@ def summary(
     return out
 
 
-def item_pairs(embeddings: Tensor, labels: Tensor, metric: str = "cosine") -> tuple[Tensor, Tensor]:
-    """Every pair of distinct items of a labelled set: (scores, same).
+MAX_PAIRS = 20_000_000
+"""The most item pairs :func:`item_pairs` forms (about 0.5 GB of work memory); larger sets are
+sampled."""
+
+
+def items_for_pairs(n: int, max_pairs: int = MAX_PAIRS) -> int:
+    """How many of ``n`` items :func:`item_pairs` keeps: all, or as many as give at most
+    ``max_pairs`` pairs."""
+    if n * (n - 1) // 2 <= max_pairs:
+        return n
+    return int((1 + math.isqrt(1 + 8 * max_pairs)) // 2)
+
+
+def item_pairs(
+    embeddings: Tensor,
+    labels: Tensor,
+    metric: str = "cosine",
+    max_pairs: int = MAX_PAIRS,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Every pair of distinct items of a labelled set: (scores, same); above ``max_pairs`` pairs,
+    every pair of a seeded random subset of :func:`items_for_pairs` items.
 
     Args:
         embeddings: (N, D) embeddings.
         labels: (N,) integer labels.
         metric: ``"cosine"`` similarity or ``"euclidean"`` (scored as minus the distance).
+        max_pairs: The most pairs formed.
+        seed: Seeds the subset.
     """
-    emb = check_embeddings(embeddings).double()
+    emb = check_embeddings(embeddings).float()
     labels = check_labels(labels, emb.shape[0], emb.device)
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    kept = items_for_pairs(len(emb), max_pairs)
+    if kept < len(emb):
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(emb), generator=generator)[:kept].sort().values
+        emb, labels = emb[chosen.to(emb.device)], labels[chosen.to(labels.device)]
     if metric == "cosine":
         unit = F.normalize(emb, dim=1)
         matrix = unit @ unit.T
-    elif metric == "euclidean":
-        matrix = -torch.cdist(emb, emb)
     else:
-        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
-    rows, cols = torch.triu_indices(len(emb), len(emb), offset=1)
-    return matrix[rows, cols].float(), labels[rows] == labels[cols]
+        matrix = -torch.cdist(emb, emb)
+    keep = torch.ones_like(matrix, dtype=torch.bool).triu_(diagonal=1)
+    same = labels[:, None] == labels[None, :]
+    return matrix[keep], same[keep]
 
 
 __all__ = [
@@ -191,6 +219,7 @@ __all__ = [
     "curves",
     "fnmr_at_fmr",
     "item_pairs",
+    "items_for_pairs",
     "summary",
     "tpr_at_fpr",
 ]
