@@ -356,3 +356,23 @@ def test_index_and_search_commands(
     assert payload["queries"][0]["neighbours"][0]["id"] == str(query)
     assert main(["search", str(out), str(query), "--k", "999"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_removed_ids_are_never_handed_out_again(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    gallery = Gallery.from_embeddings(torch.randn(5, 4, generator=g), np.arange(5))
+    gallery.remove(["4"])
+    gallery.add(torch.randn(1, 4, generator=g), [9])
+    assert "4" not in gallery.ids and gallery.ids[-1] == "5"
+    gallery.save(tmp_path / "g")
+    loaded = Gallery.load(tmp_path / "g")
+    loaded.add(torch.randn(1, 4, generator=g), [9])
+    assert "4" not in loaded.ids
+
+
+def test_a_save_killed_between_its_renames_is_named_on_load(tmp_path: Path) -> None:
+    gallery = Gallery.from_embeddings(torch.randn(3, 4), np.arange(3))
+    folder = gallery.save(tmp_path / "g")
+    folder.rename(tmp_path / ".g.abc123.old")  # what the kill leaves
+    with pytest.raises(ValueError, match=r"a save was interrupted; the previous gallery is in"):
+        Gallery.load(folder)

@@ -156,7 +156,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         from .evaluation import verification
 
-        scores, same = verification.item_pairs(embeddings, torch.as_tensor(labels))
+        try:
+            scores, same = verification.item_pairs(embeddings, torch.as_tensor(labels))
+            numbers = verification.summary(scores, same)
+        except ValueError as error:  # e.g. one item per class: no genuine pair
+            print(f"\nVerification: not computed ({error})")
+            return 0
         kept = verification.items_for_pairs(len(labels))
         which = (
             f"the {kept} items"
@@ -167,7 +172,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         )
         print(f"\nVerification over every pair of {which} (cosine):")
-        for name, value in verification.summary(scores, same).items():
+        for name, value in numbers.items():
             print(f"  {name:<24} {value:.6g}")
     return 0
 
@@ -255,6 +260,9 @@ def _export(args: argparse.Namespace) -> int:
         print(f"parity check skipped: {error}")
         return 0
     print(f"parity check on {what}: max abs difference {diff:.3g}")
+    if diff > 1e-4:
+        print("dmlkit export: error: the exported model differs from PyTorch by more than 1e-4")
+        return 1
     return 0
 
 

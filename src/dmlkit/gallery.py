@@ -304,6 +304,7 @@ class Gallery:
         class_names: list[str] | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 64,
+        retired_ids: Sequence[str] = (),
     ) -> None:
         """Use the ``from_*`` constructors; this one takes the parts as they are stored."""
         if metric not in METRICS:
@@ -313,6 +314,8 @@ class Gallery:
         self._labels = np.zeros(0, dtype=np.int64)
         self._ids: list[str] = []
         self._position: dict[str, int] = {}
+        # Removed ids are never handed out again for new items.
+        self._retired: set[str] = set(retired_ids)
         self.checkpoint = checkpoint
         self.model_digest = model_digest
         self.preprocessing = preprocessing
@@ -599,7 +602,7 @@ class Gallery:
         out: list[str] = []
         number = len(self._ids)
         while len(out) < n:
-            if str(number) not in self._position:
+            if str(number) not in self._position and str(number) not in self._retired:
                 out.append(str(number))
             number += 1
         return out
@@ -621,6 +624,7 @@ class Gallery:
         self._labels = self._labels[keep]
         self._ids = [self._ids[i] for i in keep]
         self._position = {i: p for p, i in enumerate(self._ids)}
+        self._retired.update(wanted)
 
     # ----- search
 
@@ -700,7 +704,11 @@ class Gallery:
     def match(
         self, queries: Queries, threshold: float, *, fingerprint: str | None = None
     ) -> Tensor:
-        """(Q,) bool: whether each query's nearest gallery score is at least ``threshold``."""
+        """(Q,) bool: whether each query's nearest gallery score is at least ``threshold``.
+
+        A threshold from :meth:`calibrate_threshold` bounds the false match rate of one pair;
+        the nearest of N gallery items passes it far more often for a query of an unknown class
+        (about 1 − (1 − FMR)^N): calibrate on your own open-set queries for that rate."""
         result = self.search(queries, k=1, fingerprint=fingerprint)
         return result.scores[:, 0] >= threshold
 
@@ -766,6 +774,7 @@ class Gallery:
                 "preprocessing": self.preprocessing,
                 "fingerprint": self.fingerprint,
                 "class_names": self.class_names,
+                "retired_ids": sorted(self._retired),
                 "sha256": {name: _sha256(temporary / name) for name in _FILES},
             }
             (temporary / _MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -803,6 +812,13 @@ class Gallery:
         """
         folder = Path(folder)
         if not folder.is_dir():
+            # A save killed between its two renames leaves the previous gallery beside it.
+            interrupted = sorted(folder.parent.glob(f".{folder.name}.*.old"))
+            if interrupted:
+                raise ValueError(
+                    f"gallery folder {folder} is missing: a save was interrupted; the previous "
+                    f"gallery is in {interrupted[-1]} (rename it to {folder})"
+                )
             raise FileNotFoundError(f"gallery folder {folder} not found")
         manifest_path = folder / _MANIFEST
         try:
@@ -859,6 +875,7 @@ class Gallery:
             class_names=manifest.get("class_names"),
             device=device,
             batch_size=batch_size,
+            retired_ids=manifest.get("retired_ids", []),
         )
         if count == 0:
             gallery._dim = dim or None

@@ -323,13 +323,16 @@ def _run_embedding_sections(
 
 def _verification_section(embeddings: Tensor, labels: np.ndarray, plots: Path) -> Section:
     """Same/different verification over every pair of the test items."""
-    scores, same = verification.item_pairs(embeddings, torch.as_tensor(labels))
+    try:
+        scores, same = verification.item_pairs(embeddings, torch.as_tensor(labels))
+        numbers = verification.summary(scores, same)
+    except ValueError as error:  # e.g. one item per class: no genuine pair
+        return _note("Verification", f"Not computed: {error}.")
     section = Section("Verification")
     section.paragraphs.append(
         f"Every pair of the {len(labels)} test items, by cosine similarity: a pair is accepted "
         "as the same class at a score at least the threshold."
     )
-    numbers = verification.summary(scores, same)
     section.tables.append(
         Table(["quantity", "value"], [[name, _number(value)] for name, value in numbers.items()])
     )
