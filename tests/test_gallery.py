@@ -376,3 +376,28 @@ def test_a_save_killed_between_its_renames_is_named_on_load(tmp_path: Path) -> N
     folder.rename(tmp_path / ".g.abc123.old")  # what the kill leaves
     with pytest.raises(ValueError, match=r"a save was interrupted; the previous gallery is in"):
         Gallery.load(folder)
+
+
+def test_omniglot_image_files_are_read_as_the_training_arrays(tmp_path: Path) -> None:
+    """An Omniglot image file (dark ink on white paper) goes through the gallery's
+    preprocessing to the item the run trained on (ink = 1, area-resized)."""
+    from dmlkit.gallery import _preprocessing, _transform
+
+    if not OMNIGLOT.is_file():
+        pytest.skip(f"Omniglot not found at {OMNIGLOT} (set $DMLKIT_DATA to the shared data)")
+    config = load_config(
+        None, ["data.name=omniglot", "data.image_size=28", f"data.root={OMNIGLOT.parent}"]
+    )
+    description = _preprocessing(config, 1)
+    assert description["invert"] is True
+    with np.load(OMNIGLOT) as archive:
+        paper = archive["images"][0, 0]  # True = white paper, as the files
+    path = tmp_path / "char.png"
+    Image.fromarray(paper.astype(np.uint8) * 255).save(path)
+    from dmlkit.data import read_image
+
+    got = _transform(description)(read_image(path, "L"))
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(~paper).float()[None, None], size=(28, 28), mode="area"
+    )[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

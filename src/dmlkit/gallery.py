@@ -90,18 +90,28 @@ def _preprocessing(config: Any, in_channels: int) -> dict[str, Any]:
     else:
         item, _ = split_dataset(config, "test")[0]
         shape = [int(v) for v in item.shape[-2:]]
-    return {"kind": "array", "mode": "L" if in_channels == 1 else "RGB", "size": shape}
+    return {
+        "kind": "array",
+        "mode": "L" if in_channels == 1 else "RGB",
+        "size": shape,
+        # Omniglot's arrays hold the ink as 1; its image files, dark ink on white paper.
+        "invert": config.data.name == "omniglot",
+    }
 
 
 class _ArrayImageTransform:
-    """Pillow image → float [C, H, W] in [0, 1], area-resized (the array runs' preprocessing)."""
+    """Pillow image → float [C, H, W] in [0, 1] (inverted for Omniglot, whose arrays hold the ink
+    as 1), area-resized: the array runs' preprocessing."""
 
-    def __init__(self, size: Sequence[int]) -> None:
+    def __init__(self, size: Sequence[int], invert: bool = False) -> None:
         self.size = (int(size[0]), int(size[1]))
+        self.invert = invert
         self.to_tensor = ToTensor()
 
     def __call__(self, image: Any) -> Tensor:
         x = self.to_tensor(image).float()
+        if self.invert:
+            x = 1 - x
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x[None], size=self.size, mode="area")[0]
         return x
@@ -118,7 +128,7 @@ def _transform(description: dict[str, Any]) -> Callable[[Any], Tensor]:
             value_scale=description["value_scale"],
         )
     if description["kind"] == "array":
-        return _ArrayImageTransform(description["size"])
+        return _ArrayImageTransform(description["size"], bool(description.get("invert", False)))
     raise ValueError(f"unknown preprocessing kind {description['kind']!r}")
 
 
