@@ -110,7 +110,12 @@ def test_from_checkpoint_search_save_load_add_remove(
     assert gallery.labels.tolist() == [c for c in range(6) for _ in range(5)]
     assert gallery.fingerprint == built.fingerprint is not None
     assert gallery.checkpoint == str(checkpoint.resolve())
-    assert gallery.preprocessing == {"kind": "array", "mode": "L", "size": [16, 16]}
+    assert gallery.preprocessing == {
+        "kind": "array",
+        "mode": "L",
+        "size": [16, 16],
+        "invert": False,
+    }
     assert torch.equal(gallery.embeddings, built.embeddings)
 
     # Image queries are embedded as the gallery was: each image finds itself first.
