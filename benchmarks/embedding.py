@@ -10,15 +10,16 @@ Two parts, each measured in one run with interleaved repetitions and reported as
   the current one (inference mode, channels-last, DataLoader workers), side by side with the
   bare forward of the same model on the same images preloaded as tensors, contiguous and
   channels-last. The target is end-to-end ≥ 90% of the bare channels-last forward.
-- **Search**: exact :class:`TorchKNN` against faiss IVF and HNSW (:class:`FaissKNN`'s default
-  settings) on synthetic clustered 128-d unit vectors: index build time, search time per query
-  (1,000 queries in one batch) and recall@10 against the exact neighbours. 1M items is tried
-  only when the build times at 100k project it to finish within ``--max-build-seconds``;
-  otherwise 300k is measured instead, and the results say so.
+- **Search**: :class:`~dmlkit.gallery.Gallery` search, exact (TorchKNN) against faiss IVF and
+  HNSW (the gallery's default settings), on synthetic clustered 128-d unit vectors at
+  ``--sizes`` items (100k and 1M): index build time, search time per query (1,000 queries in
+  one call, ids, scores and labels included) and recall@10 against the exact neighbours.
 
 Run ``python benchmarks/embedding.py`` (about 10-15 minutes on 2 cores). Results go to
-``benchmarks/results/embedding_cpu.{md,json}``. Without ``$DMLKIT_DATA/cub100_subset`` the
-embedding part is skipped with a message naming the missing folder.
+``benchmarks/results/<--name>.{md,json}``: ``embedding_cpu_throughput`` (``--skip-search``) and
+``embedding_cpu_search`` (``--skip-embedding``) are the published runs. Without
+``$DMLKIT_DATA/cub100_subset`` the embedding part is skipped with a message naming the missing
+folder.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmlkit.data import LabelledDataset, eval_transform, subset
 from dmlkit.data.benchmarks import cub100_subset
-from dmlkit.evaluation.knn import FaissKNN, TorchKNN
+from dmlkit.gallery import ApproximateIndex, Gallery, SearchResult
 from dmlkit.models import build_model
 from dmlkit.training import embed_dataset
 
@@ -163,81 +164,57 @@ def _clustered(n: int, dim: int, generator: torch.Generator, centres: Tensor) ->
     return torch.nn.functional.normalize(points, dim=1)
 
 
-def _neighbours(knn: Any, query: Tensor, reference: Tensor, k: int) -> Tensor:
-    return torch.cat([block.indices for block in knn.search(query, k, reference)])
-
-
-def _recall(found: Tensor, truth: Tensor) -> float:
-    hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
-    return hits / truth.numel()
+def _recall(found: list[list[str | None]], truth: list[list[str | None]]) -> float:
+    hits = sum(len(set(f) & set(t)) for f, t in zip(found, truth, strict=True))
+    return hits / sum(len(t) for t in truth)
 
 
 def search_size(n: int, queries: int, repeats: int, k: int = 10) -> dict[str, Any]:
+    """Gallery search at n items: exact, and faiss IVF and HNSW with the library's defaults."""
     dim = 128
     generator = torch.Generator().manual_seed(n)
     centres = torch.randn(max(100, n // 100), dim, generator=generator)
-    reference = _clustered(n, dim, generator, centres)
+    gallery = Gallery.from_embeddings(_clustered(n, dim, generator, centres), np.zeros(n, np.int64))
     query = _clustered(queries, dim, generator, centres)
-    ref_np = np.ascontiguousarray(reference.numpy())
-    q_np = np.ascontiguousarray(query.numpy())
-    torch_knn = TorchKNN()
-    methods: dict[str, FaissKNN] = {
-        "faiss IVF": FaissKNN(index="ivf"),
-        "faiss HNSW": FaissKNN(index="hnsw"),
+    rows: dict[str, dict[str, Any]] = {}
+    approximate: dict[str, ApproximateIndex] = {"faiss IVF": "ivf", "faiss HNSW": "hnsw"}
+    for name, kind in approximate.items():
+        build, _ = _timed(functools.partial(gallery.build_index, kind))
+        rows[name] = {"build_seconds": build}
+        print(f"n={n:>9,}  {name:10s} built in {build:.1f} s", flush=True)
+    rows = {"exact (TorchKNN)": {"build_seconds": 0.0}, **rows}
+    searches: dict[str, Callable[[], SearchResult]] = {
+        "exact (TorchKNN)": functools.partial(gallery.search, query, k),
+        **{
+            name: functools.partial(gallery.search, query, k, False, index=kind)
+            for name, kind in approximate.items()
+        },
     }
-    indexes: dict[str, Any] = {}
-    rows: dict[str, dict[str, Any]] = {
-        "TorchKNN (exact)": {"description": torch_knn.description, "build_seconds": 0.0}
-    }
-    for name, knn in methods.items():
-        build, (index, quantizer) = _timed(functools.partial(knn._build, ref_np, k))
-        indexes[name] = (index, quantizer)
-        rows[name] = {"description": knn.description, "build_seconds": build}
-        print(f"n={n:>8,}  {name:16s} built in {build:.1f} s", flush=True)
-    found: dict[str, Tensor] = {}
+    found: dict[str, SearchResult] = {}
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(repeats):
-        elapsed, out = _timed(lambda: _neighbours(torch_knn, query, reference, k))
-        times["TorchKNN (exact)"].append(elapsed)
-        found["TorchKNN (exact)"] = out
-        for name in methods:
-            index = indexes[name][0]
-            elapsed, (_, idx) = _timed(functools.partial(index.search, q_np, k))
+        for name, search in searches.items():
+            elapsed, found[name] = _timed(search)
             times[name].append(elapsed)
-            found[name] = torch.from_numpy(idx)
-    truth = found["TorchKNN (exact)"]
+    truth = found["exact (TorchKNN)"].ids
     for name, row in rows.items():
+        row["description"] = found[name].method
         row["search_seconds"] = times[name]
         row["ms_per_query"] = 1e3 * statistics.median(times[name]) / queries
-        row["recall_at_10"] = _recall(found[name], truth)
+        row["recall_at_10"] = _recall(found[name].ids, truth)
         print(
-            f"n={n:>8,}  {name:16s} {row['ms_per_query']:.3f} ms/query  "
+            f"n={n:>9,}  {name:16s} {row['ms_per_query']:.3f} ms/query  "
             f"recall@10 {row['recall_at_10']:.3f}",
             flush=True,
         )
     return {"items": n, "queries": queries, "dim": dim, "k": k, "methods": rows}
 
 
-def search_part(queries: int, repeats: int, max_build_seconds: float) -> dict[str, Any]:
-    sizes = [search_size(100_000, queries, repeats)]
-    small = sizes[0]["methods"]
-    # Projection to 1M: HNSW insertion ~ N log N, IVF k-means training ~ N·nlist ~ N^1.5.
-    projected = (
-        small["faiss HNSW"]["build_seconds"] * 10 * math.log(1e6) / math.log(1e5)
-        + small["faiss IVF"]["build_seconds"] * 10**1.5
-    )
-    note: str
-    if projected <= max_build_seconds:
-        sizes.append(search_size(1_000_000, queries, repeats))
-        note = f"1M tried (projected index builds {projected:.0f} s)."
-    else:
-        sizes.append(search_size(300_000, queries, repeats))
-        note = (
-            f"1M not run: from the 100k build times, the IVF and HNSW builds at 1M were projected "
-            f"to take {projected:.0f} s on this shared 2-core machine (limit "
-            f"{max_build_seconds:.0f} s), so 300k was measured instead."
-        )
-    return {"sizes": sizes, "note": note, "projected_1m_build_seconds": projected}
+def search_part(queries: int, repeats: int, sizes: list[int]) -> dict[str, Any]:
+    return {
+        "sizes": [search_size(n, queries, repeats) for n in sizes],
+        "note": "Builds are one-off: a saved gallery keeps its index.",
+    }
 
 
 def _markdown(results: dict[str, Any]) -> str:
@@ -304,9 +281,9 @@ def _markdown(results: dict[str, Any]) -> str:
     queries = search["sizes"][0]["queries"] if search["sizes"] else 0
     lines += [
         "",
-        f"{queries:,} queries searched in one batch; ms/query is the batch time divided by "
-        f"{queries:,}. Recall@10: the share of the exact 10 nearest neighbours (TorchKNN) each "
-        f"method returns. {search['note']}",
+        f"{queries:,} queries searched in one call; ms/query is the call's time divided by "
+        f"{queries:,}. Recall@10: the share of the exact 10 nearest neighbours each method "
+        f"returns. {search['note']}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -316,9 +293,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--max-build-seconds", type=float, default=240.0)
+    parser.add_argument(
+        "--sizes",
+        default="100000,1000000",
+        help="gallery sizes of the search part, comma-separated",
+    )
     parser.add_argument("--name", default="embedding_cpu", help="results file stem")
     parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument(
         "--render-only",
         action="store_true",
@@ -331,7 +313,9 @@ def main() -> None:
         return
     folder = os.environ.get("DMLKIT_DATA")
     results: dict[str, Any] = {}
-    if not folder:
+    if args.skip_embedding:
+        results["embedding_skipped"] = "skipped (--skip-embedding)"
+    elif not folder:
         results["embedding_skipped"] = "$DMLKIT_DATA is not set"
         print("$DMLKIT_DATA is not set; the embedding benchmark is skipped")
     else:
@@ -343,7 +327,8 @@ def main() -> None:
     if args.skip_search:
         results["search"] = {"sizes": [], "note": "search part skipped (--skip-search)"}
     else:
-        results["search"] = search_part(args.queries, args.repeats, args.max_build_seconds)
+        sizes = [int(size) for size in args.sizes.split(",")]
+        results["search"] = search_part(args.queries, args.repeats, sizes)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
     markdown = _markdown(results)

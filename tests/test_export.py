@@ -22,11 +22,11 @@ from dmlkit.models import EmbeddingModel
 from dmlkit.models.export import (
     check_export,
     export_model,
-    model_fingerprint,
     read_sidecar,
     run_exported,
     sidecar_path,
 )
+from dmlkit.models.fingerprint import state_digest
 from dmlkit.training import Config, Trainer, load_config, split_dataset
 from dmlkit.training.builders import build_embedding_model
 from dmlkit.training.inference import load_trained_model
@@ -147,7 +147,7 @@ def test_sidecar_of_an_image_dataset(
     assert prep["mean"] == list(config.data.transform.mean)
     assert prep["std"] == list(config.data.transform.std)
     assert prep["channel_order"] == "RGB" and prep["value_scale"] == 1.0
-    assert side["fingerprint"]["state_dict_sha256"] == model_fingerprint(model)
+    assert side["fingerprint"]["model_digest"] == state_digest(model)
     assert side["fingerprint"]["checkpoint_sha256"] is None
     if fmt == "onnx":
         _assert_dynamic_batch(path)
@@ -200,7 +200,7 @@ def test_export_from_checkpoint(fmt: str, trained: tuple[Trainer, Path], tmp_pat
     assert side["embedding_size"] == config.model.embedding_dim
     assert side["preprocessing"]["mean"] == [0.0] and side["preprocessing"]["std"] == [1.0]
     fingerprint = side["fingerprint"]
-    assert fingerprint["state_dict_sha256"] == model_fingerprint(model)
+    assert fingerprint["model_digest"] == state_digest(model)
     import hashlib
 
     assert fingerprint["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -211,12 +211,12 @@ def test_export_from_trainer(trained: tuple[Trainer, Path], tmp_path: Path) -> N
     trainer, checkpoint = trained
     model = trainer.model
     was_training = model.training
-    before = model_fingerprint(model)
+    before = state_digest(model)
     path = export_model(trainer, "torchscript", tmp_path / "trainer.pt")
-    assert model.training == was_training and model_fingerprint(model) == before
+    assert model.training == was_training and state_digest(model) == before
     # The trainer's model is the checkpoint's: same fingerprint either way.
     _, loaded = load_trained_model(checkpoint)
-    assert read_sidecar(path)["fingerprint"]["state_dict_sha256"] == model_fingerprint(loaded)
+    assert read_sidecar(path)["fingerprint"]["model_digest"] == state_digest(loaded)
     assert check_export(path, model, torch.rand(3, 1, 8, 8)) <= TOLERANCE
 
 

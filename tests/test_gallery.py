@@ -1,8 +1,10 @@
-"""The searchable gallery: built from a checkpoint and a folder of real Omniglot images, saved,
-loaded, edited, and every search checked against a brute-force ranking."""
+"""The searchable gallery: built from a checkpoint and a folder of real images (Omniglot, and
+the CUB subset with MobileNetV2 where present), saved, loaded, edited, and every search checked
+against a brute-force ranking."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dmlkit.gallery import Gallery, pair_scores
+from dmlkit.evaluation.verification import pair_scores
+from dmlkit.gallery import Gallery, _raw_scores
 from dmlkit.training import Trainer, load_config
 from dmlkit.training.checkpoint import load_checkpoint, save_atomic
 from real_data import REAL_DATA
@@ -361,6 +364,18 @@ def test_index_and_search_commands(
     assert payload["queries"][0]["neighbours"][0]["id"] == str(query)
     assert main(["search", str(out), str(query), "--k", "999"]) == 2
     assert "error" in capsys.readouterr().err
+    if importlib.util.find_spec("faiss") is None:
+        return
+    approximate = tmp_path / "approximate"
+    command = ["index", str(checkpoint), str(folder), "--out", str(approximate)]
+    assert main([*command, "--approximate-index", "hnsw", "--contiguous"]) == 0
+    assert "with a faiss hnsw index" in capsys.readouterr().out
+    assert (approximate / "index-hnsw.faiss").is_file()
+    assert (
+        main(["search", str(approximate), str(query), "--k", "3", "--approximate", "--json"]) == 0
+    )
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["exact"] is False and payload["queries"][0]["neighbours"][0]["id"] == str(query)
 
 
 def test_removed_ids_are_never_handed_out_again(tmp_path: Path) -> None:
@@ -406,3 +421,130 @@ def test_omniglot_image_files_are_read_as_the_training_arrays(tmp_path: Path) ->
         torch.from_numpy(~paper).float()[None, None], size=(28, 28), mode="area"
     )[0]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- CUB, MobileNetV2
+
+CUB = REAL_DATA / "cub100_subset" / "images"
+
+
+def _species_folder(root: Path, species: list[str], per_species: int) -> Path:
+    """A folder of links to the first images of some species (the photos are not copied)."""
+    root.mkdir()
+    for name in species:
+        (root / name).mkdir()
+        for image in sorted((CUB / name).glob("*.jpg"))[:per_species]:
+            (root / name / image.name).symlink_to(image)
+    return root
+
+
+def test_cub_photos_with_mobilenet_v2(tmp_path: Path) -> None:
+    """Real photos through MobileNetV2: build, save, load, search (brute-force checked), add
+    a new species, remove items, and the round trip."""
+    if not CUB.is_dir():
+        pytest.skip(f"CUB subset not found at {CUB} (set $DMLKIT_DATA to the shared data)")
+    config = load_config(
+        None,
+        [
+            "data.name=cub100_subset",
+            "model.backbone=mobilenet_v2",
+            f"model.pretrained={REAL_DATA / 'mobilenet_v2_imagenet' / 'mobilenet_v2-b0353104.pth'}",
+            "model.embedding_dim=32",
+            "data.transform.train_crop=64",
+            "data.transform.eval_resize=72",
+            "data.transform.eval_crop=64",
+            "sampler.classes_per_batch=2",
+            "sampler.samples_per_class=2",
+            "train.epochs=1",
+            "train.max_steps=1",
+            "validation.every=0",
+            "logging.progress=false",
+        ],
+    )
+    Trainer(config, run_dir=tmp_path / "run").fit(test=False)
+    checkpoint = tmp_path / "run" / "last.pt"
+    species = sorted(p.name for p in CUB.iterdir())
+    folder = _species_folder(tmp_path / "gallery", species[:4], 4)
+    extra = _species_folder(tmp_path / "extra", species[4:5], 3)
+
+    built = Gallery.from_checkpoint(checkpoint, folder, batch_size=8)
+    assert built.preprocessing is not None and built.preprocessing["crop"] == 64
+    gallery = Gallery.load(built.save(tmp_path / "g"))
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+    assert gallery.ids == paths and gallery.labels.tolist() == [
+        c for c in range(4) for _ in range(4)
+    ]
+    assert torch.equal(gallery.embeddings, built.embeddings)
+    result = gallery.search(paths[::5], k=6)
+    assert_bruteforce(gallery, gallery.embed(paths[::5]), result, 6)
+    assert [row[0] for row in result.ids] == paths[::5]  # each photo finds itself first
+    np.testing.assert_allclose(result.scores[:, 0].numpy(), 1.0, atol=1e-5)
+    assert float(result.scores[:, 1].max()) < 0.9999  # distinct photos, distinct embeddings
+
+    new = sorted(str(p) for p in extra.rglob("*.jpg"))
+    gallery.add(new, [7, 7, 7])
+    removed = [paths[1], new[0]]
+    gallery.remove(removed)
+    everything = gallery.embeddings
+    for k in (1, len(gallery)):
+        result = gallery.search(everything, k=k)
+        assert_bruteforce(gallery, everything, result, k)
+        assert not set(removed) & {i for row in result.ids for i in row}
+    again = Gallery.load(gallery.save(tmp_path / "g"))
+    assert again.ids == gallery.ids and torch.equal(again.embeddings, gallery.embeddings)
+    assert again.search(new[1:], k=3).ids == gallery.search(new[1:], k=3).ids
+
+
+# --------------------------------------------------------------------------- saved faiss index
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_a_built_index_is_saved_loaded_and_dropped_on_change(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("faiss")
+    from dmlkit.evaluation.knn import FaissKNN
+
+    emb, labels = _clustered(2000, 16, 40, seed=4)
+    gallery = Gallery.from_embeddings(emb, labels)
+    gallery.build_index(kind)  # type: ignore[arg-type]
+    queries = emb[:50] + 0.05
+    before = gallery.search(queries, k=5, exact=False, index=kind)  # type: ignore[arg-type]
+    folder = gallery.save(tmp_path / "g")
+    assert (folder / f"index-{kind}.faiss").is_file()
+
+    def no_rebuild(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the saved index was rebuilt")
+
+    monkeypatch.setattr(FaissKNN, "build", no_rebuild)
+    loaded = Gallery.load(folder)
+    after = loaded.search(queries, k=5, exact=False, index=kind)  # type: ignore[arg-type]
+    assert after.ids == before.ids and not after.exact
+    monkeypatch.undo()
+
+    # Adding drops the index; the next approximate search rebuilds it with the new item.
+    loaded.add(torch.full((1, 16), 50.0), [99], ["far"])
+    assert loaded.search(torch.full((1, 16), 50.0), k=1, exact=False, index=kind).ids == [["far"]]  # type: ignore[arg-type]
+    loaded.remove(["far"])
+    assert (
+        "far" not in loaded.search(torch.full((1, 16), 50.0), k=3, exact=False, index=kind).ids[0]
+    )  # type: ignore[arg-type]
+
+    # A damaged index file is named.
+    path = folder / f"index-{kind}.faiss"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"index-{kind}.faiss"):
+        Gallery.load(folder)
+
+
+def test_rescoring_in_chunks_equals_one_pass() -> None:
+    """More than 2**24 gathered values: the neighbours are rescored in query chunks."""
+    emb, labels = _clustered(2100, 8, 20, seed=5)
+    gallery = Gallery.from_embeddings(emb, labels, metric="euclidean")
+    queries = torch.randn(1000, 8)
+    neighbours = torch.randint(0, 2100, (1000, 2100))
+    assert neighbours.numel() * 8 > 1 << 24
+    expected = _raw_scores(queries[:, None, :], emb[neighbours], "euclidean")
+    torch.testing.assert_close(gallery._rescored(queries, neighbours), expected)
+    result = gallery.search(queries[:3], k=2100)
+    assert_bruteforce(gallery, queries[:3], result, 2100)

@@ -16,6 +16,9 @@ from dmlkit.evaluation.verification import (
     fnmr_at_fmr,
     item_pairs,
     items_for_pairs,
+    match,
+    pair_scores,
+    summary,
     tpr_at_fpr,
 )
 
@@ -94,6 +97,10 @@ def test_item_pairs_list_every_pair_once() -> None:
             r"in \[0, 1\]",
         ),
         (lambda: item_pairs(torch.rand(3, 2), torch.arange(3), metric="dot"), "metric must be"),
+        (lambda: pair_scores(torch.rand(3, 2), torch.rand(2, 2)), "one shape"),
+        (lambda: pair_scores(torch.rand(3, 2), torch.rand(3, 2), "l1"), "metric must be"),
+        (lambda: match(torch.rand(3, 2), torch.rand(3, 2), math.nan), "threshold must be"),
+        (lambda: match(torch.rand(3, 2), torch.tensor([[0.0, math.inf]] * 3), 0.5), "finite"),
     ],
 )
 def test_bad_input_is_a_value_error(call, message: str) -> None:
@@ -111,3 +118,40 @@ def test_large_sets_are_sampled_to_at_most_max_pairs() -> None:
     assert len(scores) == kept * (kept - 1) // 2 and len(same) == len(scores)
     again, _ = item_pairs(emb, labels, max_pairs=100)
     assert torch.equal(scores, again)  # seeded
+
+
+def test_pair_scores_and_match_by_hand() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    b = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    torch.testing.assert_close(pair_scores(a, b), torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(pair_scores(a, b, "euclidean"), -torch.tensor([1.0, 5**0.5, 5.0]))
+    torch.testing.assert_close(pair_scores(a, b, "dot"), torch.tensor([2.0, 0.0, 0.0]))
+    assert match(a, b, 0.5).tolist() == [True, False, False]
+    assert match(a, b, 0.0).tolist() == [True, True, True]  # a score equal to the threshold
+    assert match(a, b, -2.0, "euclidean").tolist() == [True, False, False]
+
+
+def test_a_calibrated_threshold_matches_at_its_rate() -> None:
+    """match() at calibrate()'s threshold accepts at most the target share of impostor pairs."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(300) % 15
+    emb = torch.randn(15, 8, generator=g)[labels] + 0.8 * torch.randn(300, 8, generator=g)
+    left, right = torch.triu_indices(300, 300, offset=1)
+    scores, same = pair_scores(emb[left], emb[right]), labels[left] == labels[right]
+    threshold = calibrate(scores, same, target_fmr=0.01)
+    accepted = match(emb[left], emb[right], threshold)
+    assert float(accepted[~same].float().mean()) <= 0.01
+    assert float(accepted[same].float().mean()) == pytest.approx(
+        1 - fnmr_at_fmr(scores, same, 0.01)
+    )
+
+
+def test_summary_equals_the_separate_functions() -> None:
+    scores, same = _pairs(ties=True)
+    numbers = summary(scores, same)
+    threshold, f1 = best_f1(scores, same)
+    assert numbers["best_f1"] == f1 and numbers["best_f1_threshold"] == threshold
+    for fmr in (1e-2, 1e-3):
+        assert numbers[f"fnmr_at_fmr_{fmr:g}"] == fnmr_at_fmr(scores, same, fmr)
+        assert numbers[f"threshold_at_fmr_{fmr:g}"] == calibrate(scores, same, target_fmr=fmr)
+    assert numbers["genuine_pairs"] == float(same.sum())

@@ -142,13 +142,40 @@ def _train_here(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_embedding_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    command.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    command.add_argument(
+        "--autocast",
+        choices=("bf16", "fp16"),
+        help="run the model under bf16/fp16 mixed precision (CUDA only)",
+    )
+    command.add_argument(
+        "--contiguous",
+        action="store_true",
+        help="keep the contiguous (NCHW) layout instead of channels-last",
+    )
+
+
+def _embedding_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .training import resolve_device
+
+    return {
+        "device": resolve_device(args.device),
+        "num_workers": args.num_workers,
+        "channels_last": False if args.contiguous else None,
+        "autocast": args.autocast,
+    }
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     config, model = load_trained_model(args.checkpoint)
     dataset = split_dataset(config, args.split)
+    options = _embedding_options(args)
     embeddings, labels = embed_dataset(
-        model, dataset, batch_size=config.train.eval_batch_size, num_workers=args.num_workers
+        model.to(options["device"]), dataset, batch_size=config.train.eval_batch_size, **options
     )
     print(evaluate(embeddings, labels, metrics=config.validation.metrics))
     if args.verification:
@@ -179,18 +206,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     from .gallery import Gallery
-    from .training import resolve_device
 
     gallery = Gallery.from_checkpoint(
         args.checkpoint,
         args.data,
         metric=args.metric,
         batch_size=args.batch_size,
-        device=resolve_device(args.device),
-        num_workers=args.num_workers,
+        **_embedding_options(args),
     )
+    for kind in args.approximate_index:
+        gallery.build_index(kind)
     out = gallery.save(args.out)
-    print(f"indexed {len(gallery)} items of {args.data} ({gallery.metric}) into {out}")
+    built = (
+        f", with a faiss {' and '.join(args.approximate_index)} index"
+        if args.approximate_index
+        else ""
+    )
+    print(f"indexed {len(gallery)} items of {args.data} ({gallery.metric}){built} into {out}")
     return 0
 
 
@@ -269,8 +301,9 @@ def _export(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     config, model = load_trained_model(args.checkpoint)
     dataset = split_dataset(config, args.split)
+    options = _embedding_options(args)
     embeddings, labels = embed_dataset(
-        model, dataset, batch_size=config.train.eval_batch_size, num_workers=args.num_workers
+        model.to(options["device"]), dataset, batch_size=config.train.eval_batch_size, **options
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +440,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--split", choices=("train", "val", "test"), default="test", help="default: test"
         )
-        command.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+        _add_embedding_arguments(command)
         if name == "embed":
             command.add_argument(
                 "--out", required=True, help="folder for embeddings.npy, labels.npy"
@@ -548,8 +581,14 @@ def _parser() -> argparse.ArgumentParser:
         help="similarity of the gallery (default: cosine)",
     )
     index.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    index.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    index.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    index.add_argument(
+        "--approximate-index",
+        choices=("hnsw", "ivf"),
+        action="append",
+        default=[],
+        help="also build and save a faiss index for dmlkit search --approximate (repeatable)",
+    )
+    _add_embedding_arguments(index)
     index.set_defaults(handler=_index)
 
     search = commands.add_parser(
@@ -563,7 +602,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     search.add_argument("--json", action="store_true", help="print JSON instead of tables")
     search.add_argument(
-        "--approximate", action="store_true", help="approximate search with faiss (--index)"
+        "--approximate",
+        action="store_true",
+        help="approximate search with faiss (--index; the gallery's saved index if it has one)",
     )
     search.add_argument(
         "--index",

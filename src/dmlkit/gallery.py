@@ -17,7 +17,10 @@ IVF or HNSW and says so (``SearchResult.exact`` is False).
 **Files.** :meth:`Gallery.save` writes a folder (``gallery.json``, ``embeddings.npy``,
 ``labels.npy``, ``ids.json``) into a temporary sibling folder and then swaps it in, so a failure
 never damages a gallery saved before. ``gallery.json`` records each file's SHA-256; a missing,
-truncated or altered file makes :meth:`Gallery.load` raise ``ValueError`` naming it.
+truncated or altered file makes :meth:`Gallery.load` raise ``ValueError`` naming it. A faiss
+index built for approximate search (:meth:`Gallery.build_index`, or the first approximate
+search) is saved beside them (``index-hnsw.faiss``, ``index-ivf.faiss``) and loaded back, so a
+loaded gallery searches approximately without rebuilding.
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ from .data import (
     image_folder,
     read_image,
 )
-from .evaluation.knn import METRICS, FaissKNN, Metric, TorchKNN
-from .evaluation.verification import calibrate
+from .evaluation.knn import METRICS, FaissKNN, Metric, TorchKNN, faiss_available, import_faiss
+from .evaluation.verification import calibrate, pair_scores
+from .models.fingerprint import file_sha256, state_digest
+from .models.inference import AutocastDtype
 from .training import embed_dataset, load_trained_model, split_dataset
 
 FORMAT = "dmlkit-gallery"
@@ -132,18 +137,8 @@ def _transform(description: dict[str, Any]) -> Callable[[Any], Tensor]:
     raise ValueError(f"unknown preprocessing kind {description['kind']!r}")
 
 
-def model_digest(model: nn.Module) -> str:
-    """A digest of a model's state: every tensor's name, dtype, shape and values."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.state_dict().items():
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def fingerprint(digest: str, preprocessing: dict[str, Any]) -> str:
-    """The fingerprint of a model (its :func:`model_digest`) with its preprocessing."""
+    """The fingerprint of a model (its ``state_digest``) with its preprocessing."""
     text = json.dumps({"model": digest, "preprocessing": preprocessing}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -229,16 +224,6 @@ def _raw_scores(a: Tensor, b: Tensor, metric: str) -> Tensor:
     if metric == "euclidean":
         return (a - b).pow(2).sum(-1).mul(-0.5)
     return (a * b).sum(-1)
-
-
-def pair_scores(a: Tensor, b: Tensor, metric: str) -> Tensor:
-    """Row-wise scores of pairs (a[i], b[i]) with the gallery's convention."""
-    a, b = a.float(), b.float()
-    if metric == "cosine":
-        return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1)
-    if metric == "euclidean":
-        return -(a - b).norm(dim=1)
-    return (a * b).sum(1)
 
 
 # --------------------------------------------------------------------------- the gallery
@@ -334,6 +319,8 @@ class Gallery:
         self.batch_size = batch_size
         self._embedder: _Embedder | None = None
         self._dim: int | None = None
+        # Built faiss indexes by kind, with their nlist and hnsw_m; dropped when items change.
+        self._indexes: dict[str, tuple[Any, int | None, int]] = {}
         self._append(embeddings, labels, ids)
 
     # ----- construction
@@ -372,6 +359,8 @@ class Gallery:
         batch_size: int = 64,
         device: torch.device | str = "cpu",
         num_workers: int = 0,
+        channels_last: bool | None = None,
+        autocast: AutocastDtype | None = None,
     ) -> Gallery:
         """Embeds a dataset with a trained checkpoint's model and evaluation preprocessing.
 
@@ -385,7 +374,10 @@ class Gallery:
             metric: The gallery's metric.
             batch_size: Images per forward pass.
             device: Where the model runs.
-            num_workers: DataLoader workers.
+            num_workers: DataLoader workers decoding images while the model runs.
+            channels_last: As :func:`~dmlkit.models.inference.embed_dataset` (default: where
+                faster).
+            autocast: ``"bf16"`` or ``"fp16"`` mixed precision on CUDA.
         """
         checkpoint = Path(checkpoint).resolve()
         config, model = load_trained_model(checkpoint)
@@ -409,7 +401,13 @@ class Gallery:
             class_names = list(names) if names is not None else None
         model.to(device)
         embeddings, labels = embed_dataset(
-            model, items, batch_size=batch_size, device=device, num_workers=num_workers
+            model,
+            items,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            channels_last=channels_last,
+            autocast=autocast,
         )
         n = len(labels)
         if ids is None:
@@ -420,7 +418,7 @@ class Gallery:
             _as_ids(ids, n, "ids"),
             metric,
             checkpoint=str(checkpoint),
-            model_digest=model_digest(model),
+            model_digest=state_digest(model),
             preprocessing=preprocessing,
             class_names=class_names,
             device=device,
@@ -568,6 +566,7 @@ class Gallery:
             raise ValueError(
                 f"embeddings have dimension {emb.shape[1]}; the gallery's is {self._dim}"
             )
+        self._indexes.clear()
         if self._dim is None:
             self._dim = int(emb.shape[1])
             self._embeddings = emb.clone()
@@ -630,6 +629,7 @@ class Gallery:
         drop = np.zeros(len(self._ids), dtype=bool)
         drop[[self._position[i] for i in wanted]] = True
         keep = np.flatnonzero(~drop)
+        self._indexes.clear()
         self._embeddings = self._embeddings[torch.from_numpy(keep)]
         self._labels = self._labels[keep]
         self._ids = [self._ids[i] for i in keep]
@@ -671,27 +671,23 @@ class Gallery:
                 f"k must be an integer in [1, {len(self)}] (the gallery's size), got {k!r}"
             )
         q = self._query_embeddings(queries, fingerprint)
-        knn: TorchKNN | FaissKNN
-        if exact:
-            knn = TorchKNN(self.metric)
-        else:
-            if index not in ("ivf", "hnsw"):
-                raise ValueError(f"approximate index must be 'ivf' or 'hnsw', got {index!r}")
-            knn = FaissKNN(self.metric, index, nprobe=nprobe, ef_search=ef_search)
         n_q = q.shape[0]
         indices = torch.full((n_q, k), -1, dtype=torch.long)
-        raw = torch.full((n_q, k), -math.inf)
-        for block in knn.search(q, k, self._embeddings):
-            rows = slice(block.start, block.start + block.indices.shape[0])
-            indices[rows] = block.indices.cpu().long()
-            raw[rows] = block.scores.cpu().float()
+        if exact:
+            knn: TorchKNN | FaissKNN = TorchKNN(self.metric)
+            blocks = knn.search(q, k, self._embeddings)
+        else:
+            built, nlist, hnsw_m = self._approximate_index(index)
+            knn = FaissKNN(
+                self.metric, index, nlist=nlist, hnsw_m=hnsw_m, nprobe=nprobe, ef_search=ef_search
+            )
+            blocks = knn.search_index(built, q, k)
+        for block in blocks:
+            indices[block.start : block.start + block.indices.shape[0]] = block.indices.cpu()
         found = indices >= 0
-        # The kNN scores rank; the reported scores are recomputed from the embeddings of the
-        # k neighbours (the kNN's −½‖q−r‖² expansion loses precision for near items), and the
-        # lists re-sorted by them (equal scores: lower position first).
         safe = indices.clamp_min(0)
-        exact_raw = _raw_scores(q[:, None, :], self._embeddings[safe], self.metric)
-        raw = torch.where(found, exact_raw, -math.inf)
+        raw = torch.where(found, self._rescored(q, safe), -math.inf)
+        # Re-sorted by the exact scores; equal scores: lower gallery position first.
         position = torch.where(found, safe, torch.iinfo(torch.long).max)
         order = (
             torch.from_numpy(np.lexsort((position.numpy(), -raw.double().numpy()), axis=-1))
@@ -707,9 +703,55 @@ class Gallery:
         ids = [[self._ids[int(j)] if j >= 0 else None for j in row] for row in indices.tolist()]
         ranks = torch.arange(1, k + 1).expand(n_q, k).clone()
         return SearchResult(
-            ids, labels, scores, distances, ranks, indices, bool(knn.exact), knn.description,
+            ids, labels, scores, distances, ranks, indices, exact, knn.description,
             self.metric,
         )  # fmt: skip
+
+    def _rescored(self, q: Tensor, neighbours: Tensor) -> Tensor:
+        """(Q, k) scores of each query with its neighbours, from the embeddings themselves.
+
+        The kNN's scores rank, but its −½‖q−r‖² expansion loses precision for near items;
+        queries go in chunks so the gathered neighbours stay under about 64 MB.
+        """
+        chunk = max(1, (1 << 24) // max(1, neighbours.shape[1] * q.shape[1]))
+        out = torch.empty(neighbours.shape)
+        for i in range(0, q.shape[0], chunk):
+            rows = slice(i, i + chunk)
+            out[rows] = _raw_scores(
+                q[rows, None, :], self._embeddings[neighbours[rows]], self.metric
+            )
+        return out
+
+    def build_index(
+        self, index: ApproximateIndex = "hnsw", *, nlist: int | None = None, hnsw_m: int = 32
+    ) -> None:
+        """Builds a faiss index for approximate search; :meth:`save` keeps it.
+
+        Approximate searches build one with the defaults when none is built; adding or removing
+        items drops it (the next approximate search rebuilds it).
+
+        Args:
+            index: ``"hnsw"`` or ``"ivf"``.
+            nlist: IVF cells; default about 4·√N.
+            hnsw_m: HNSW graph degree.
+
+        Raises:
+            ValueError: Empty gallery or unknown index kind.
+            ImportError: faiss is not installed.
+        """
+        if index not in ("ivf", "hnsw"):
+            raise ValueError(f"approximate index must be 'ivf' or 'hnsw', got {index!r}")
+        if len(self) == 0:
+            raise ValueError("the gallery is empty: add items before building an index")
+        built = FaissKNN(self.metric, index, nlist=nlist, hnsw_m=hnsw_m).build(self._embeddings)
+        self._indexes[index] = (built, nlist, hnsw_m)
+
+    def _approximate_index(self, index: str) -> tuple[Any, int | None, int]:
+        if index not in ("ivf", "hnsw"):
+            raise ValueError(f"approximate index must be 'ivf' or 'hnsw', got {index!r}")
+        if index not in self._indexes:
+            self.build_index(index)  # type: ignore[arg-type]
+        return self._indexes[index]
 
     def match(
         self, queries: Queries, threshold: float, *, fingerprint: str | None = None
@@ -773,6 +815,12 @@ class Gallery:
             np.save(temporary / "embeddings.npy", np.ascontiguousarray(emb, dtype=np.float32))
             np.save(temporary / "labels.npy", self._labels.astype(np.int64))
             (temporary / "ids.json").write_text(json.dumps(self._ids))
+            indexes: dict[str, dict[str, Any]] = {}
+            for kind, (built, nlist, hnsw_m) in self._indexes.items():
+                name = f"index-{kind}.faiss"
+                import_faiss().serialize_index(built).tofile(temporary / name)
+                indexes[kind] = {"file": name, "nlist": nlist, "hnsw_m": hnsw_m}
+            files = (*_FILES, *(entry["file"] for entry in indexes.values()))
             manifest = {
                 "format": FORMAT,
                 "version": VERSION,
@@ -785,10 +833,11 @@ class Gallery:
                 "fingerprint": self.fingerprint,
                 "class_names": self.class_names,
                 "retired_ids": sorted(self._retired),
-                "sha256": {name: _sha256(temporary / name) for name in _FILES},
+                "indexes": indexes,
+                "sha256": {name: file_sha256(temporary / name) for name in files},
             }
             (temporary / _MANIFEST).write_text(json.dumps(manifest, indent=2))
-            for name in (*_FILES, _MANIFEST):
+            for name in (*files, _MANIFEST):
                 with open(temporary / name, "rb") as file:
                     os.fsync(file.fileno())
             _swap_in(temporary, folder)
@@ -847,11 +896,12 @@ class Gallery:
             metric = str(manifest["metric"])
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{manifest_path} lacks an entry: {error}") from error
-        for name in _FILES:
+        indexes = manifest.get("indexes", {})
+        for name in (*_FILES, *(entry["file"] for entry in indexes.values())):
             path = folder / name
             if not path.is_file():
                 raise ValueError(f"gallery file {path} is missing")
-            if _sha256(path) != digests.get(name):
+            if file_sha256(path) != digests.get(name):
                 raise ValueError(f"gallery file {path} is corrupt or truncated (checksum differs)")
         emb = _read(folder / "embeddings.npy", lambda p: np.load(p, allow_pickle=False))
         labels = _read(folder / "labels.npy", lambda p: np.load(p, allow_pickle=False))
@@ -889,6 +939,16 @@ class Gallery:
         )
         if count == 0:
             gallery._dim = dim or None
+        if indexes and faiss_available():
+            faiss = import_faiss()
+            for kind, entry in indexes.items():
+                path = folder / entry["file"]
+                built = _read(path, lambda p: faiss.deserialize_index(np.fromfile(p, np.uint8)))
+                if built.ntotal != count:
+                    raise ValueError(
+                        f"gallery file {path} indexes {built.ntotal} items, not {count}"
+                    )
+                gallery._indexes[kind] = (built, entry["nlist"], entry["hnsw_m"])
         if checkpoint is not None:
             if gallery.preprocessing is None:
                 raise ValueError("this gallery was built from embeddings; it has no checkpoint")
@@ -926,7 +986,7 @@ def _load_embedder(
             f"the gallery's checkpoint {checkpoint} is missing; give Gallery.load(checkpoint=...)"
         )
     _, model = load_trained_model(path)
-    found = model_digest(model)
+    found = state_digest(model)
     if found != digest:
         raise ValueError(
             f"checkpoint {checkpoint} holds another model than the gallery's (fingerprint "
@@ -964,14 +1024,6 @@ def _sampled_pairs(labels: np.ndarray, max_pairs: int, seed: int) -> tuple[Tenso
     return torch.from_numpy(np.concatenate(left)), torch.from_numpy(np.concatenate(right))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
     try:
         return reader(path)
@@ -1000,6 +1052,4 @@ __all__ = [
     "Gallery",
     "SearchResult",
     "fingerprint",
-    "model_digest",
-    "pair_scores",
 ]

@@ -10,7 +10,7 @@ from sklearn.cluster import KMeans as _SklearnKMeans
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 from torch import Tensor
 
-from .knn import _import_faiss
+from .knn import import_faiss
 
 
 class KMeansFunction(Protocol):
@@ -56,10 +56,10 @@ class FaissKMeans:
     def __init__(self, niter: int = 20, seed: int = 0) -> None:
         self.niter = niter
         self.seed = seed
-        _import_faiss()
+        import_faiss()
 
     def __call__(self, embeddings: Tensor, n_clusters: int) -> Tensor:
-        faiss = _import_faiss()
+        faiss = import_faiss()
         data = np.ascontiguousarray(embeddings.detach().cpu().float().numpy())
         model = faiss.Kmeans(data.shape[1], n_clusters, niter=self.niter, seed=self.seed)
         model.train(data)

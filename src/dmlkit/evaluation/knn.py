@@ -522,7 +522,7 @@ class FaissKNN:
         self.ef_search = ef_search
         self.block_size = block_size
         self.exact = index == "flat"
-        _import_faiss()
+        import_faiss()
 
     @property
     def description(self) -> str:
@@ -533,26 +533,32 @@ class FaissKNN:
         }[self.index]
         return f"faiss {self.index} ({detail}, {self.metric})"
 
-    def _build(self, ref: np.ndarray, k: int) -> tuple[Any, Any]:
-        """The filled index, and its coarse quantizer (which must outlive it) or None."""
-        faiss = _import_faiss()
+    def build(self, reference: Tensor) -> Any:
+        """A faiss index filled with ``reference``, to search many times with :meth:`search_index`.
+
+        Args:
+            reference: (N, D) embeddings.
+
+        Returns:
+            The faiss index (``faiss.write_index`` saves it; ``faiss.read_index`` reads it back).
+        """
+        faiss = import_faiss()
+        ref = np.ascontiguousarray(_prepared(reference.detach(), self.metric)[0].cpu().numpy())
         dim = ref.shape[1]
         inner = self.metric != "euclidean"
         measure = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
-        quantizer = None
         if self.index == "flat":
             index = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
         elif self.index == "ivf":
             nlist = self.nlist or max(1, min(ref.shape[0] // 39, int(4 * math.sqrt(ref.shape[0]))))
+            # faiss's Python wrapper keeps the quantizer alive as long as the index.
             quantizer = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, measure)
             index.train(ref)
-            index.nprobe = min(self.nprobe, nlist)
         else:
             index = faiss.IndexHNSWFlat(dim, self.hnsw_m, measure)
-            index.hnsw.efSearch = max(self.ef_search, k + 1)
         index.add(ref)
-        return index, quantizer
+        return index
 
     def search(
         self,
@@ -566,15 +572,28 @@ class FaissKNN:
     ) -> Iterator[NeighbourBlock]:
         """Yields the k nearest references of every query; arguments as :meth:`TorchKNN.search`.
 
+        Builds the index for this one search; :meth:`build` and :meth:`search_index` keep it.
         Same-label scores are not tracked (``best_positive`` is None).
         """
         del query_labels, reference_labels
+        index = self.build(query if reference is None else reference)
         exclude_self = reference is None or ref_includes_query
+        yield from self.search_index(index, query, k, exclude_self=exclude_self)
+
+    def search_index(
+        self, index: Any, query: Tensor, k: int, *, exclude_self: bool = False
+    ) -> Iterator[NeighbourBlock]:
+        """Yields the k nearest items of a built index for every query, in query blocks.
+
+        Args:
+            index: From :meth:`build` (or ``faiss.read_index``) with this metric.
+            query: (Q, D) embeddings.
+            k: Neighbours per query.
+            exclude_self: Query i is item i of the index; leave it out of its own list.
+        """
+        self._set_search_breadth(index, k)
         device = query.device
-        q_emb, _ = _prepared(query.detach(), self.metric)
-        r_emb = q_emb if reference is None else _prepared(reference.detach(), self.metric)[0]
-        q_np = np.ascontiguousarray(q_emb.cpu().numpy())
-        index, _quantizer = self._build(np.ascontiguousarray(r_emb.cpu().numpy()), k)
+        q_np = np.ascontiguousarray(_prepared(query.detach(), self.metric)[0].cpu().numpy())
         wanted = k + int(exclude_self)
         for i in range(0, q_np.shape[0], self.block_size):
             raw_scores, raw_indices = index.search(q_np[i : i + self.block_size], wanted)
@@ -585,6 +604,12 @@ class FaissKNN:
             if exclude_self:
                 scores, indices = _drop_self(scores, indices, i)
             yield NeighbourBlock(i, indices.to(device), scores.to(device), None)
+
+    def _set_search_breadth(self, index: Any, k: int) -> None:
+        if self.index == "ivf":
+            index.nprobe = min(self.nprobe, index.nlist)
+        elif self.index == "hnsw":
+            index.hnsw.efSearch = max(self.ef_search, k + 1)
 
 
 def _drop_self(scores: Tensor, indices: Tensor, start: int) -> tuple[Tensor, Tensor]:
@@ -597,7 +622,8 @@ def _drop_self(scores: Tensor, indices: Tensor, start: int) -> tuple[Tensor, Ten
     return scores[keep].view(shape), indices[keep].view(shape)
 
 
-def _import_faiss() -> ModuleType:
+def import_faiss() -> ModuleType:
+    """The faiss module, or an ImportError saying how to install it."""
     try:
         import faiss
     except ImportError as error:
@@ -611,7 +637,7 @@ def _import_faiss() -> ModuleType:
 def faiss_available() -> bool:
     """Whether faiss can be imported."""
     try:
-        _import_faiss()
+        import_faiss()
     except ImportError:
         return False
     return True

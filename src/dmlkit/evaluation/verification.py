@@ -39,6 +39,33 @@ class Curves:
     fpr: Tensor
     precision: Tensor
 
+    def tpr_at_fpr(self, fpr: float) -> float:
+        """The highest TPR of a threshold whose FPR (FMR) is at most ``fpr`` (0 if none is)."""
+        allowed = self.fpr <= fpr
+        return float(self.tpr[allowed].max()) if bool(allowed.any()) else 0.0
+
+    def best_f1(self) -> tuple[float, float]:
+        """(threshold, F1) of the threshold with the best F1 score."""
+        f1 = 2 * self.precision * self.tpr / (self.precision + self.tpr).clamp_min(1e-300)
+        best = int(torch.argmax(f1))
+        return float(self.thresholds[best]), float(f1[best])
+
+    def threshold(
+        self, *, target_fmr: float | None = None, target_precision: float | None = None
+    ) -> float:
+        """The lowest threshold (most pairs accepted) meeting the target; see :func:`calibrate`."""
+        if (target_fmr is None) == (target_precision is None):
+            raise ValueError("give exactly one of target_fmr and target_precision")
+        target = target_fmr if target_fmr is not None else target_precision
+        assert target is not None
+        if not 0 <= target <= 1:
+            raise ValueError(f"the target must be in [0, 1], got {target}")
+        meets = self.fpr <= target if target_fmr is not None else self.precision >= target
+        if not bool(meets.any()):
+            return math.inf
+        # Thresholds descend: the last one meeting the target accepts the most pairs.
+        return float(self.thresholds[torch.nonzero(meets).max()])
+
 
 def _checked_pairs(scores: object, same: object) -> tuple[Tensor, Tensor]:
     if not isinstance(scores, Tensor) or not isinstance(same, Tensor):
@@ -83,9 +110,7 @@ def curves(scores: Tensor, same: Tensor) -> Curves:
 
 def tpr_at_fpr(scores: Tensor, same: Tensor, fpr: float) -> float:
     """The highest TPR of a threshold whose FPR (FMR) is at most ``fpr`` (0 if none is)."""
-    c = curves(scores, same)
-    allowed = c.fpr <= fpr
-    return float(c.tpr[allowed].max()) if bool(allowed.any()) else 0.0
+    return curves(scores, same).tpr_at_fpr(fpr)
 
 
 def fnmr_at_fmr(scores: Tensor, same: Tensor, fmr: float) -> float:
@@ -95,10 +120,7 @@ def fnmr_at_fmr(scores: Tensor, same: Tensor, fmr: float) -> float:
 
 def best_f1(scores: Tensor, same: Tensor) -> tuple[float, float]:
     """(threshold, F1) of the threshold with the best F1 score."""
-    c = curves(scores, same)
-    f1 = 2 * c.precision * c.tpr / (c.precision + c.tpr).clamp_min(1e-300)
-    best = int(torch.argmax(f1))
-    return float(c.thresholds[best]), float(f1[best])
+    return curves(scores, same).best_f1()
 
 
 def calibrate(
@@ -122,18 +144,7 @@ def calibrate(
     Raises:
         ValueError: Unless exactly one target in [0, 1] is given.
     """
-    if (target_fmr is None) == (target_precision is None):
-        raise ValueError("give exactly one of target_fmr and target_precision")
-    target = target_fmr if target_fmr is not None else target_precision
-    assert target is not None
-    if not 0 <= target <= 1:
-        raise ValueError(f"the target must be in [0, 1], got {target}")
-    c = curves(scores, same)
-    meets = c.fpr <= target_fmr if target_fmr is not None else c.precision >= target
-    if not bool(meets.any()):
-        return math.inf
-    # Thresholds descend: the last one meeting the target accepts the most pairs.
-    return float(c.thresholds[torch.nonzero(meets).max()])
+    return curves(scores, same).threshold(target_fmr=target_fmr, target_precision=target_precision)
 
 
 DEFAULT_FMRS = (1e-2, 1e-3)
@@ -150,7 +161,8 @@ def summary(
         same: (P,) bool: genuine pairs.
         fmrs: The false match rates to report.
     """
-    threshold, f1 = best_f1(scores, same)
+    c = curves(scores, same)
+    threshold, f1 = c.best_f1()
     out = {
         "genuine_pairs": float(same.sum()),
         "impostor_pairs": float((~same.bool()).sum()),
@@ -158,14 +170,56 @@ def summary(
         "best_f1_threshold": threshold,
     }
     for fmr in fmrs:
-        out[f"fnmr_at_fmr_{fmr:g}"] = fnmr_at_fmr(scores, same, fmr)
-        out[f"threshold_at_fmr_{fmr:g}"] = calibrate(scores, same, target_fmr=fmr)
+        out[f"fnmr_at_fmr_{fmr:g}"] = 1.0 - c.tpr_at_fpr(fmr)
+        out[f"threshold_at_fmr_{fmr:g}"] = c.threshold(target_fmr=fmr)
     return out
 
 
+def pair_scores(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
+    """Row-wise scores of the pairs (a[i], b[i]), higher is more alike.
+
+    Args:
+        a: (P, D) embeddings.
+        b: (P, D) embeddings.
+        metric: ``"cosine"`` similarity, ``"euclidean"`` (minus the distance) or ``"dot"``.
+
+    Returns:
+        (P,) float32 scores.
+    """
+    a, b = check_embeddings(a, "a").float(), check_embeddings(b, "b").float()
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if metric == "cosine":
+        return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1)
+    if metric == "euclidean":
+        return -(a - b).norm(dim=1)
+    if metric == "dot":
+        return (a * b).sum(1)
+    raise ValueError(f"metric must be 'cosine', 'euclidean' or 'dot', got {metric!r}")
+
+
+def match(a: Tensor, b: Tensor, threshold: float, metric: str = "cosine") -> Tensor:
+    """(P,) bool: whether each pair (a[i], b[i]) is the same class at ``threshold``.
+
+    Args:
+        a: (P, D) embeddings.
+        b: (P, D) embeddings.
+        threshold: Accept pairs scoring at least this, e.g. from :func:`calibrate`.
+        metric: As :func:`pair_scores`.
+    """
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or math.isnan(threshold)
+    ):
+        raise ValueError(f"threshold must be a number, got {threshold!r}")
+    return pair_scores(a, b, metric) >= threshold
+
+
 MAX_PAIRS = 20_000_000
-"""The most item pairs :func:`item_pairs` forms (about 0.5 GB of work memory); larger sets are
-sampled."""
+"""The most item pairs :func:`item_pairs` forms; larger sets are sampled. Forming the pairs and
+their :func:`summary` peak at about 90 bytes per pair (N×N score and mask matrices, then the
+sorted float64 curves): about 1.8 GB at this default."""
 
 
 def items_for_pairs(n: int, max_pairs: int = MAX_PAIRS) -> int:
@@ -220,6 +274,8 @@ __all__ = [
     "fnmr_at_fmr",
     "item_pairs",
     "items_for_pairs",
+    "match",
+    "pair_scores",
     "summary",
     "tpr_at_fpr",
 ]

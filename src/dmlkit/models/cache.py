@@ -7,23 +7,22 @@ once (:func:`cache_features`) turns head training into fitting an :class:`Embedd
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch import Tensor, nn
 
 from ..data.datasets import LabelledDataset
 from .base import check_positive
 from .embedding import EmbeddingModel
+from .fingerprint import state_digest
+from .inference import embed_dataset
 
 _FORMAT = "dmlkit-feature-cache"
 _VERSION = 1
@@ -67,23 +66,12 @@ def _dataset_labels(dataset: LabelledDataset) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _backbone_digest(model: EmbeddingModel) -> str:
-    # Names, dtypes, shapes and values of every tensor, BatchNorm statistics included: any
-    # change to the backbone makes an existing cache stale.
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.backbone.state_dict().items():
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def _metadata(model: EmbeddingModel, num_items: int) -> dict[str, Any]:
     return {
         "format": _FORMAT,
         "version": _VERSION,
         "backbone": type(model.backbone).__name__,
-        "backbone_digest": _backbone_digest(model),
+        "backbone_digest": state_digest(model.backbone),
         "pooling": model.pool.mode,
         "num_features": model.head.in_features,
         "num_items": num_items,
@@ -158,6 +146,17 @@ def load_feature_cache(path: str | os.PathLike[str]) -> FeatureCache:
     return FeatureCache(features=features, labels=labels, metadata=metadata)
 
 
+class _PooledFeatures(nn.Module):
+    """The model's pooled backbone features as a forward pass, for :func:`embed_dataset`."""
+
+    def __init__(self, model: EmbeddingModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.features(images)
+
+
 def _compute_features(
     model: EmbeddingModel,
     dataset: LabelledDataset,
@@ -166,29 +165,23 @@ def _compute_features(
     device: str | torch.device,
     num_workers: int,
     progress: bool,
-) -> tuple[Tensor, np.ndarray]:
-    # DataLoader needs only __len__ and __getitem__, which the protocol guarantees.
-    items = cast(Dataset[tuple[Tensor, int]], dataset)
-    loader: DataLoader[tuple[Tensor, int]] = DataLoader(
-        items, batch_size=batch_size, shuffle=False, num_workers=num_workers
-    )
+) -> Tensor:
     first = next(model.parameters(), None)
     original_device = first.device if first is not None else None
-    was_training = model.training
-    chunks: list[Tensor] = []
-    label_chunks: list[Tensor] = []
     try:
-        model.to(device).eval()
-        with torch.no_grad():
-            for images, labels in tqdm(loader, desc="caching features", disable=not progress):
-                chunks.append(model.features(images.to(device)).float().cpu())
-                label_chunks.append(torch.as_tensor(labels))
+        features, _ = embed_dataset(
+            _PooledFeatures(model.to(device)),
+            dataset,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress="caching features" if progress else None,
+        )
     finally:
-        # The caller's model leaves as it came: same device, same mode.
+        # The caller's model leaves on the device it came from (embed_dataset restores its mode).
         if original_device is not None:
             model.to(original_device)
-        model.train(was_training)
-    return torch.cat(chunks), torch.cat(label_chunks).numpy().astype(np.int64)
+    return features
 
 
 def cache_features(
@@ -237,7 +230,7 @@ def cache_features(
         cached = load_feature_cache(path)
         if cached.metadata == metadata and np.array_equal(cached.labels, labels):
             return cached
-    features, item_labels = _compute_features(
+    features = _compute_features(
         model,
         dataset,
         batch_size=batch_size,
@@ -245,8 +238,6 @@ def cache_features(
         num_workers=num_workers,
         progress=progress,
     )
-    if not np.array_equal(item_labels, labels):
-        raise ValueError("the labels returned by the dataset's items differ from dataset.labels")
     cache = FeatureCache(features=features, labels=labels, metadata=metadata)
     _write_atomic(path, cache)
     return cache

@@ -18,7 +18,6 @@ ONNX export needs the ``onnx`` package and checking an ONNX file needs ``onnxrun
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import os
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .embedding import EmbeddingModel
+from .fingerprint import file_sha256, state_digest
 
 if TYPE_CHECKING:
     from ..training.config import Config
@@ -87,34 +87,6 @@ def sidecar_path(out: str | os.PathLike[str]) -> Path:
     """
     out = Path(out)
     return out.with_name(out.name + ".json")
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a model's state_dict: every tensor's name, dtype, shape and bytes, in order.
-
-    Any change to a weight or buffer (BatchNorm statistics included) changes it. The scheme is
-    that of the feature cache's backbone digest, over the whole model.
-
-    Args:
-        model: The model.
-
-    Returns:
-        The hex digest.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_format(format: str) -> ExportFormat:
@@ -289,8 +261,6 @@ def export_model(
         if resolved.config is not None
         else type(model.backbone).__name__
     )
-    from .cache import _backbone_digest
-
     sidecar: dict[str, Any] = {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
@@ -307,10 +277,10 @@ def export_model(
         "backbone": backbone,
         "pooling": model.pool.mode,
         "fingerprint": {
-            "state_dict_sha256": model_fingerprint(model),
-            "backbone_digest": _backbone_digest(model),
+            "model_digest": state_digest(model),
+            "backbone_digest": state_digest(model.backbone),
             "checkpoint_sha256": (
-                _file_sha256(resolved.checkpoint) if resolved.checkpoint is not None else None
+                file_sha256(resolved.checkpoint) if resolved.checkpoint is not None else None
             ),
         },
         "checkpoint": str(resolved.checkpoint) if resolved.checkpoint is not None else None,

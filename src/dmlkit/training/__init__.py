@@ -8,6 +8,7 @@
 - :func:`load_trained_model` and :func:`embed_dataset` use a finished run.
 """
 
+from ..models.inference import embed_dataset
 from ..typed_values import ConfigError
 from .builders import build_loss, build_miner, build_objective, check_parts
 from .checkpoint import RunRandomness, load_checkpoint, save_atomic, write_text_atomic
@@ -35,7 +36,7 @@ from .config_loading import (
     set_config_key,
 )
 from .datasets import real_data_dir
-from .inference import embed_dataset, load_trained_model
+from .inference import load_trained_model
 from .optimization import build_optimizer, lr_factor, parameter_groups
 from .run_data import RunData, build_run_data, split_dataset
 from .trainer import Trainer, TrainResult, TrainState, check_selection_metric, resolve_device

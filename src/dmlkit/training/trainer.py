@@ -37,6 +37,7 @@ from ..data import ArrayDataset, LabelledDataset, subset
 from ..distributed import average_gradients, gather, is_distributed, rank_and_world_size
 from ..evaluation import evaluate
 from ..models import EmbeddingModel, cache_features
+from ..models.inference import embed_dataset
 from ..objectives import BatchStream, Objective
 from ..samplers import PKSampler
 from ..typed_values import ConfigError
@@ -44,7 +45,6 @@ from .builders import build_embedding_model, build_loss, build_miner, build_obje
 from .checkpoint import RunRandomness, load_checkpoint, save_atomic, write_text_atomic
 from .config import Config
 from .config_loading import config_differences
-from .inference import embed_dataset
 from .logs import CSVLog, TensorBoardLog, progress_bar
 from .optimization import build_optimizer, lr_factor, parameter_groups
 from .run_data import RunData, build_run_data
