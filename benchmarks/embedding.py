@@ -221,8 +221,8 @@ def _markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Embedding throughput and search cost (CPU)",
         "",
-        f"`python benchmarks/embedding.py`, run once on a machine shared with other jobs "
-        f"(timings are noisy; medians of interleaved repetitions), "
+        f"`python benchmarks/embedding.py`: medians of interleaved repetitions in one run "
+        f"(other jobs may share the machine, so single timings are noisy), "
         f"{torch.get_num_threads()} torch threads, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}.",
@@ -314,7 +314,7 @@ def main() -> None:
     folder = os.environ.get("DMLKIT_DATA")
     results: dict[str, Any] = {}
     if args.skip_embedding:
-        results["embedding_skipped"] = "skipped (--skip-embedding)"
+        results["embedding_skipped"] = "--skip-embedding"
     elif not folder:
         results["embedding_skipped"] = "$DMLKIT_DATA is not set"
         print("$DMLKIT_DATA is not set; the embedding benchmark is skipped")
