@@ -265,6 +265,8 @@ def _markdown(results: dict[str, Any]) -> str:
                 "",
             ]
     search = results["search"]
+    if not search["sizes"]:
+        return "\n".join([*lines, f"Search part skipped: {search['note']}."]) + "\n"
     lines += [
         "## Search (synthetic clustered 128-d unit vectors, k = 10)",
         "",

@@ -80,7 +80,12 @@ def test_convnet_parity_on_omniglot(
     model = _model(config, 1)
     path = export_model(model, fmt, tmp_path / f"convnet{SUFFIX[fmt]}", config=config)  # type: ignore[arg-type]
     assert omniglot_images.shape[1:] == (1, 105, 105)
-    assert read_sidecar(path)["input_size"] == [1, 105, 105]
+    side = read_sidecar(path)
+    assert side["input_size"] == [1, 105, 105]
+    # Omniglot's image files are dark ink on white; its arrays (the model's input) hold ink = 1.
+    prep = side["preprocessing"]
+    assert prep["invert"] is True and prep["mode"] == "L" and prep["size"] == [105, 105]
+    assert "invert" in prep["recipe"]
     _assert_parity(path, model, omniglot_images)
 
 

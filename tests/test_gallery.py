@@ -5,6 +5,9 @@ against a brute-force ranking."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dmlkit.evaluation.verification import pair_scores
-from dmlkit.gallery import Gallery, _raw_scores
+from dmlkit.gallery import Gallery
 from dmlkit.training import Trainer, load_config
 from dmlkit.training.checkpoint import load_checkpoint, save_atomic
 from real_data import REAL_DATA
@@ -180,6 +183,11 @@ def test_other_checkpoint_and_fingerprints(
     with pytest.raises(ValueError, match="fingerprint"):
         built.search(built.embeddings[:2], k=1, fingerprint="0" * 32)
     built.search(built.embeddings[:2], k=1, fingerprint=built.fingerprint)
+    # Image tensors that are not the model's preprocessed input size.
+    with pytest.raises(ValueError, match=r"\(1, 20, 20\).*takes preprocessed \(1, 16, 16\)"):
+        built.search(torch.rand(2, 1, 20, 20), k=1)
+    with pytest.raises(ValueError, match="takes preprocessed"):
+        built.add(torch.rand(1, 3, 16, 16), [0])
     # A gallery without a model takes no images.
     plain = Gallery.from_embeddings(built.embeddings, built.labels)
     with pytest.raises(ValueError, match="no model"):
@@ -401,14 +409,14 @@ def test_a_save_killed_between_its_renames_is_named_on_load(tmp_path: Path) -> N
 def test_omniglot_image_files_are_read_as_the_training_arrays(tmp_path: Path) -> None:
     """An Omniglot image file (dark ink on white paper) goes through the gallery's
     preprocessing to the item the run trained on (ink = 1, area-resized)."""
-    from dmlkit.gallery import _preprocessing, _transform
+    from dmlkit.training.preprocessing import evaluation_preprocessing, preprocessing_transform
 
     if not OMNIGLOT.is_file():
         pytest.skip(f"Omniglot not found at {OMNIGLOT} (set $DMLKIT_DATA to the shared data)")
     config = load_config(
         None, ["data.name=omniglot", "data.image_size=28", f"data.root={OMNIGLOT.parent}"]
     )
-    description = _preprocessing(config, 1)
+    description = evaluation_preprocessing(config, 1)
     assert description["invert"] is True
     with np.load(OMNIGLOT) as archive:
         paper = archive["images"][0, 0]  # True = white paper, as the files
@@ -416,7 +424,7 @@ def test_omniglot_image_files_are_read_as_the_training_arrays(tmp_path: Path) ->
     Image.fromarray(paper.astype(np.uint8) * 255).save(path)
     from dmlkit.data import read_image
 
-    got = _transform(description)(read_image(path, "L"))
+    got = preprocessing_transform(description)(read_image(path, "L"))
     expected = torch.nn.functional.interpolate(
         torch.from_numpy(~paper).float()[None, None], size=(28, 28), mode="area"
     )[0]
@@ -544,7 +552,131 @@ def test_rescoring_in_chunks_equals_one_pass() -> None:
     queries = torch.randn(1000, 8)
     neighbours = torch.randint(0, 2100, (1000, 2100))
     assert neighbours.numel() * 8 > 1 << 24
-    expected = _raw_scores(queries[:, None, :], emb[neighbours], "euclidean")
+    expected = -(queries[:, None, :] - emb[neighbours]).norm(dim=-1)
     torch.testing.assert_close(gallery._rescored(queries, neighbours), expected)
     result = gallery.search(queries[:3], k=2100)
     assert_bruteforce(gallery, queries[:3], result, 2100)
+
+
+def test_built_from_a_csv_manifest_and_from_an_in_memory_dataset(
+    built: Gallery, checkpoint: Path, omniglot_pngs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from dmlkit.data import Subset
+    from dmlkit.training import split_dataset
+
+    folder, _ = omniglot_pngs
+    paths = sorted(folder.rglob("*.png"))
+    manifest = tmp_path / "items.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{int(p.parent.name[-2:])}\n" for p in paths))
+    from_csv = Gallery.from_checkpoint(checkpoint, manifest)
+    assert from_csv.ids == [str(p) for p in paths]
+    torch.testing.assert_close(from_csv.embeddings, built.embeddings)
+    assert_bruteforce(from_csv, built.embeddings[:7], from_csv.search(built.embeddings[:7], k=9), 9)
+
+    config = load_config(None, FAST)
+    test = split_dataset(config, "test")
+    items = Subset(test, np.arange(40))
+    in_memory = Gallery.from_checkpoint(checkpoint, items)
+    assert len(in_memory) == 40 and in_memory.ids == [str(i) for i in range(40)]
+    queries = torch.stack([test[i][0] for i in range(5)])
+    result = in_memory.search(queries, k=4)
+    assert_bruteforce(in_memory, in_memory.embed(queries), result, 4)
+    assert [row[0] for row in result.ids] == ["0", "1", "2", "3", "4"]
+    wrong = load_config(None, [*FAST, "data.image_size=12"])
+    with pytest.raises(ValueError, match="the dataset's items are"):
+        Gallery.from_checkpoint(checkpoint, Subset(split_dataset(wrong, "test"), np.arange(4)))
+
+
+def test_search_refuses_a_checkpoint_overwritten_by_another_model(
+    omniglot_pngs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training resumed into the same run folder: the gallery's last.pt now holds other weights."""
+    from dmlkit.cli import main
+
+    checkpoint = _checkpoint(tmp_path / "run")
+    folder, _ = omniglot_pngs
+    out = tmp_path / "gallery"
+    assert main(["index", str(checkpoint), str(folder), "--out", str(out)]) == 0
+    query = str(sorted(folder.rglob("*.png"))[0])
+    payload = load_checkpoint(checkpoint)
+    name = next(n for n, t in payload["model"].items() if t.is_floating_point())
+    payload["model"][name] = payload["model"][name] * 2
+    save_atomic(payload, checkpoint)
+    capsys.readouterr()
+    assert main(["search", str(out), query]) == 2
+    assert "another model" in capsys.readouterr().err
+    moved = tmp_path / "moved.pt"
+    checkpoint.rename(moved)
+    assert main(["search", str(out), query, "--checkpoint", str(moved)]) == 2
+    assert "another model" in capsys.readouterr().err
+
+
+def test_more_bad_input(tmp_path: Path) -> None:
+    emb, labels = _clustered(50, 4, 5)
+    gallery = Gallery.from_embeddings(emb, labels)
+    with pytest.raises(AttributeError):
+        gallery.metric = "euclidean"  # type: ignore[misc]
+    # One embedding as a 1-D tensor is one query; non-finite queries are refused.
+    assert gallery.search(emb[3], k=1).ids == [["3"]]
+    with pytest.raises(ValueError, match="finite"):
+        gallery.search(torch.tensor([[0.0, math.nan, 0.0, 1.0]]), k=1)
+    gallery.remove(7)  # one id, not in a list
+    assert "7" not in gallery.ids
+    if importlib.util.find_spec("faiss") is not None:
+        with pytest.raises(ValueError, match=r"nlist must be in \[1, 49\]"):
+            gallery.build_index("ivf", nlist=100)
+        with pytest.raises(ValueError, match="hnsw_m"):
+            gallery.build_index("hnsw", hnsw_m=1)
+        with pytest.raises(ValueError, match="nprobe"):
+            gallery.search(emb[:1], k=1, exact=False, nprobe=0)
+    # A folder holding someone's gallery.json is not a gallery: never overwritten.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "gallery.json").write_text('{"mine": true}')
+    (foreign / "precious.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not overwriting"):
+        gallery.save(foreign)
+    assert (foreign / "precious.txt").read_text() == "keep"
+    # Saved with the usual permissions, not mkdtemp's private 0700.
+    folder = gallery.save(tmp_path / "g")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    # A malformed manifest is a ValueError naming gallery.json.
+    manifest = folder / "gallery.json"
+    good = manifest.read_text()
+    for bad in ('"sha256": []', '"indexes": {"hnsw": {"file": "../x.faiss"}}'):
+        content = json.loads(good)
+        content.update(json.loads("{" + bad + "}"))
+        manifest.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=r"gallery\.json"):
+            Gallery.load(folder)
+    manifest.write_text(good)
+
+
+def test_calibrate_to_a_precision() -> None:
+    emb, labels = _clustered(120, 8, 6, seed=6)
+    gallery = Gallery.from_embeddings(emb, labels)
+    threshold = gallery.calibrate_threshold(target_precision=0.95)
+    left, right = torch.triu_indices(120, 120, offset=1)
+    scores = pair_scores(emb[left], emb[right])
+    same = torch.from_numpy(labels)[left] == torch.from_numpy(labels)[right]
+    accepted = scores >= threshold
+    assert float(same[accepted].float().mean()) >= 0.95
+    with pytest.raises(ValueError, match="every pair"):
+        gallery.calibrate_threshold(target_precision=0.95, max_pairs=100)
+    with pytest.raises(ValueError, match="exactly one"):
+        gallery.calibrate_threshold(target_fmr=0.1, target_precision=0.9)
+
+
+def test_missing_neighbours_are_null_in_json() -> None:
+    pytest.importorskip("faiss")
+    emb, labels = _clustered(400, 8, 40, seed=7)
+    gallery = Gallery.from_embeddings(emb, labels, metric="euclidean")
+    gallery.build_index("ivf", nlist=40)
+    result = gallery.search(emb[:20], k=100, exact=False, index="ivf", nprobe=1)
+    missing = result.indices < 0
+    assert bool(missing.any())  # one cell of ~10 items cannot fill 100 places
+    payload = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    rows = [row for query in payload["queries"] for row in query]
+    assert sum(row["score"] is None for row in rows) == int(missing.sum())

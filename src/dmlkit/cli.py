@@ -189,15 +189,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         except ValueError as error:  # e.g. one item per class: no genuine pair
             print(f"\nVerification: not computed ({error})")
             return 0
-        kept = verification.items_for_pairs(len(labels))
-        which = (
-            f"the {kept} items"
-            if kept == len(labels)
-            else (
-                f"a random {kept} of the {len(labels)} items (at most "
-                f"{verification.MAX_PAIRS:,} pairs)"
-            )
-        )
+        which = verification.pairs_description(len(labels))
         print(f"\nVerification over every pair of {which} (cosine):")
         for name, value in numbers.items():
             print(f"  {name:<24} {value:.6g}")
@@ -207,6 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _index(args: argparse.Namespace) -> int:
     from .gallery import Gallery
 
+    Gallery.check_save_folder(args.out)
     gallery = Gallery.from_checkpoint(
         args.checkpoint,
         args.data,
@@ -214,24 +207,25 @@ def _index(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         **_embedding_options(args),
     )
-    for kind in args.approximate_index:
+    kinds = list(dict.fromkeys(args.approximate_index))
+    for kind in kinds:
         gallery.build_index(kind)
     out = gallery.save(args.out)
-    built = (
-        f", with a faiss {' and '.join(args.approximate_index)} index"
-        if args.approximate_index
-        else ""
-    )
+    built = f", with a faiss {' and '.join(kinds)} index" if kinds else ""
     print(f"indexed {len(gallery)} items of {args.data} ({gallery.metric}){built} into {out}")
     return 0
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .gallery import Gallery
+    from .gallery import ApproximateIndex, Gallery
     from .training import resolve_device
 
-    gallery = Gallery.load(args.gallery, device=resolve_device(args.device))
-    result = gallery.search(args.image, k=args.k, exact=not args.approximate, index=args.index)
+    gallery = Gallery.load(
+        args.gallery, checkpoint=args.checkpoint, device=resolve_device(args.device)
+    )
+    # The saved index by default; HNSW (built now) when the gallery has none.
+    index: ApproximateIndex = args.index or (gallery.approximate_indexes or ["hnsw"])[0]
+    result = gallery.search(args.image, k=args.k, exact=not args.approximate, index=index)
     names = gallery.class_names
 
     def label_text(label: int) -> str:
@@ -609,8 +603,10 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--index",
         choices=("hnsw", "ivf"),
-        default="hnsw",
-        help="faiss index of --approximate (default hnsw)",
+        help="faiss index of --approximate (default: the gallery's saved one, else hnsw)",
+    )
+    search.add_argument(
+        "--checkpoint", help="the gallery's checkpoint, where it is now if it was moved"
     )
     search.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     search.set_defaults(handler=_search)

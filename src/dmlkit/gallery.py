@@ -38,23 +38,25 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import (
     LabelledDataset,
     Subset,
-    ToTensor,
     csv_manifest,
-    eval_transform,
     image_folder,
     read_image,
 )
-from .evaluation.knn import METRICS, FaissKNN, Metric, TorchKNN, faiss_available, import_faiss
+from .evaluation.knn import METRICS, FaissKNN, Metric, TorchKNN, import_faiss
 from .evaluation.verification import calibrate, pair_scores
 from .models.fingerprint import file_sha256, state_digest
 from .models.inference import AutocastDtype
-from .training import embed_dataset, load_trained_model, split_dataset
+from .training import embed_dataset, load_trained_model
+from .training.preprocessing import (
+    evaluation_preprocessing,
+    input_shape,
+    preprocessing_transform,
+)
 
 FORMAT = "dmlkit-gallery"
 VERSION = 1
@@ -65,90 +67,49 @@ _FILES = ("embeddings.npy", "labels.npy", "ids.json")
 _MANIFEST = "gallery.json"
 
 
-# --------------------------------------------------------------------------- preprocessing
-
-
-def _preprocessing(config: Any, in_channels: int) -> dict[str, Any]:
-    """The evaluation preprocessing of a run, as a JSON description (:func:`_transform` builds it).
-
-    Image-file runs use their evaluation transform (resize, centre crop, normalisation). Array
-    runs (digits, Omniglot) saw float arrays: images are read in grayscale (or RGB), scaled to
-    [0, 1] and area-resized to the run's ``data.image_size`` (else its test items' size).
-    """
-    from .training.datasets import DATASETS
-
-    if "transform" in DATASETS.parameters(config.data.name, "data"):
-        t = config.data.transform
-        return {
-            "kind": "image",
-            "mode": "RGB",
-            "resize": int(t.eval_resize),
-            "crop": int(t.eval_crop),
-            "mean": [float(v) for v in t.mean],
-            "std": [float(v) for v in t.std],
-            "channel_order": str(t.channel_order),
-            "value_scale": float(t.value_scale),
-        }
-    size = config.data.image_size
-    if size is not None:
-        shape = [int(size), int(size)]
-    else:
-        item, _ = split_dataset(config, "test")[0]
-        shape = [int(v) for v in item.shape[-2:]]
-    return {
-        "kind": "array",
-        "mode": "L" if in_channels == 1 else "RGB",
-        "size": shape,
-        # Omniglot's arrays hold the ink as 1; its image files, dark ink on white paper.
-        "invert": config.data.name == "omniglot",
-    }
-
-
-class _ArrayImageTransform:
-    """Pillow image → float [C, H, W] in [0, 1] (inverted for Omniglot, whose arrays hold the ink
-    as 1), area-resized: the array runs' preprocessing."""
-
-    def __init__(self, size: Sequence[int], invert: bool = False) -> None:
-        self.size = (int(size[0]), int(size[1]))
-        self.invert = invert
-        self.to_tensor = ToTensor()
-
-    def __call__(self, image: Any) -> Tensor:
-        x = self.to_tensor(image).float()
-        if self.invert:
-            x = 1 - x
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x[None], size=self.size, mode="area")[0]
-        return x
-
-
-def _transform(description: dict[str, Any]) -> Callable[[Any], Tensor]:
-    if description["kind"] == "image":
-        return eval_transform(
-            resize=description["resize"],
-            crop=description["crop"],
-            mean=description["mean"],
-            std=description["std"],
-            channel_order=description["channel_order"],
-            value_scale=description["value_scale"],
-        )
-    if description["kind"] == "array":
-        return _ArrayImageTransform(description["size"], bool(description.get("invert", False)))
-    raise ValueError(f"unknown preprocessing kind {description['kind']!r}")
-
-
 def fingerprint(digest: str, preprocessing: dict[str, Any]) -> str:
     """The fingerprint of a model (its ``state_digest``) with its preprocessing."""
     text = json.dumps({"model": digest, "preprocessing": preprocessing}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _describe(preprocessing: dict[str, Any]) -> str:
+    if preprocessing["kind"] == "image":
+        return (
+            f"resize {preprocessing['resize']}, centre crop {preprocessing['crop']}, "
+            f"mean {preprocessing['mean']}, std {preprocessing['std']}"
+        )
+    inverted = ", inverted" if preprocessing.get("invert") else ""
+    return f"{preprocessing['mode']} pixels in [0, 1]{inverted}, resized to {preprocessing['size']}"
+
+
 @dataclass
 class _Embedder:
+    """The gallery's model with the preprocessing its images get."""
+
     model: nn.Module
-    transform: Callable[[Any], Tensor]
-    mode: str
+    preprocessing: dict[str, Any]
     in_channels: int
+
+    def __post_init__(self) -> None:
+        self.transform = preprocessing_transform(self.preprocessing)
+        self.mode: str = self.preprocessing["mode"]
+        self.input_shape = input_shape(self.preprocessing)
+
+    def check_input(self, images: Tensor, what: str) -> None:
+        """Refuses image tensors that are not this model's preprocessed input."""
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(
+                f"{what} must be a float [B, C, H, W] tensor, got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        shape = (self.in_channels, *self.input_shape)
+        if tuple(images.shape[1:]) != shape:
+            raise ValueError(
+                f"{what} are {tuple(images.shape[1:])} (C, H, W); the gallery's model takes "
+                f"preprocessed {shape} input ({_describe(self.preprocessing)}): give image "
+                "files, or preprocess tensors the same way"
+            )
 
 
 # --------------------------------------------------------------------------- results
@@ -190,8 +151,11 @@ class SearchResult:
                 "rank": int(self.ranks[query, j]),
                 "id": self.ids[query][j],
                 "label": int(self.labels[query, j]),
-                "score": float(self.scores[query, j]),
-                "distance": float(self.distances[query, j]),
+                # None where an approximate index found no item (JSON has no infinity).
+                "score": float(self.scores[query, j]) if self.indices[query, j] >= 0 else None,
+                "distance": (
+                    float(self.distances[query, j]) if self.indices[query, j] >= 0 else None
+                ),
             }
             for j in range(len(self.ids[query]))
         ]
@@ -206,24 +170,9 @@ class SearchResult:
         }
 
 
-def _user_scores(raw: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """(scores, distances) from the kNN scores (−½‖q−r‖², cosine or dot)."""
-    if metric == "euclidean":
-        distance = (-2.0 * raw).clamp_min(0).sqrt()
-        return -distance, distance
-    if metric == "cosine":
-        return raw, 1.0 - raw
-    return raw, -raw
-
-
-def _raw_scores(a: Tensor, b: Tensor, metric: str) -> Tensor:
-    """Scores along the last dimension in the kNN's convention (−½‖a−b‖², cosine or dot)."""
-    a, b = a.float(), b.float()
-    if metric == "cosine":
-        return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
-    if metric == "euclidean":
-        return (a - b).pow(2).sum(-1).mul(-0.5)
-    return (a * b).sum(-1)
+def _distances(scores: Tensor, metric: str) -> Tensor:
+    """Distances from scores: ``1 − cosine``, the Euclidean distance, or ``−dot``."""
+    return 1.0 - scores if metric == "cosine" else -scores
 
 
 # --------------------------------------------------------------------------- the gallery
@@ -279,7 +228,6 @@ class Gallery:
     Build one with :meth:`from_embeddings`, :meth:`from_checkpoint` or :meth:`load`.
 
     Attributes:
-        metric: ``"cosine"``, ``"euclidean"`` or ``"dot"``.
         checkpoint: The checkpoint path the embeddings came from, or None.
         model_digest: Digest of that checkpoint's model weights, or None.
         preprocessing: Description of the images' preprocessing, or None.
@@ -304,7 +252,7 @@ class Gallery:
         """Use the ``from_*`` constructors; this one takes the parts as they are stored."""
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-        self.metric: Metric = metric  # type: ignore[assignment]
+        self._metric: Metric = metric  # type: ignore[assignment]
         self._embeddings = torch.empty(0, 0)
         self._labels = np.zeros(0, dtype=np.int64)
         self._ids: list[str] = []
@@ -320,8 +268,14 @@ class Gallery:
         self._embedder: _Embedder | None = None
         self._dim: int | None = None
         # Built faiss indexes by kind, with their nlist and hnsw_m; dropped when items change.
-        self._indexes: dict[str, tuple[Any, int | None, int]] = {}
+        self._indexes: dict[ApproximateIndex, tuple[Any, int | None, int]] = {}
         self._append(embeddings, labels, ids)
+
+    @property
+    def metric(self) -> Metric:
+        """``"cosine"``, ``"euclidean"`` or ``"dot"``; fixed for the gallery's life (its index
+        and thresholds depend on it)."""
+        return self._metric
 
     # ----- construction
 
@@ -382,8 +336,8 @@ class Gallery:
         checkpoint = Path(checkpoint).resolve()
         config, model = load_trained_model(checkpoint)
         in_channels = _in_channels(checkpoint)
-        preprocessing = _preprocessing(config, in_channels)
-        embedder = _Embedder(model, _transform(preprocessing), preprocessing["mode"], in_channels)
+        preprocessing = evaluation_preprocessing(config, in_channels)
+        embedder = _Embedder(model, preprocessing, in_channels)
         class_names: list[str] | None = None
         if isinstance(dataset, str | Path):
             path = Path(dataset)
@@ -397,6 +351,8 @@ class Gallery:
             class_names = getattr(items, "class_names", None)
         else:
             items = dataset
+            if len(items):
+                embedder.check_input(items[0][0][None], "the dataset's items")
             names = getattr(dataset, "class_names", None)
             class_names = list(names) if names is not None else None
         model.to(device)
@@ -507,15 +463,7 @@ class Gallery:
             )
         elif isinstance(images, Tensor):
             x = images[None] if images.ndim == 3 else images
-            if x.ndim != 4 or not x.is_floating_point():
-                raise ValueError(
-                    f"images must be a float [B, C, H, W] tensor, got {images.dtype} "
-                    f"{tuple(images.shape)}"
-                )
-            if x.shape[1] != embedder.in_channels:
-                raise ValueError(
-                    f"images have {x.shape[1]} channels; the model takes {embedder.in_channels}"
-                )
+            embedder.check_input(x, "images")
             batches = iter(torch.split(x, self.batch_size))
         else:
             raise TypeError(f"images must be paths or a tensor, got {type(images).__name__}")
@@ -529,6 +477,8 @@ class Gallery:
         return torch.cat(chunks)
 
     def _query_embeddings(self, queries: Queries, fingerprint: str | None) -> Tensor:
+        if isinstance(queries, Tensor) and queries.ndim == 1:
+            queries = queries[None]  # one embedding
         if isinstance(queries, Tensor) and queries.ndim == 2:
             if fingerprint is not None and fingerprint != self.fingerprint:
                 raise ValueError(
@@ -541,6 +491,8 @@ class Gallery:
                 )
             if not queries.is_floating_point():
                 raise ValueError(f"query embeddings must be floating point, got {queries.dtype}")
+            if not bool(torch.isfinite(queries).all()):
+                raise ValueError("query embeddings must be finite (found NaN or inf)")
             return queries.detach().float().cpu()
         return self.embed(queries)
 
@@ -616,13 +568,14 @@ class Gallery:
             number += 1
         return out
 
-    def remove(self, ids: Sequence[Any] | str) -> None:
+    def remove(self, ids: Sequence[Any] | str | int) -> None:
         """Removes items by id; they never appear in later results.
 
         Raises:
             ValueError: Some id is not in the gallery (nothing is removed; the message names it).
         """
-        wanted = [ids] if isinstance(ids, str) else [str(i) for i in ids]
+        one = isinstance(ids, str) or not isinstance(ids, Sequence | np.ndarray | Tensor)
+        wanted = [str(ids)] if one else [str(i) for i in ids]  # type: ignore[union-attr]
         unknown = [i for i in dict.fromkeys(wanted) if i not in self._position]
         if unknown:
             raise ValueError(f"ids not in the gallery: {_named(unknown)}")
@@ -670,6 +623,8 @@ class Gallery:
             raise ValueError(
                 f"k must be an integer in [1, {len(self)}] (the gallery's size), got {k!r}"
             )
+        if nprobe < 1 or ef_search < 1:
+            raise ValueError(f"nprobe and ef_search must be at least 1, got {nprobe}, {ef_search}")
         q = self._query_embeddings(queries, fingerprint)
         n_q = q.shape[0]
         indices = torch.full((n_q, k), -1, dtype=torch.long)
@@ -695,9 +650,8 @@ class Gallery:
             else torch.zeros((0, k), dtype=torch.long)
         )
         raw, indices, found = raw.gather(1, order), indices.gather(1, order), found.gather(1, order)
-        scores, distances = _user_scores(raw, self.metric)
-        scores = scores.masked_fill(~found, -math.inf)
-        distances = distances.masked_fill(~found, math.inf)
+        scores = raw.masked_fill(~found, -math.inf)
+        distances = _distances(raw, self.metric).masked_fill(~found, math.inf)
         labels_t = torch.from_numpy(self._labels)
         labels = torch.where(found, labels_t[indices.clamp_min(0)], -1)
         ids = [[self._ids[int(j)] if j >= 0 else None for j in row] for row in indices.tolist()]
@@ -708,18 +662,23 @@ class Gallery:
         )  # fmt: skip
 
     def _rescored(self, q: Tensor, neighbours: Tensor) -> Tensor:
-        """(Q, k) scores of each query with its neighbours, from the embeddings themselves.
+        """(Q, k) scores of each query with its neighbours, as :func:`pair_scores` gives them.
 
-        The kNN's scores rank, but its −½‖q−r‖² expansion loses precision for near items;
-        queries go in chunks so the gathered neighbours stay under about 64 MB.
+        The kNN's scores rank, but its −½‖q−r‖² expansion loses precision for near items; and
+        scored as :meth:`calibrate_threshold` scores pairs, a threshold means the same in both.
+        Queries go in chunks so the gathered neighbours stay under about 64 MB.
         """
-        chunk = max(1, (1 << 24) // max(1, neighbours.shape[1] * q.shape[1]))
+        k = neighbours.shape[1]
+        chunk = max(1, (1 << 24) // max(1, k * q.shape[1]))
         out = torch.empty(neighbours.shape)
         for i in range(0, q.shape[0], chunk):
-            rows = slice(i, i + chunk)
-            out[rows] = _raw_scores(
-                q[rows, None, :], self._embeddings[neighbours[rows]], self.metric
+            rows = neighbours[i : i + chunk]
+            pairs = pair_scores(
+                q[i : i + chunk].repeat_interleave(k, 0),
+                self._embeddings[rows.reshape(-1)],
+                self.metric,
             )
+            out[i : i + chunk] = pairs.view(rows.shape)
         return out
 
     def build_index(
@@ -743,15 +702,28 @@ class Gallery:
             raise ValueError(f"approximate index must be 'ivf' or 'hnsw', got {index!r}")
         if len(self) == 0:
             raise ValueError("the gallery is empty: add items before building an index")
+        if nlist is not None and not 1 <= nlist <= len(self):
+            raise ValueError(f"nlist must be in [1, {len(self)}] (the gallery's size), got {nlist}")
+        if hnsw_m < 2:
+            raise ValueError(f"hnsw_m must be at least 2, got {hnsw_m}")
         built = FaissKNN(self.metric, index, nlist=nlist, hnsw_m=hnsw_m).build(self._embeddings)
         self._indexes[index] = (built, nlist, hnsw_m)
 
-    def _approximate_index(self, index: str) -> tuple[Any, int | None, int]:
+    @property
+    def approximate_indexes(self) -> list[ApproximateIndex]:
+        """The kinds of faiss index built or saved for this gallery (``"hnsw"``, ``"ivf"``)."""
+        return sorted(self._indexes)
+
+    def _approximate_index(self, index: ApproximateIndex) -> tuple[Any, int | None, int]:
         if index not in ("ivf", "hnsw"):
             raise ValueError(f"approximate index must be 'ivf' or 'hnsw', got {index!r}")
         if index not in self._indexes:
-            self.build_index(index)  # type: ignore[arg-type]
-        return self._indexes[index]
+            self.build_index(index)
+        built, nlist, hnsw_m = self._indexes[index]
+        if isinstance(built, _SavedIndex):
+            built = built.read(len(self), self._dim, self.metric)
+            self._indexes[index] = (built, nlist, hnsw_m)
+        return built, nlist, hnsw_m
 
     def match(
         self, queries: Queries, threshold: float, *, fingerprint: str | None = None
@@ -765,36 +737,52 @@ class Gallery:
         return result.scores[:, 0] >= threshold
 
     def calibrate_threshold(
-        self, target_fmr: float = 1e-3, *, max_pairs: int = 200_000, seed: int = 0
+        self,
+        target_fmr: float | None = None,
+        *,
+        target_precision: float | None = None,
+        max_pairs: int = 200_000,
+        seed: int = 0,
     ) -> float:
-        """The lowest threshold whose false match rate on the gallery's own pairs is ≤ target.
+        """The lowest threshold meeting a false match rate or a precision on the gallery's own
+        pairs (default: FMR ≤ 1e-3).
 
         Every pair of items is used when there are at most ``max_pairs``; otherwise up to
         ``max_pairs // 2`` random genuine (same-label) and as many random impostor pairs are
-        drawn (FMR is measured on impostors alone, so the mix does not bias it).
+        drawn. FMR is measured on impostors alone, so that mix does not bias it; precision
+        depends on the mix, so ``target_precision`` needs every pair.
 
         Returns:
             The threshold for :meth:`match` (``inf`` when none meets the target).
 
         Raises:
-            ValueError: The gallery lacks genuine or impostor pairs.
+            ValueError: The gallery lacks genuine or impostor pairs, both targets are given, or
+                ``target_precision`` with more than ``max_pairs`` pairs.
         """
+        if target_fmr is None and target_precision is None:
+            target_fmr = 1e-3
         n = len(self)
         if n < 2:
             raise ValueError("calibration needs at least two gallery items")
         labels = torch.from_numpy(self._labels)
         if n * (n - 1) // 2 <= max_pairs:
             left, right = torch.triu_indices(n, n, offset=1)
+        elif target_precision is not None:
+            raise ValueError(
+                f"target_precision needs every pair of the gallery ({n * (n - 1) // 2:,}); raise "
+                f"max_pairs (now {max_pairs:,}) or calibrate with target_fmr"
+            )
         else:
             left, right = _sampled_pairs(self._labels, max_pairs, seed)
         scores = pair_scores(self._embeddings[left], self._embeddings[right], self.metric)
         same = labels[left] == labels[right]
-        return calibrate(scores, same, target_fmr=target_fmr)
+        return calibrate(scores, same, target_fmr=target_fmr, target_precision=target_precision)
 
     # ----- files
 
-    def save(self, folder: str | Path) -> Path:
-        """Writes the gallery to ``folder`` atomically (the old one stays whole on failure).
+    @staticmethod
+    def check_save_folder(folder: str | Path) -> Path:
+        """Checks, before any work, that :meth:`save` may write to ``folder``.
 
         Raises:
             ValueError: ``folder`` exists and is neither empty nor a saved gallery.
@@ -803,13 +791,26 @@ class Gallery:
         if folder.exists():
             if not folder.is_dir():
                 raise ValueError(f"{folder} exists and is not a folder")
-            if any(folder.iterdir()) and not (folder / _MANIFEST).is_file():
+            if any(folder.iterdir()) and not _is_gallery(folder):
                 raise ValueError(f"{folder} is not empty and holds no gallery: not overwriting it")
+        return folder
+
+    def save(self, folder: str | Path) -> Path:
+        """Writes the gallery to ``folder`` atomically (the old one stays whole on failure).
+
+        Raises:
+            ValueError: ``folder`` exists and is neither empty nor a saved gallery.
+        """
+        folder = self.check_save_folder(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(
             tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp")
         )
         try:
+            # mkdtemp makes a private folder; a saved gallery gets the usual permissions.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o777 & ~umask)
             dim = self._dim if self._dim is not None else 0
             emb = self._embeddings.numpy() if len(self) else np.zeros((0, dim), np.float32)
             np.save(temporary / "embeddings.npy", np.ascontiguousarray(emb, dtype=np.float32))
@@ -818,7 +819,10 @@ class Gallery:
             indexes: dict[str, dict[str, Any]] = {}
             for kind, (built, nlist, hnsw_m) in self._indexes.items():
                 name = f"index-{kind}.faiss"
-                import_faiss().serialize_index(built).tofile(temporary / name)
+                if isinstance(built, _SavedIndex):
+                    (temporary / name).write_bytes(built.verified_bytes())
+                else:
+                    import_faiss().serialize_index(built).tofile(temporary / name)
                 indexes[kind] = {"file": name, "nlist": nlist, "hnsw_m": hnsw_m}
             files = (*_FILES, *(entry["file"] for entry in indexes.values()))
             manifest = {
@@ -894,10 +898,19 @@ class Gallery:
             digests = manifest["sha256"]
             count, dim = int(manifest["count"]), int(manifest["dim"])
             metric = str(manifest["metric"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{manifest_path} lacks an entry: {error}") from error
-        indexes = manifest.get("indexes", {})
-        for name in (*_FILES, *(entry["file"] for entry in indexes.values())):
+            indexes = manifest.get("indexes", {})
+            index_files = {
+                kind: str(entry["file"])
+                for kind, entry in indexes.items()
+                if kind in ("ivf", "hnsw") and entry["file"] == f"index-{kind}.faiss"
+            }
+            if not isinstance(digests, dict) or len(index_files) != len(indexes):
+                raise ValueError("malformed sha256 or indexes entry")
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{manifest_path} lacks an entry or has a malformed one: {error}"
+            ) from error
+        for name in (*_FILES, *index_files.values()):
             path = folder / name
             if not path.is_file():
                 raise ValueError(f"gallery file {path} is missing")
@@ -939,16 +952,14 @@ class Gallery:
         )
         if count == 0:
             gallery._dim = dim or None
-        if indexes and faiss_available():
-            faiss = import_faiss()
-            for kind, entry in indexes.items():
-                path = folder / entry["file"]
-                built = _read(path, lambda p: faiss.deserialize_index(np.fromfile(p, np.uint8)))
-                if built.ntotal != count:
-                    raise ValueError(
-                        f"gallery file {path} indexes {built.ntotal} items, not {count}"
-                    )
-                gallery._indexes[kind] = (built, entry["nlist"], entry["hnsw_m"])
+        for kind, name in index_files.items():
+            # Read on the first approximate search: exact searches never pay for it.
+            saved = _SavedIndex(folder / name, digests[name])
+            gallery._indexes[kind] = (
+                saved,
+                indexes[kind].get("nlist"),
+                indexes[kind].get("hnsw_m", 32),
+            )
         if checkpoint is not None:
             if gallery.preprocessing is None:
                 raise ValueError("this gallery was built from embeddings; it has no checkpoint")
@@ -983,7 +994,8 @@ def _load_embedder(
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(
-            f"the gallery's checkpoint {checkpoint} is missing; give Gallery.load(checkpoint=...)"
+            f"the gallery's checkpoint {checkpoint} is missing; say where it is now "
+            "(Gallery.load(checkpoint=...), dmlkit search --checkpoint)"
         )
     _, model = load_trained_model(path)
     found = state_digest(model)
@@ -993,9 +1005,7 @@ def _load_embedder(
             f"{found} ≠ {digest}); re-index the gallery with it"
         )
     in_channels = _in_channels(path)
-    return _Embedder(
-        model.to(device), _transform(preprocessing), preprocessing["mode"], in_channels
-    )
+    return _Embedder(model.to(device), preprocessing, in_channels)
 
 
 def _sampled_pairs(labels: np.ndarray, max_pairs: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -1022,6 +1032,40 @@ def _sampled_pairs(labels: np.ndarray, max_pairs: int, seed: int) -> tuple[Tenso
     left.append(a[different][:half])
     right.append(b[different][:half])
     return torch.from_numpy(np.concatenate(left)), torch.from_numpy(np.concatenate(right))
+
+
+def _is_gallery(folder: Path) -> bool:
+    try:
+        return json.loads((folder / _MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class _SavedIndex:
+    """A faiss index file of a loaded gallery, read when first needed."""
+
+    path: Path
+    sha256: str
+
+    def verified_bytes(self) -> bytes:
+        data = _read(self.path, lambda p: p.read_bytes())
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise ValueError(f"gallery file {self.path} changed since the gallery was loaded")
+        return data
+
+    def read(self, count: int, dim: int | None, metric: str) -> Any:
+        faiss = import_faiss()
+        data = np.frombuffer(self.verified_bytes(), np.uint8)
+        built = _read(self.path, lambda _: faiss.deserialize_index(data))
+        inner = metric != "euclidean"
+        expected = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
+        if built.ntotal != count or built.d != dim or built.metric_type != expected:
+            raise ValueError(
+                f"gallery file {self.path} does not index this gallery ({built.ntotal} items of "
+                f"dimension {built.d}; the gallery has {count} of dimension {dim}, {metric})"
+            )
+        return built
 
 
 def _read(path: Path, reader: Callable[[Path], Any]) -> Any:

@@ -22,6 +22,8 @@ from torch import Tensor
 
 from ..validation import check_embeddings, check_labels
 
+DEFAULT_FMRS = (1e-2, 1e-3)
+
 
 @dataclass(frozen=True)
 class Curves:
@@ -32,12 +34,16 @@ class Curves:
         tpr: (T,) true positive rate at each threshold.
         fpr: (T,) false positive (false match) rate.
         precision: (T,) precision (1 where nothing is accepted).
+        genuine_pairs: How many pairs are genuine.
+        impostor_pairs: How many are impostors.
     """
 
     thresholds: Tensor
     tpr: Tensor
     fpr: Tensor
     precision: Tensor
+    genuine_pairs: int
+    impostor_pairs: int
 
     def tpr_at_fpr(self, fpr: float) -> float:
         """The highest TPR of a threshold whose FPR (FMR) is at most ``fpr`` (0 if none is)."""
@@ -65,6 +71,20 @@ class Curves:
             return math.inf
         # Thresholds descend: the last one meeting the target accepts the most pairs.
         return float(self.thresholds[torch.nonzero(meets).max()])
+
+    def summary(self, fmrs: tuple[float, ...] = DEFAULT_FMRS) -> dict[str, float]:
+        """The numbers a report shows; see :func:`summary`."""
+        threshold, f1 = self.best_f1()
+        out = {
+            "genuine_pairs": float(self.genuine_pairs),
+            "impostor_pairs": float(self.impostor_pairs),
+            "best_f1": f1,
+            "best_f1_threshold": threshold,
+        }
+        for fmr in fmrs:
+            out[f"fnmr_at_fmr_{fmr:g}"] = 1.0 - self.tpr_at_fpr(fmr)
+            out[f"threshold_at_fmr_{fmr:g}"] = self.threshold(target_fmr=fmr)
+        return out
 
 
 def _checked_pairs(scores: object, same: object) -> tuple[Tensor, Tensor]:
@@ -105,6 +125,8 @@ def curves(scores: Tensor, same: Tensor) -> Curves:
         tpr=tp / positives,
         fpr=(n - tp) / negatives,
         precision=tp / n,
+        genuine_pairs=int(positives),
+        impostor_pairs=int(negatives),
     )
 
 
@@ -147,9 +169,6 @@ def calibrate(
     return curves(scores, same).threshold(target_fmr=target_fmr, target_precision=target_precision)
 
 
-DEFAULT_FMRS = (1e-2, 1e-3)
-
-
 def summary(
     scores: Tensor, same: Tensor, fmrs: tuple[float, ...] = DEFAULT_FMRS
 ) -> dict[str, float]:
@@ -161,18 +180,7 @@ def summary(
         same: (P,) bool: genuine pairs.
         fmrs: The false match rates to report.
     """
-    c = curves(scores, same)
-    threshold, f1 = c.best_f1()
-    out = {
-        "genuine_pairs": float(same.sum()),
-        "impostor_pairs": float((~same.bool()).sum()),
-        "best_f1": f1,
-        "best_f1_threshold": threshold,
-    }
-    for fmr in fmrs:
-        out[f"fnmr_at_fmr_{fmr:g}"] = 1.0 - c.tpr_at_fpr(fmr)
-        out[f"threshold_at_fmr_{fmr:g}"] = c.threshold(target_fmr=fmr)
-    return out
+    return curves(scores, same).summary(fmrs)
 
 
 def pair_scores(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
@@ -220,6 +228,14 @@ MAX_PAIRS = 20_000_000
 """The most item pairs :func:`item_pairs` forms; larger sets are sampled. Forming the pairs and
 their :func:`summary` peak at about 90 bytes per pair (N×N score and mask matrices, then the
 sorted float64 curves): about 1.8 GB at this default."""
+
+
+def pairs_description(n: int, max_pairs: int = MAX_PAIRS) -> str:
+    """Which items :func:`item_pairs` pairs, in words ("the 100 items", or a random subset)."""
+    kept = items_for_pairs(n, max_pairs)
+    if kept == n:
+        return f"the {n} items"
+    return f"a random {kept} of the {n} items (at most {max_pairs:,} pairs)"
 
 
 def items_for_pairs(n: int, max_pairs: int = MAX_PAIRS) -> int:
@@ -276,6 +292,7 @@ __all__ = [
     "items_for_pairs",
     "match",
     "pair_scores",
+    "pairs_description",
     "summary",
     "tpr_at_fpr",
 ]

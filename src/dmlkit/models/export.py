@@ -44,8 +44,6 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 ONNX_OPSET = 17
 _INSTALL_HINT = "pip install dmlkit[export]"
-# Native image sides of the built-in array datasets (used when data.image_size is None).
-_NATIVE_SIZES = {"digits": 8, "omniglot": 105}
 
 
 class NormalizedEmbedding(nn.Module):
@@ -136,37 +134,38 @@ def _resolve_source(source: Any, config: Config | None) -> _Source:
     )
 
 
-def _preprocessing(config: Config | None, in_channels: int) -> tuple[int | None, dict[str, Any]]:
-    """The input side and the preprocessing a run's evaluation data went through."""
+def _preprocessing(
+    config: Config | None, in_channels: int
+) -> tuple[tuple[int, int] | None, dict[str, Any]]:
+    """The input (height, width) and the preprocessing of a run's evaluation data."""
     if config is None:
         return None, {"mean": None, "std": None, "note": "no run config: preprocessing unknown"}
-    from ..training.datasets import DATASETS
+    from ..training.preprocessing import evaluation_preprocessing, input_shape
 
-    data = config.data
-    if "transform" in DATASETS.parameters(data.name, "data"):
-        t = data.transform
-        return t.eval_crop, {
-            "resize": t.eval_resize,
-            "crop": t.eval_crop,
-            "mean": list(t.mean),
-            "std": list(t.std),
-            "channel_order": t.channel_order,
-            "value_scale": t.value_scale,
-            "recipe": "resize the shorter side to 'resize', centre-crop 'crop' x 'crop', scale "
-            "pixels to [0, value_scale], then (pixels - mean) / std per channel",
+    description = evaluation_preprocessing(config, in_channels)
+    if description["kind"] == "image":
+        recipe = (
+            "resize the shorter side to 'resize', centre-crop 'crop' x 'crop', scale pixels to "
+            "[0, value_scale], then (pixels - mean) / std per channel"
+        )
+    else:
+        height, width = description["size"]
+        description = {
+            **description,
+            "mean": [0.0] * in_channels,
+            "std": [1.0] * in_channels,
+            "value_scale": 1.0,
         }
-    side = data.image_size if data.image_size is not None else _NATIVE_SIZES.get(data.name)
-    return side, {
-        "resize": data.image_size,
-        "crop": None,
-        "mean": [0.0] * in_channels,
-        "std": [1.0] * in_channels,
-        "channel_order": None,
-        "value_scale": 1.0,
-        "recipe": f"{data.name} arrays: pixels in [0, 1]"
-        + (f", area-resized to {data.image_size} x {data.image_size}" if data.image_size else "")
-        + "; no mean/std normalisation",
-    }
+        recipe = (
+            f"read the image in {description['mode']} mode, scale pixels to [0, 1]"
+            + (
+                ", invert them (1 - x: the training arrays hold the ink as 1)"
+                if description["invert"]
+                else ""
+            )
+            + f", area-resize to {height} x {width}; no mean/std normalisation"
+        )
+    return input_shape(description), {**description, "recipe": recipe}
 
 
 def _export_bytes(
@@ -241,13 +240,13 @@ def export_model(
     fmt = _check_format(format)
     path = _check_out(out)
     resolved = _resolve_source(source, config)
-    side, preprocessing = _preprocessing(resolved.config, resolved.in_channels)
+    shape, preprocessing = _preprocessing(resolved.config, resolved.in_channels)
     if input_size is None:
-        if side is None or resolved.in_channels < 1:
+        if shape is None or resolved.in_channels < 1:
             raise ValueError(
                 "cannot tell the model's input size from its config; pass input_size=(C, H, W)"
             )
-        input_size = (resolved.in_channels, side, side)
+        input_size = (resolved.in_channels, *shape)
     if len(input_size) != 3 or any(int(v) < 1 for v in input_size):
         raise ValueError(f"input_size must be (C, H, W) with positive sides, got {input_size}")
     channels, height, width = (int(v) for v in input_size)

@@ -325,18 +325,20 @@ def _verification_section(embeddings: Tensor, labels: np.ndarray, plots: Path) -
     """Same/different verification over every pair of the test items."""
     try:
         scores, same = verification.item_pairs(embeddings, torch.as_tensor(labels))
-        numbers = verification.summary(scores, same)
+        curves = verification.curves(scores, same)
     except ValueError as error:  # e.g. one item per class: no genuine pair
         return _note("Verification", f"Not computed: {error}.")
+    numbers = curves.summary()
     section = Section("Verification")
     section.paragraphs.append(
-        f"Every pair of the {len(labels)} test items, by cosine similarity: a pair is accepted "
-        "as the same class at a score at least the threshold."
+        f"Every pair of {verification.pairs_description(len(labels))} of the test set, by "
+        "cosine similarity: a pair is accepted as the same class at a score at least the "
+        "threshold."
     )
     section.tables.append(
         Table(["quantity", "value"], [[name, _number(value)] for name, value in numbers.items()])
     )
-    path = plot_verification(verification.curves(scores, same), plots / "verification.png")
+    path = plot_verification(curves, plots / "verification.png")
     section.figures.append(Figure(path, "ROC (FMR on a log scale) and precision–recall."))
     return section
 
