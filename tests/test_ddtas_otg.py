@@ -193,7 +193,7 @@ def _otg_scores(
     meta_loss = method.meta_loss(ym)
     if otg.method == "closed_form":
         v, _ = meta_gradient(model, xm, meta_loss)
-        _, tangent = similarities_with_tangent(model, x, v)
+        _, _, tangent = similarities_with_tangent(model, x, v)
         slopes = pair_loss_slopes(
             pairs.anchors, pairs.is_pos, len(x), method.form, 2.0, 40.0, method.threshold, F64
         )

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional.masks import PairIndices, label_masks, pairs_per_anchor
@@ -22,14 +23,18 @@ from ..functional.thresholds import (
 )
 from ..miners import ASMSStats, ATASMSMiner, BaseMiner, MiningStats
 from .otg import (
+    VirtualScope,
     closed_form_scores,
     double_backward_gradient,
+    first_order_gradient,
     meta_gradient,
     similarities_with_tangent,
 )
 
 OTGMethod = Literal["closed_form", "double_backward"]
-OTGReading = Literal["multiplier", "additive"]
+OTGReading = Literal["multiplier", "additive", "loss_weights", "online_threshold"]
+_READINGS = ("multiplier", "additive", "loss_weights", "online_threshold")
+_SCOPES = ("all", "head", "head_and_last_block")
 
 
 class DegenerateThresholdsError(RuntimeError):
@@ -44,13 +49,31 @@ class OTGSettings:
         method: ``closed_form`` (one Jacobian-vector product, §5.3) or ``double_backward``
             (the literal virtual step, §5.1; the reference, and needed by ``additive``).
         normalization: ``joint`` maximum (released) or ``separate`` per side (§5.4).
-        reading: ``multiplier`` (λ multiplies S, released) or ``additive`` (λ is a per-pair
-            threshold moved by one gradient step from the loss threshold, §5.8; unverified).
+        reading: What the meta gradient adjusts (docs/ddtas_ablation.md):
+
+            - ``multiplier``: per-pair λ multiplying S, from 0, normalised (released);
+            - ``additive``: per-pair thresholds moved by one gradient step from the loss
+              threshold (§5.8; needs ``double_backward``);
+            - ``loss_weights``: per-pair weights of the loss terms at the real similarity,
+              from 1, moved by one relative step (learning-to-reweight proper):
+              w = relu(1 − weight_step·g/mean|g|);
+            - ``online_threshold``: the loss threshold itself (one, or one per side), kept
+              across steps and moved each step by RMS-normalised meta-gradient descent
+              (``online_lr``, within ``threshold_bounds``).
         virtual_lr: η of the virtual SGD step (the released base lr, 1e-5). The multiplier
             reading's weights do not depend on it.
         threshold_lr: η_λ of the additive reading's step on the thresholds.
         meta_mining: Mine the meta batch with the DDTAS miner; False uses every pair, as
             released.
+        memory_size: Embeddings kept per class from earlier training batches (0: none). With
+            it, the meta loss compares the meta batch against them too (MMSI's semi-global
+            dictionary), so the meta gradient sees many classes.
+        weight_step: The loss-weights reading's relative step.
+        online_lr: The online threshold's step (per RMS of its meta gradient).
+        threshold_bounds: The online threshold's (lowest, highest) values.
+        per_side: One online threshold for positive pairs and one for negative pairs.
+        scope: The parameters of the virtual step: ``all`` (released), ``head``, or
+            ``head_and_last_block`` (cheaper).
         on_degenerate: ``skip`` the step (no update; counted in the stats) or ``raise``
             :class:`DegenerateThresholdsError` when the weights are undefined (§5.5).
     """
@@ -62,13 +85,20 @@ class OTGSettings:
     threshold_lr: float = 1.0
     meta_mining: bool = False
     on_degenerate: Literal["skip", "raise"] = "skip"
+    memory_size: int = 0
+    weight_step: float = 1.0
+    online_lr: float = 0.01
+    threshold_bounds: tuple[float, float] = (0.0, 1.0)
+    per_side: bool = False
+    scope: VirtualScope = "all"
 
     def __post_init__(self) -> None:
         choices = {
             "method": (self.method, ("closed_form", "double_backward")),
             "normalization": (self.normalization, ("joint", "separate")),
-            "reading": (self.reading, ("multiplier", "additive")),
+            "reading": (self.reading, _READINGS),
             "on_degenerate": (self.on_degenerate, ("skip", "raise")),
+            "scope": (self.scope, _SCOPES),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
@@ -80,8 +110,17 @@ class OTGSettings:
             )
         if not (math.isfinite(self.virtual_lr) and self.virtual_lr > 0):
             raise ValueError(f"virtual_lr must be a positive number, got {self.virtual_lr}")
-        if not (math.isfinite(self.threshold_lr) and self.threshold_lr > 0):
-            raise ValueError(f"threshold_lr must be a positive number, got {self.threshold_lr}")
+        for name in ("threshold_lr", "weight_step", "online_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if isinstance(self.memory_size, bool) or self.memory_size < 0:
+            raise ValueError(f"memory_size must be a count ≥ 0, got {self.memory_size!r}")
+        if self.memory_size and self.meta_mining:
+            raise ValueError("meta_mining with a memory is not supported: choose one")
+        low, high = self.threshold_bounds
+        if not low < high:
+            raise ValueError(f"threshold_bounds must be (low, high), got {self.threshold_bounds}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +144,10 @@ class DDTASStats:
         otg_neg_max: Largest value over negative pairs.
         otg_pos_zero: Fraction of positive pairs with weight 0 (multiplier reading).
         otg_neg_zero: Fraction of negative pairs with weight 0 (multiplier reading).
+        online_threshold_pos: The online threshold of positive pairs (the one threshold
+            without ``per_side``).
+        online_threshold_neg: That of negative pairs.
+        memory_items: Embeddings in the meta memory.
     """
 
     num_pos_pairs: int
@@ -123,6 +166,9 @@ class DDTASStats:
     otg_neg_max: float | None = None
     otg_pos_zero: float | None = None
     otg_neg_zero: float | None = None
+    online_threshold_pos: float | None = None
+    online_threshold_neg: float | None = None
+    memory_items: int | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
         """Flat mapping for loggers."""
@@ -184,6 +230,13 @@ class DDTAS:
         meta_batches: Iterable of (images, labels) meta batches, drawn once per call when
             no ``meta_batch`` is passed (the released recipe: 5 classes × 2 from the training
             set).
+        num_classes: Training classes (labels are 0 … num_classes − 1); needed by the OTG's
+            ``memory_size``.
+        embedding_dim: The embeddings' size; needed by ``memory_size``.
+
+    Attributes:
+        memory: The meta memory (``otg.memory_size > 0``), else None.
+        online_threshold: The online threshold's state (``reading="online_threshold"``).
     """
 
     def __init__(
@@ -195,6 +248,8 @@ class DDTAS:
         form: PairLossForm = "soft_contrastive",
         otg: OTGSettings | None = None,
         meta_batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
     ) -> None:
         if pos_scale <= 0 or neg_scale <= 0:
             raise ValueError("pos_scale and neg_scale must be positive")
@@ -211,6 +266,16 @@ class DDTAS:
         self._meta_batches: Iterator[tuple[Tensor, Tensor]] | None = (
             None if meta_batches is None else iter(meta_batches)
         )
+        self.memory: ClassMemory | None = None
+        self.online_threshold: OnlineThreshold | None = None
+        if otg is not None and otg.memory_size:
+            if num_classes is None or embedding_dim is None:
+                raise ValueError("the OTG's memory_size needs num_classes and embedding_dim")
+            self.memory = ClassMemory(num_classes, otg.memory_size, embedding_dim)
+        if otg is not None and otg.reading == "online_threshold":
+            self.online_threshold = OnlineThreshold(
+                threshold, otg.per_side, otg.online_lr, otg.threshold_bounds
+            )
 
     # ------------------------------------------------------------------ losses
 
@@ -224,7 +289,12 @@ class DDTAS:
         return _MetaLoss(self, labels)
 
     def _loss(
-        self, values: Tensor, pairs: PairIndices, n: int, thresholds: float | Tensor
+        self,
+        values: Tensor,
+        pairs: PairIndices,
+        n: int,
+        thresholds: float | Tensor,
+        term_weights: Tensor | None = None,
     ) -> Tensor:
         return pair_loss(
             values,
@@ -235,6 +305,7 @@ class DDTAS:
             self.pos_scale,
             self.neg_scale,
             thresholds,
+            term_weights,
         )
 
     # ------------------------------------------------------------------ one step
@@ -266,36 +337,41 @@ class DDTAS:
         if otg is None:
             sim = cosine_similarity_matrix(model(x))
             pairs, mined = self._mine(sim, labels)
-            return self._output(
-                sim, pairs, mined, pairs.take(sim), self.threshold, None, None, None
-            )
+            loss = self._loss(pairs.take(sim), pairs, sim.shape[0], self.threshold)
+            return self._output(sim, pairs, mined, loss, None, None, None)
 
         x_meta, y_meta = self._meta(meta_batch, x.device)
         meta_loss = self.meta_loss(y_meta)
         if otg.method == "closed_form":
-            tangent, meta_value = meta_gradient(model, x_meta, meta_loss)
-            sim, sim_tangent = similarities_with_tangent(model, x, tangent)
+            tangent, meta_value = meta_gradient(model, x_meta, meta_loss, otg.scope)
+            embeddings, sim, sim_tangent = similarities_with_tangent(model, x, tangent)
             pairs, mined = self._mine(sim, labels)
-            slopes = pair_loss_slopes(
-                pairs.anchors,
-                pairs.is_pos,
-                sim.shape[0],
-                self.form,
-                self.pos_scale,
-                self.neg_scale,
-                self.threshold,
-                sim.dtype,
-            )
-            scores = closed_form_scores(slopes, sim_tangent, pairs, otg.virtual_lr)
+            start = self._start(pairs, sim)
+            if otg.reading == "multiplier":
+                slopes = pair_loss_slopes(
+                    pairs.anchors,
+                    pairs.is_pos,
+                    sim.shape[0],
+                    self.form,
+                    self.pos_scale,
+                    self.neg_scale,
+                    self.threshold,
+                    sim.dtype,
+                )
+                grad = -closed_form_scores(slopes, sim_tangent, pairs, otg.virtual_lr)
+            else:
+                grad = first_order_gradient(
+                    self.training_loss(pairs, sim.shape[0]),
+                    pairs.take(sim),
+                    start,
+                    pairs.take(sim_tangent),
+                    otg.virtual_lr,
+                )
         else:
-            sim = cosine_similarity_matrix(model(x))
+            embeddings = model(x)
+            sim = cosine_similarity_matrix(embeddings)
             pairs, mined = self._mine(sim, labels)
-            start = torch.full(
-                (len(pairs),),
-                self.threshold if otg.reading == "additive" else 0.0,
-                dtype=sim.dtype,
-                device=sim.device,
-            )
+            start = self._start(pairs, sim)
             grad, meta_value = double_backward_gradient(
                 model,
                 x,
@@ -305,21 +381,68 @@ class DDTAS:
                 x_meta,
                 meta_loss,
                 otg.virtual_lr,
+                otg.scope,
             )
-            if otg.reading == "additive":
-                moved = start - otg.threshold_lr * grad
-                thresholds = moved if bool(torch.isfinite(moved).all()) else None
-                return self._output(
-                    sim, pairs, mined, pairs.take(sim), thresholds, thresholds, meta_value, 0
-                )
-            scores = -grad
-        if _no_anchor_counts(pairs, sim.shape[0]):
+        if self.memory is not None:
+            # After the meta loss: the meta batch is compared with earlier batches only.
+            self.memory.push(embeddings.detach(), labels)
+        return self._adjusted(sim, pairs, mined, start, grad, meta_value)
+
+    def _start(self, pairs: PairIndices, sim: Tensor) -> Tensor:
+        """The OTG's variables before the meta step, in the configured reading."""
+        assert self.otg is not None
+        reading = self.otg.reading
+        if reading == "online_threshold":
+            assert self.online_threshold is not None
+            return self.online_threshold.values.to(sim.dtype).clone()
+        value = {"multiplier": 0.0, "additive": self.threshold, "loss_weights": 1.0}[reading]
+        return torch.full((len(pairs),), value, dtype=sim.dtype, device=sim.device)
+
+    def _adjusted(
+        self,
+        sim: Tensor,
+        pairs: PairIndices,
+        mined: MiningStats,
+        start: Tensor,
+        grad: Tensor,
+        meta_value: Tensor,
+    ) -> DDTASOutput:
+        """The training loss with the variables the meta gradient gives (docs/ddtas_ablation.md)."""
+        assert self.otg is not None
+        otg, n = self.otg, sim.shape[0]
+        values = pairs.take(sim)
+        if otg.reading == "additive":
+            moved = start - otg.threshold_lr * grad
+            if not bool(torch.isfinite(moved).all()):
+                return self._output(sim, pairs, mined, None, moved, meta_value, 0)
+            loss = self._loss(values, pairs, n, moved)
+            return self._output(sim, pairs, mined, loss, moved, meta_value, 0)
+        if otg.reading == "loss_weights":
+            if not bool(torch.isfinite(grad).all()):
+                return self._output(sim, pairs, mined, None, None, meta_value, 1)
+            scale = grad.abs().mean()
+            step = grad / scale if scale > 0 else torch.zeros_like(grad)
+            term_weights = (1.0 - otg.weight_step * step).clamp_min(0.0)
+            loss = self._loss(values, pairs, n, self.threshold, term_weights)
+            return self._output(sim, pairs, mined, loss, term_weights, meta_value, 1)
+        if otg.reading == "online_threshold":
+            assert self.online_threshold is not None
+            if not bool(torch.isfinite(grad).all()):
+                return self._output(sim, pairs, mined, None, None, meta_value, None)
+            # g/η: the first-order meta gradient does not depend on the virtual step's size.
+            self.online_threshold.step(grad / otg.virtual_lr)
+            thresholds = self.online_threshold.per_pair(pairs.is_pos).to(sim.dtype)
+            loss = self._loss(values, pairs, n, thresholds)
+            return self._output(sim, pairs, mined, loss, None, meta_value, None)
+        if _no_anchor_counts(pairs, n):
             # Nothing to weight: the loss is zero whatever λ is, which is not an OTG failure.
-            weights: Tensor | None = torch.zeros_like(scores)
+            weights: Tensor | None = torch.zeros_like(grad)
         else:
-            weights = normalize_thresholds(scores, pairs.is_pos, otg.normalization)
-        values = None if weights is None else weights * pairs.take(sim)
-        return self._output(sim, pairs, mined, values, self.threshold, weights, meta_value, 1)
+            weights = normalize_thresholds(-grad, pairs.is_pos, otg.normalization)
+        if weights is None:
+            return self._output(sim, pairs, mined, None, None, meta_value, 1)
+        loss = self._loss(weights * values, pairs, n, self.threshold)
+        return self._output(sim, pairs, mined, loss, weights, meta_value, 1)
 
     # ------------------------------------------------------------------ helpers
 
@@ -350,25 +473,21 @@ class DDTAS:
         sim: Tensor,
         pairs: PairIndices,
         mined: MiningStats,
-        values: Tensor | None,
-        thresholds: float | Tensor | None,
+        loss: Tensor | None,
         otg_values: Tensor | None,
         meta_value: Tensor | None,
         zero_stats: int | None,
     ) -> DDTASOutput:
-        """Assemble the loss and statistics; ``values``/``thresholds`` None means skipped."""
-        skipped = values is None or thresholds is None
+        """Assemble the loss and statistics; ``loss`` None means the OTG's values are
+        undefined and the step is skipped."""
+        skipped = loss is None
         if skipped and self.otg is not None and self.otg.on_degenerate == "raise":
             raise DegenerateThresholdsError(
                 "the OTG's weights are undefined for this batch (every score ≤ 0 or not "
                 "finite); use on_degenerate='skip' to skip such steps"
             )
-        n = sim.shape[0]
-        if skipped:
+        if loss is None:
             loss = sim.sum() * 0.0
-        else:
-            assert values is not None and thresholds is not None
-            loss = self._loss(values, pairs, n, thresholds)
         stats = self._stats(sim, pairs, mined, otg_values, meta_value, skipped, zero_stats)
         return DDTASOutput(loss, skipped and self.otg is not None, stats)
 
@@ -397,6 +516,12 @@ class DDTAS:
                 if zero_stats:
                     otg["otg_pos_zero"] = _mean((w_pos == 0).to(sim.dtype))
                     otg["otg_neg_zero"] = _mean((w_neg == 0).to(sim.dtype))
+            if self.online_threshold is not None:
+                values = self.online_threshold.values
+                otg["online_threshold_pos"] = float(values[0])
+                otg["online_threshold_neg"] = float(values[-1])
+            if self.memory is not None:
+                otg["memory_items"] = int(self.memory.filled.sum())
         tolerance = getattr(self.miner, "epsilon", None)
         asms = mined if isinstance(mined, ASMSStats) else None
         return DDTASStats(
@@ -421,30 +546,139 @@ def _no_anchor_counts(pairs: PairIndices, n_anchors: int) -> bool:
 
 @dataclass(frozen=True)
 class _TrainingLoss:
-    """L^t(S_pairs, λ) of one batch: λ multiplies S, or is the per-pair threshold."""
+    """L^t(S_pairs, v) of one batch, v being the reading's variables: λ multiplying S, the
+    per-pair thresholds, the per-pair loss weights, or the online threshold(s)."""
 
     method: DDTAS
     pairs: PairIndices
     n_anchors: int
 
     def __call__(self, similarities: Tensor, variables: Tensor) -> Tensor:
-        method = self.method
-        if method.otg is not None and method.otg.reading == "additive":
-            return method._loss(similarities, self.pairs, self.n_anchors, variables)
-        return method._loss(variables * similarities, self.pairs, self.n_anchors, method.threshold)
+        method, pairs, n = self.method, self.pairs, self.n_anchors
+        reading = "multiplier" if method.otg is None else method.otg.reading
+        if reading == "additive":
+            return method._loss(similarities, pairs, n, variables)
+        if reading == "loss_weights":
+            return method._loss(similarities, pairs, n, method.threshold, variables)
+        if reading == "online_threshold":
+            per_pair = torch.where(pairs.is_pos, variables[0], variables[-1])
+            return method._loss(similarities, pairs, n, per_pair)
+        return method._loss(variables * similarities, pairs, n, method.threshold)
 
 
 @dataclass(frozen=True)
 class _MetaLoss:
-    """L^m(S) of a meta batch: the training loss's form at λ = 1."""
+    """L^m of a meta batch's embeddings: the training loss's form at λ = 1, over every pair
+    (or the mined ones), and against the memory's embeddings when there is one."""
 
     method: DDTAS
     labels: Tensor
 
-    def __call__(self, sim: Tensor) -> Tensor:
+    def __call__(self, embeddings: Tensor) -> Tensor:
         method = self.method
-        if method.otg is not None and method.otg.meta_mining:
-            pairs, _ = method._mine(sim, self.labels)
+        memory = method.memory
+        if memory is not None and bool(memory.filled.any()):
+            unit = F.normalize(embeddings, dim=1)
+            stored, stored_labels = memory.entries()
+            references = torch.cat([unit, stored.to(unit.dtype)])
+            pos, neg = label_masks(self.labels, torch.cat([self.labels, stored_labels]))
+            pos[:, : len(unit)].fill_diagonal_(False)
+            neg[:, : len(unit)].fill_diagonal_(False)
+            pairs = PairIndices.from_masks(pos, neg)
+            sim = unit @ references.T
         else:
-            pairs = PairIndices.from_masks(*label_masks(self.labels))
+            sim = cosine_similarity_matrix(embeddings)
+            if method.otg is not None and method.otg.meta_mining:
+                pairs, _ = method._mine(sim, self.labels)
+            else:
+                pairs = PairIndices.from_masks(*label_masks(self.labels))
         return method._loss(pairs.take(sim), pairs, sim.shape[0], method.threshold)
+
+
+class ClassMemory(nn.Module):
+    """The last ``size`` embeddings of every class (L2-normalised, detached), a ring buffer per
+    class: the OTG's semi-global dictionary (MMSI). Its buffers are checkpointed with the
+    objective, so a resumed run continues with the same memory.
+
+    Args:
+        num_classes: Classes; labels are 0 … num_classes − 1.
+        size: Embeddings kept per class.
+        dim: Embedding size.
+    """
+
+    bank: Tensor
+    filled: Tensor
+    position: Tensor
+
+    def __init__(self, num_classes: int, size: int, dim: int) -> None:
+        super().__init__()
+        if num_classes < 1 or size < 1 or dim < 1:
+            raise ValueError(
+                f"num_classes, size and dim must be positive, got {num_classes}, {size}, {dim}"
+            )
+        self.size = size
+        self.register_buffer("bank", torch.zeros(num_classes, size, dim))
+        self.register_buffer("filled", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("position", torch.zeros(num_classes, dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Stores a batch's embeddings, each replacing its class's oldest when full."""
+        num_classes, _, dim = self.bank.shape
+        if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+            raise ValueError(f"memory embeddings must be (B, {dim}), got {tuple(embeddings.shape)}")
+        labels = labels.to(self.bank.device)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"memory labels must be in [0, {num_classes}), got {labels.tolist()}")
+        unit = F.normalize(embeddings.detach().float(), dim=1).to(self.bank.device)
+        for vector, label in zip(unit, labels.tolist(), strict=True):
+            slot = int(self.position[label])
+            self.bank[label, slot] = vector
+            self.position[label] = (slot + 1) % self.size
+            self.filled[label] = min(int(self.filled[label]) + 1, self.size)
+
+    def entries(self) -> tuple[Tensor, Tensor]:
+        """(M, D) stored embeddings and their (M,) labels."""
+        kept = torch.arange(self.size, device=self.bank.device) < self.filled[:, None]
+        labels = torch.arange(self.bank.shape[0], device=self.bank.device)[:, None].expand_as(kept)
+        return self.bank[kept], labels[kept]
+
+
+class OnlineThreshold(nn.Module):
+    """The Soft Contrastive loss's threshold as state moved by the meta gradient each step:
+    λ ← clip(λ − lr·g/√(E[g²]), bounds), E[g²] a running mean (decay 0.9; RMSprop), so the
+    step size does not depend on the gradient's scale. Checkpointed with the objective.
+
+    Args:
+        initial: The starting threshold (the loss's λ).
+        per_side: Two thresholds, for positive and for negative pairs.
+        lr: The step per unit of normalised gradient.
+        bounds: (lowest, highest) threshold.
+    """
+
+    decay = 0.9
+    values: Tensor
+    square_mean: Tensor
+
+    def __init__(
+        self, initial: float, per_side: bool, lr: float, bounds: tuple[float, float]
+    ) -> None:
+        super().__init__()
+        self.lr = lr
+        self.bounds = bounds
+        shape = (2 if per_side else 1,)
+        self.register_buffer("values", torch.full(shape, float(initial), dtype=torch.float64))
+        self.register_buffer("square_mean", torch.zeros(shape, dtype=torch.float64))
+
+    @torch.no_grad()
+    def step(self, gradient: Tensor) -> None:
+        """One descent step along ``gradient`` (shaped like the thresholds)."""
+        g = gradient.detach().to(self.values)
+        self.square_mean.mul_(self.decay).add_((1 - self.decay) * g * g)
+        scale = self.square_mean.sqrt().clamp_min(1e-30)
+        self.values.sub_(self.lr * g / scale).clamp_(*self.bounds)
+
+    def per_pair(self, is_pos: Tensor) -> Tensor:
+        """(K,) each pair's threshold."""
+        values = self.values.to(is_pos.device)
+        return torch.where(is_pos, values[0], values[-1])

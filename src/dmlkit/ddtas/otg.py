@@ -6,6 +6,13 @@ per-pair variables λ by double backward. The closed form (§5.3) uses that at �
 step is a no-op, so u_k = η·c_k·⟨∇_θ L^m(θ), ∇_θ S_k(θ)⟩ exactly: one backward pass on the meta
 batch and one forward-mode Jacobian-vector product on the training batch.
 
+The variants' first-order form (:func:`first_order_gradient`) generalises the closed form to any
+variables of the training loss (per-pair loss weights, a threshold): ∂L^m(θ̂(v))/∂v ≈
+−η·∂²L^t/∂S∂v·(J_S·∇_θL^m), exact as η → 0 and at a v whose virtual step is a no-op.
+
+``scope`` restricts the virtual step to part of the model (``"head"``, or
+``"head_and_last_block"``), a cheaper OTG that differentiates fewer parameters.
+
 The model is never copied or rebuilt: parameters are swapped with
 ``torch.func.functional_call``. Every virtual forward pass runs on copies of the buffers, so
 the OTG never changes BatchNorm running statistics; the model runs in whatever mode the caller
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -26,15 +34,42 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..functional.masks import PairIndices
 from ..functional.pairwise import cosine_similarity_matrix
 
-# The loss of a batch as a function of its (B, B) cosine similarity matrix (the meta loss), or
-# of the mined pairs' similarities and the per-pair OTG variables (the training loss).
+# The loss of a meta batch as a function of its (B, D) embeddings (the meta loss), or of the
+# mined pairs' similarities and the OTG's variables (the training loss).
 MetaLoss = Callable[[Tensor], Tensor]
 PairTrainingLoss = Callable[[Tensor, Tensor], Tensor]
+VirtualScope = Literal["all", "head", "head_and_last_block"]
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """The parameters the OTG differentiates: every one that requires grad."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def trainable_parameters(model: nn.Module, scope: VirtualScope = "all") -> dict[str, Tensor]:
+    """The parameters the OTG differentiates: every one that requires grad, or those of the
+    model's ``head`` (and of the last block of its ``backbone`` that has parameters)."""
+    chosen: dict[str, Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if scope == "all":
+        return chosen
+    if scope not in ("head", "head_and_last_block"):
+        raise ValueError(f"scope must be 'all', 'head' or 'head_and_last_block', got {scope!r}")
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"scope={scope!r} needs a model with a `head` submodule")
+    prefixes = ["head."]
+    backbone = getattr(model, "backbone", None)
+    if scope == "head_and_last_block" and isinstance(backbone, nn.Module):
+        blocks = [
+            name
+            for name, block in backbone.named_modules()
+            if name and not list(block.children()) and any(True for _ in block.parameters())
+        ]
+        if blocks:
+            # The last leaf module with parameters, and its siblings in the same parent block.
+            parent = blocks[-1].rpartition(".")[0]
+            prefixes.append(f"backbone.{parent}." if parent else f"backbone.{blocks[-1]}.")
+    scoped: dict[str, Tensor] = {
+        name: p for name, p in chosen.items() if name.startswith(tuple(prefixes))
+    }
+    if not scoped:
+        raise ValueError(f"scope={scope!r} selects no parameter that requires grad")
+    return scoped
 
 
 def _math_attention() -> AbstractContextManager[None]:
@@ -47,24 +82,27 @@ def _buffer_copies(model: nn.Module) -> dict[str, Tensor]:
     return {name: b.clone() for name, b in model.named_buffers()}
 
 
+def _embeddings(model: nn.Module, parameters: dict[str, Tensor], x: Tensor) -> Tensor:
+    """The model's embeddings with (some) parameters swapped, buffers untouched."""
+    return functional_call(model, {**parameters, **_buffer_copies(model)}, (x,))
+
+
 def _similarities(model: nn.Module, parameters: dict[str, Tensor], x: Tensor) -> Tensor:
     """Cosine matrix of the model's embeddings with swapped parameters, buffers untouched."""
-    return cosine_similarity_matrix(
-        functional_call(model, {**parameters, **_buffer_copies(model)}, (x,))
-    )
+    return cosine_similarity_matrix(_embeddings(model, parameters, x))
 
 
 def meta_gradient(
-    model: nn.Module, x_meta: Tensor, meta_loss: MetaLoss
+    model: nn.Module, x_meta: Tensor, meta_loss: MetaLoss, scope: VirtualScope = "all"
 ) -> tuple[dict[str, Tensor], Tensor]:
     """v = ∇_θ L^m(θ) on the meta batch, without touching ``.grad`` or the buffers.
 
     Returns:
         (v by parameter name, the meta loss's value, detached).
     """
-    parameters = trainable_parameters(model)
+    parameters = trainable_parameters(model, scope)
     with torch.enable_grad(), _math_attention():
-        loss = meta_loss(_similarities(model, parameters, x_meta))
+        loss = meta_loss(_embeddings(model, parameters, x_meta))
         grads = torch.autograd.grad(
             loss, list(parameters.values()), allow_unused=True, materialize_grads=True
         )
@@ -73,7 +111,7 @@ def meta_gradient(
 
 def similarities_with_tangent(
     model: nn.Module, x: Tensor, tangent: dict[str, Tensor]
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The training forward pass, carrying a forward-mode tangent along parameter direction v.
 
     The returned similarity matrix keeps its ordinary autograd graph (so the real step can
@@ -84,20 +122,21 @@ def similarities_with_tangent(
     Args:
         model: The embedding model, in the mode of the real step.
         x: The training batch.
-        tangent: v by parameter name (see :func:`meta_gradient`).
+        tangent: v by parameter name (see :func:`meta_gradient`); its parameters carry it,
+            the others none.
 
     Returns:
-        (S with graph, dS/dv detached), both (B, B).
+        (embeddings with graph (B, D), S with graph (B, B), dS/dv detached (B, B)).
     """
-    parameters = trainable_parameters(model)
+    parameters = {name: p for name, p in model.named_parameters() if name in tangent}
     with fwAD.dual_level(), _math_attention():
         duals = {name: fwAD.make_dual(p, tangent[name]) for name, p in parameters.items()}
-        sim, sim_tangent = fwAD.unpack_dual(
-            cosine_similarity_matrix(functional_call(model, duals, (x,)))
-        )
+        embeddings = functional_call(model, duals, (x,))
+        sim, sim_tangent = fwAD.unpack_dual(cosine_similarity_matrix(embeddings))
+        embeddings = fwAD.unpack_dual(embeddings).primal
     if sim_tangent is None:
         raise ValueError("the model's output does not depend on any parameter that requires grad")
-    return sim, sim_tangent.detach()
+    return embeddings, sim, sim_tangent.detach()
 
 
 def closed_form_scores(
@@ -121,6 +160,7 @@ def virtual_parameters(
     variables: Tensor,
     training_loss: PairTrainingLoss,
     virtual_lr: float,
+    scope: VirtualScope = "all",
 ) -> dict[str, Tensor]:
     """θ̂ = θ − η·∇_θ L^t(θ, λ), differentiable with respect to λ (docs/ddtas.md §5.1 step 5).
 
@@ -131,11 +171,12 @@ def virtual_parameters(
         variables: (K,) λ, requiring grad.
         training_loss: L^t from the pairs' similarities and λ.
         virtual_lr: η (plain SGD, as released).
+        scope: Which parameters take the virtual step.
 
     Returns:
         θ̂ by parameter name.
     """
-    parameters = trainable_parameters(model)
+    parameters = trainable_parameters(model, scope)
     with torch.enable_grad(), _math_attention():
         loss = training_loss(pairs.take(_similarities(model, parameters, x)), variables)
         grads = torch.autograd.grad(
@@ -159,6 +200,7 @@ def double_backward_gradient(
     x_meta: Tensor,
     meta_loss: MetaLoss,
     virtual_lr: float,
+    scope: VirtualScope = "all",
 ) -> tuple[Tensor, Tensor]:
     """∂L^m(θ̂(λ))/∂λ by double backward through the virtual step (docs/ddtas.md §5.1 steps 5–8).
 
@@ -167,7 +209,40 @@ def double_backward_gradient(
     """
     variables = variables.detach().requires_grad_(True)
     with torch.enable_grad(), _math_attention():
-        virtual = virtual_parameters(model, x, pairs, variables, training_loss, virtual_lr)
-        loss = meta_loss(_similarities(model, virtual, x_meta))
+        virtual = virtual_parameters(model, x, pairs, variables, training_loss, virtual_lr, scope)
+        loss = meta_loss(_embeddings(model, virtual, x_meta))
         (grad,) = torch.autograd.grad(loss, variables, allow_unused=True, materialize_grads=True)
     return grad, loss.detach()
+
+
+def first_order_gradient(
+    training_loss: PairTrainingLoss,
+    similarities: Tensor,
+    variables: Tensor,
+    pair_tangent: Tensor,
+    virtual_lr: float,
+) -> Tensor:
+    """∂L^m(θ̂(v))/∂v to first order in η: −η·∂²L^t/∂v∂S·(J_S·∇_θL^m).
+
+    From θ̂ = θ − η·J_Sᵀ∇_S L^t(S, v): ∂θ̂/∂v = −η·J_Sᵀ∂²L^t/∂S∂v, and ∇_θL^m(θ̂) ≈ ∇_θL^m(θ),
+    so only the K pair similarities are differentiated twice (cheap), never the model. At
+    the multiplier reading's λ = 0 it equals the closed form η·c_k·(J_S·v)_k exactly.
+
+    Args:
+        training_loss: L^t from the pairs' similarities and the variables.
+        similarities: (K,) the mined pairs' similarities.
+        variables: v, where the gradient is taken (any shape).
+        pair_tangent: (K,) J_S·∇_θL^m of the pairs (from :func:`similarities_with_tangent`).
+        virtual_lr: η.
+
+    Returns:
+        The gradient, shaped like ``variables``.
+    """
+    s = similarities.detach().requires_grad_(True)
+    v = variables.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (slopes,) = torch.autograd.grad(training_loss(s, v), s, create_graph=True)
+        (grad,) = torch.autograd.grad(
+            (slopes * pair_tangent).sum(), v, allow_unused=True, materialize_grads=True
+        )
+    return -virtual_lr * grad

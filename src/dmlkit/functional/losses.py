@@ -346,6 +346,7 @@ def soft_contrastive_per_anchor(
     pos_scale: float = 2.0,
     neg_scale: float = 40.0,
     thresholds: float | Tensor = 0.7,
+    term_weights: Tensor | None = None,
 ) -> Tensor:
     """DDTAS's Soft Contrastive loss of each anchor (docs/ddtas.md §4), from per-pair values.
 
@@ -366,12 +367,16 @@ def soft_contrastive_per_anchor(
         pos_scale: β, the positive scale.
         neg_scale: α, the negative scale.
         thresholds: t, a number or one per pair.
+        term_weights: (K,) w_k multiplying each pair's softplus term (the OTG's loss-weights
+            reading); None for 1. The means still divide by the pair counts.
 
     Returns:
         (n_anchors,) losses; a graph to ``values`` even when every anchor is skipped.
     """
     group, sizes, _, slope = _ddtas_sides(values, anchors, is_pos, n_anchors, pos_scale, neg_scale)
     terms = F.softplus(slope * (values - thresholds))
+    if term_weights is not None:
+        terms = terms * term_weights
     side_sums = values.new_zeros(2 * n_anchors).index_add(0, group, terms).view(n_anchors, 2)
     return _soft_contrastive_combine(side_sums, sizes, pos_scale, neg_scale)
 
@@ -417,6 +422,7 @@ def otg_multi_similarity_per_anchor(
     pos_scale: float = 2.0,
     neg_scale: float = 40.0,
     thresholds: float | Tensor = 0.7,
+    term_weights: Tensor | None = None,
 ) -> Tensor:
     """The multi-similarity form of DDTAS's released OTG loss (docs/ddtas.md §5.1 step 4), per
     anchor, from per-pair values.
@@ -434,6 +440,7 @@ def otg_multi_similarity_per_anchor(
         pos_scale: β, the positive scale.
         neg_scale: α, the negative scale.
         thresholds: t (the base b of the MS loss), a number or one per pair.
+        term_weights: (K,) w_k multiplying each pair's exponential term; None for 1.
 
     Returns:
         (n_anchors,) losses; a graph to ``values`` even when every anchor is skipped.
@@ -447,7 +454,10 @@ def otg_multi_similarity_per_anchor(
         peak = peak.scatter_reduce(0, group, exponent.detach(), "amax")
         present = torch.isfinite(peak)
         peak = torch.where(present, peak, 0.0)
-    sums = values.new_zeros(2 * n_anchors).index_add(0, group, torch.exp(exponent - peak[group]))
+    terms = torch.exp(exponent - peak[group])
+    if term_weights is not None:
+        terms = terms * term_weights
+    sums = values.new_zeros(2 * n_anchors).index_add(0, group, terms)
     lse = peak + torch.log(torch.where(present, sums, 1.0))
     return (F.softplus(lse).view(n_anchors, 2) * side_weight).sum(1)
 

@@ -32,6 +32,7 @@ def pair_loss(
     pos_scale: float = 2.0,
     neg_scale: float = 40.0,
     thresholds: float | Tensor = 0.7,
+    term_weights: Tensor | None = None,
 ) -> Tensor:
     """DDTAS's training loss L^t on per-pair values, reduced as the released code does.
 
@@ -55,6 +56,7 @@ def pair_loss(
         pos_scale: β.
         neg_scale: α.
         thresholds: t, a number or one per pair (the OTG's additive reading).
+        term_weights: (K,) per-pair weights of the loss terms (the loss-weights reading).
 
     Returns:
         Scalar loss; a zero that keeps the graph of ``values`` when no anchor counts.
@@ -65,7 +67,7 @@ def pair_loss(
         soft_contrastive_per_anchor
         if form == "soft_contrastive"
         else otg_multi_similarity_per_anchor
-    )(values, anchors, is_pos, n_anchors, pos_scale, neg_scale, thresholds)
+    )(values, anchors, is_pos, n_anchors, pos_scale, neg_scale, thresholds, term_weights)
     return MeanReducer()(per_anchor)
 
 
