@@ -10,7 +10,7 @@ exact resume covers it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -44,9 +44,15 @@ class BatchStream(Protocol):
         ...
 
 
-# (classes per batch, samples per class, seed) → a stream of extra batches from the training
-# set: what the trainer offers an objective that needs more data than the step's batch.
-BatchSource = Callable[[int, int, int], BatchStream]
+class BatchSource(Protocol):
+    """What the trainer offers an objective that needs more data than the step's batch."""
+
+    def __call__(
+        self, classes_per_batch: int, samples_per_class: int, seed: int, *, held_out: bool = False
+    ) -> BatchStream:
+        """A stream of P×K batches of the training set, or (``held_out``) of the validation
+        classes that the training batches never see."""
+        ...
 
 
 class Objective(nn.Module):

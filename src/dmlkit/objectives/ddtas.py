@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..ddtas import DDTAS, OTGSettings
 from ..ddtas.method import OTGMethod, OTGReading
+from ..ddtas.otg import VirtualScope
 from ..functional.thresholds import Normalization, PairLossForm
 from ..losses import BaseMetricLossFunction, SoftContrastiveLoss
 from ..miners import ASMSMiner, BaseMiner, MultiSimilarityMiner
@@ -44,6 +45,19 @@ class DDTASObjective(Objective):
         meta_classes: Classes per meta batch (released 5).
         meta_samples: Samples per class in a meta batch (released 2; at least 2 with the OTG,
             or the meta loss has no positive pair and every step would be skipped).
+        meta_source: ``train`` (released: the training classes) or ``held_out``: the
+            class-disjoint validation classes (``data.val_classes``), which training batches
+            never see (learning-to-reweight's clean meta set). Validation metrics of such a run
+            are then on classes the OTG has looked at.
+        memory_size: Embeddings kept per class for the memory meta loss (0: none); see
+            :class:`~dmlkit.ddtas.OTGSettings`.
+        weight_step: The ``loss_weights`` reading's relative step.
+        online_lr: The ``online_threshold`` reading's step.
+        threshold_bounds: The online threshold's bounds.
+        per_side: One online threshold per side.
+        scope: Parameters of the virtual step: ``all``, ``head`` or ``head_and_last_block``.
+        num_classes: Given by the trainer.
+        embedding_size: Given by the trainer.
     """
 
     amp_unsupported = "its forward-mode and double-backward passes run in float32"
@@ -72,6 +86,15 @@ class DDTASObjective(Objective):
         on_degenerate: Literal["skip", "raise"] = "skip",
         meta_classes: int = 5,
         meta_samples: int = 2,
+        meta_source: Literal["train", "held_out"] = "train",
+        memory_size: int = 0,
+        weight_step: float = 1.0,
+        online_lr: float = 0.01,
+        threshold_bounds: tuple[float, float] = (0.0, 1.0),
+        per_side: bool = False,
+        scope: VirtualScope = "all",
+        num_classes: int | None = None,
+        embedding_size: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(loss, SoftContrastiveLoss):
@@ -95,7 +118,20 @@ class DDTASObjective(Objective):
                 threshold_lr=threshold_lr,
                 meta_mining=meta_mining,
                 on_degenerate=on_degenerate,
+                memory_size=memory_size,
+                weight_step=weight_step,
+                online_lr=online_lr,
+                threshold_bounds=tuple(threshold_bounds),  # type: ignore[arg-type]
+                per_side=per_side,
+                scope=scope,
             )
+            if meta_source not in ("train", "held_out"):
+                raise ValueError(f"meta_source must be 'train' or 'held_out', got {meta_source!r}")
+            if meta_source == "held_out" and memory_size:
+                raise ValueError(
+                    "a memory holds training classes and held-out meta batches share none: "
+                    "use memory_size with meta_source='train'"
+                )
             if meta_classes < 1 or meta_samples < 2:
                 raise ValueError(
                     "meta_classes must be at least 1 and meta_samples at least 2 with the OTG, "
@@ -105,13 +141,25 @@ class DDTASObjective(Objective):
             if batch_source is None:
                 raise ValueError("the OTG needs meta batches: give batch_source")
             try:
-                self._stream = batch_source(meta_classes, meta_samples, seed + 1)
+                self._stream = batch_source(
+                    meta_classes, meta_samples, seed + 1, held_out=meta_source == "held_out"
+                )
             except ValueError as error:
                 raise ValueError(f"meta batches (meta_classes, meta_samples): {error}") from None
         self.loss = loss
         self.method = DDTAS(
-            miner, loss.pos_scale, loss.neg_scale, loss.threshold, form, otg=settings
+            miner,
+            loss.pos_scale,
+            loss.neg_scale,
+            loss.threshold,
+            form,
+            otg=settings,
+            num_classes=num_classes,
+            embedding_dim=embedding_size,
         )
+        # Registered, so the trainer checkpoints and resumes their state with the objective's.
+        self.memory = self.method.memory
+        self.online_threshold = self.method.online_threshold
         self._meta_batches: Iterator[tuple[Tensor, Tensor]] | None = None
 
     @property

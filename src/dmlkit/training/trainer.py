@@ -358,25 +358,33 @@ class Trainer:
         )
 
     def _batch_stream(
-        self, classes_per_batch: int, samples_per_class: int, seed: int
+        self, classes_per_batch: int, samples_per_class: int, seed: int, *, held_out: bool = False
     ) -> BatchStream:
-        """More P×K batches of the training set, for objectives that need them
-        (:data:`~dmlkit.objectives.BatchSource`)."""
+        """More P×K batches of the training set, or of its held-out validation classes, for
+        objectives that need them (:class:`~dmlkit.objectives.BatchSource`)."""
+        dataset = self.data.train
+        if held_out:
+            if self.data.val is None:
+                raise ValueError(
+                    "held-out batches come from the validation classes: set data.val_classes"
+                )
+            dataset = self.data.val
         sampler = PKSampler(
-            self.data.train.labels,
+            dataset.labels,
             classes_per_batch,
             samples_per_class,
             seed=seed,
             too_few=self.config.sampler.too_few,
         )
-        return _SeededStream(*self._seeded_loader(sampler, seed))
+        return _SeededStream(*self._seeded_loader(sampler, seed, dataset))
 
     def _seeded_loader(
-        self, sampler: PKSampler, seed: int
+        self, sampler: PKSampler, seed: int, dataset: LabelledDataset | None = None
     ) -> tuple[_SeededBatches, DataLoader[tuple[Tensor, int]]]:
+        dataset = self.data.train if dataset is None else dataset
         batches = _SeededBatches(sampler, seed)
         loader = DataLoader(
-            _SeededSamples(self.data.train, self.classes),
+            _SeededSamples(dataset, np.unique(dataset.labels)),
             batch_sampler=batches,  # type: ignore[arg-type]
             num_workers=self.config.data.num_workers,
             # Our own generator: worker seeding must not consume the global generator.
