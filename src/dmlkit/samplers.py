@@ -374,6 +374,145 @@ class PKSampler(Sampler[list[int]]):
         return classes[:used], groups[:used]
 
 
+class _OfflineBatches(Sampler[list[int]]):
+    """Batches of a fixed count per epoch, deterministic per ``(seed, epoch)`` and resumable
+    mid-epoch (``set_epoch(epoch, start_batch)``, as :class:`PKSampler`), built from what
+    offline mining last found."""
+
+    def __init__(self, num_batches: int, seed: int) -> None:
+        super().__init__()
+        self._num_batches = _check_int(num_batches, "num_batches", 1)
+        self._seed = _check_int(seed, "seed", 0)
+        self._epoch = 0
+        self._start_batch = 0
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Selects the epoch the next iteration yields, from batch ``start_batch`` on."""
+        self._epoch = _check_int(epoch, "epoch", 0)
+        self._start_batch = _check_int(start_batch, "start_batch", 0)
+        if self._start_batch > self._num_batches:
+            raise ValueError(f"start_batch={start_batch} is past the epoch's {self._num_batches}")
+
+    def _rng(self, batch: int) -> np.random.Generator:
+        # One stream per batch: resuming at any batch draws what the whole epoch would.
+        return np.random.default_rng([self._seed, self._epoch, batch, 2])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in range(self._start_batch, self._num_batches):
+            yield self._batch(batch)
+
+    def _batch(self, batch: int) -> list[int]:
+        raise NotImplementedError
+
+
+class HardClassSampler(_OfflineBatches):
+    """P×K batches of confusable classes: each batch is a seed class, its nearest classes (by
+    centroid, from :func:`~dmlkit.functional.offline.nearest_classes`) and a share of random
+    classes; K items of each (with replacement from a class of fewer than K).
+
+    Until :meth:`set_neighbours` is first called, batches are P random classes.
+
+    Args:
+        labels: One integer label per dataset item.
+        classes_per_batch: P.
+        samples_per_class: K.
+        random_share: The share of the P − 1 classes after the seed that are random, in [0, 1].
+        num_batches: Batches per epoch.
+        seed: Non-negative seed.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | npt.NDArray[Any] | Tensor,
+        classes_per_batch: int,
+        samples_per_class: int,
+        *,
+        random_share: float = 0.25,
+        num_batches: int,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(num_batches, seed)
+        self._p = _check_int(classes_per_batch, "classes_per_batch", 1)
+        self._k = _check_int(samples_per_class, "samples_per_class", 1)
+        if not 0.0 <= random_share <= 1.0:
+            raise ValueError(f"random_share must be in [0, 1], got {random_share}")
+        self._random_share = random_share
+        self._items, self._starts, self._sizes = _class_index(_labels_to_numpy(labels))
+        self.classes = np.unique(_labels_to_numpy(labels))
+        if len(self._sizes) < max(2, self._p):
+            raise ValueError(
+                f"hard-class batches of {self._p} classes need at least {max(2, self._p)} "
+                f"classes, got {len(self._sizes)}"
+            )
+        self.neighbours: IntArray | None = None
+
+    def set_neighbours(self, order: npt.NDArray[Any]) -> None:
+        """Each class's other classes nearest first: (C, C − 1) positions into ``classes``."""
+        order = np.asarray(order, dtype=np.int64)
+        if order.shape != (len(self._sizes), len(self._sizes) - 1):
+            raise ValueError(
+                f"neighbours must be ({len(self._sizes)}, {len(self._sizes) - 1}), "
+                f"got {order.shape}"
+            )
+        self.neighbours = order
+
+    @property
+    def near_per_batch(self) -> int:
+        """How many of a batch's classes are the seed class's nearest."""
+        return round((self._p - 1) * (1.0 - self._random_share))
+
+    def _batch(self, batch: int) -> list[int]:
+        rng = self._rng(batch)
+        num_classes = len(self._sizes)
+        seed_class = int(rng.integers(num_classes))
+        chosen = [seed_class]
+        if self.neighbours is not None:
+            chosen += self.neighbours[seed_class, : self.near_per_batch].tolist()
+        rest = np.setdiff1d(np.arange(num_classes), chosen)
+        chosen += rng.choice(rest, self._p - len(chosen), replace=False).tolist()
+        out: list[int] = []
+        for c in chosen:
+            size = int(self._sizes[c])
+            picks = rng.choice(size, self._k, replace=size < self._k)
+            out += self._items[self._starts[c] + picks].tolist()
+        return out
+
+
+class TripletBatchSampler(_OfflineBatches):
+    """Batches packed from mined triplets, flat (a, p, n, a, p, n, ...): PML's
+    ``FixedSetOfTriplets`` layout, the triplets coming from offline mining. Each epoch visits the
+    triplets in a new seeded order, cycling when an epoch needs more than there are.
+
+    Args:
+        triplets_per_batch: Triplets in a batch (3 items each).
+        num_batches: Batches per epoch.
+        seed: Non-negative seed.
+    """
+
+    def __init__(self, triplets_per_batch: int, *, num_batches: int, seed: int = 0) -> None:
+        super().__init__(num_batches, seed)
+        self._per_batch = _check_int(triplets_per_batch, "triplets_per_batch", 1)
+        self.triplets: IntArray = np.zeros((0, 3), dtype=np.int64)
+
+    def set_triplets(self, triplets: npt.NDArray[Any]) -> None:
+        """The (T, 3) item indices to train on from now on."""
+        triplets = np.asarray(triplets, dtype=np.int64)
+        if triplets.ndim != 2 or triplets.shape[1] != 3:
+            raise ValueError(f"triplets must be (T, 3), got {triplets.shape}")
+        self.triplets = triplets
+
+    def _batch(self, batch: int) -> list[int]:
+        count = len(self.triplets)
+        if count == 0:
+            raise ValueError("no triplets: offline mining found none of the requested kind")
+        order = np.random.default_rng([self._seed, self._epoch, 3]).permutation(count)
+        positions = order[(batch * self._per_batch + np.arange(self._per_batch)) % count]
+        return self.triplets[positions].reshape(-1).tolist()
+
+
 class _FreshEpochs:
     """Seed and epoch of a sampler that, like PML's, draws a new epoch on every iteration, but
     from a generator seeded with ``(seed, epoch)`` rather than from global random state.

@@ -94,5 +94,21 @@ class Objective(nn.Module):
         """
         raise NotImplementedError
 
+    def validation_losses(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor
+    ) -> dict[str, float | None] | None:
+        """The loss on a batch of validation classes, without changing any state: as in
+        training (``val_loss``, with the miner), over every pair or triplet
+        (``val_loss_all_pairs``) and the mined count (``val_mined``). None (the default) when
+        the objective has no such loss for unseen classes.
+
+        Args:
+            model: The network, in evaluation mode, under ``torch.no_grad``.
+            inputs: A P×K batch of validation classes.
+            labels: Their labels, contiguous 0..P−1.
+        """
+        del model, inputs, labels
+        return None
+
 
 OBJECTIVES = Registry("objective", Objective)

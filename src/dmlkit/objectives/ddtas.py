@@ -15,6 +15,7 @@ from ..functional.thresholds import Normalization, PairLossForm
 from ..losses import BaseMetricLossFunction, SoftContrastiveLoss
 from ..miners import ASMSMiner, BaseMiner, MultiSimilarityMiner
 from .base import OBJECTIVES, BatchSource, BatchStream, Objective, StepOutput
+from .metric_loss import mined_and_all_pairs_losses
 
 
 @OBJECTIVES.register()
@@ -169,6 +170,13 @@ class DDTASObjective(Objective):
     def start(self, step: int) -> None:
         if self._stream is not None:
             self._meta_batches = self._stream.from_step(step)
+
+    def validation_losses(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor
+    ) -> dict[str, float | None] | None:
+        """Mining and the Soft Contrastive loss; the OTG's weighting, which needs a meta step
+        and would move its state, is left out."""
+        return mined_and_all_pairs_losses(self.loss, self.method.miner, model(inputs), labels)
 
     def forward(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> StepOutput:
         meta_batch = None

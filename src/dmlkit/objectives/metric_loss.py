@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..distributed import check_efficient_mode, gather, is_distributed, own_rows
 from ..losses import BaseMetricLossFunction
-from ..miners import BaseMiner
+from ..miners import BaseMiner, EmbeddingsAlreadyPackagedAsTriplets
 from .base import OBJECTIVES, Objective, StepOutput
 
 
@@ -63,6 +63,28 @@ class MetricLossObjective(Objective):
             )
             loss = self.loss(embeddings, labels, indices_tuple, all_embeddings, all_labels, itself)
         return StepOutput(loss, stats={"mined": _count(indices_tuple)})
+
+    def validation_losses(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor
+    ) -> dict[str, float | None] | None:
+        return mined_and_all_pairs_losses(self.loss, self.miner, model(inputs), labels)
+
+
+def mined_and_all_pairs_losses(
+    loss: nn.Module, miner: nn.Module | None, embeddings: Tensor, labels: Tensor
+) -> dict[str, float | None] | None:
+    """:meth:`Objective.validation_losses` of a miner and a loss: the loss on the mined tuples,
+    on every pair or triplet, and the mined count. None for a loss with per-class parameters
+    (they do not cover unseen classes). A batch laid out as triplets in training
+    (:class:`~dmlkit.miners.EmbeddingsAlreadyPackagedAsTriplets`) has no mined form here."""
+    if getattr(loss, "needs_class_labels", False):
+        return None
+    every = float(loss(embeddings, labels))
+    if isinstance(miner, EmbeddingsAlreadyPackagedAsTriplets):
+        return {"val_loss": None, "val_loss_all_pairs": every, "val_mined": None}
+    mined = None if miner is None else miner(embeddings, labels)
+    as_trained = every if mined is None else float(loss(embeddings, labels, mined))
+    return {"val_loss": as_trained, "val_loss_all_pairs": every, "val_mined": _count(mined)}
 
 
 def _count(indices_tuple: tuple[Tensor, ...] | None) -> int | None:

@@ -191,12 +191,31 @@ class SamplerConfig:
         samples_per_class: K, the samples of each class in a batch.
         too_few: ``replace`` (sample with replacement) or ``drop`` classes with fewer than K.
         groups_per_class: ``one`` group of K per class and epoch, or ``all`` disjoint groups.
+        mode: ``pk`` (online mining in random P×K batches), or offline mining over the whole
+            embedded training set (:mod:`dmlkit.training.offline`): ``hard_classes`` (each
+            batch a seed class, its nearest classes by centroid and a share of random ones) or
+            ``offline_triplets`` (batches packed from hard or semi-hard triplets; the loss
+            takes exactly those triplets, so ``miner.name`` must be null).
+        refresh: Re-embed and re-mine every this many ``refresh_unit``.
+        refresh_unit: ``epoch`` or ``step``.
+        random_share: ``hard_classes``: the share of a batch's other classes drawn at random.
+        triplets: ``offline_triplets``: ``semihard`` (0 < d_an − d_ap ≤ margin) or ``hard``
+            (d_an − d_ap ≤ 0).
+        triplet_margin: The semi-hard margin (on L2-normalised embeddings).
+        triplets_per_anchor: Triplets mined per anchor.
     """
 
     classes_per_batch: int = 5
     samples_per_class: int = 8
     too_few: Literal["replace", "drop"] = "replace"
     groups_per_class: Literal["one", "all"] = "all"
+    mode: Literal["pk", "hard_classes", "offline_triplets"] = "pk"
+    refresh: int = 1
+    refresh_unit: Literal["epoch", "step"] = "epoch"
+    random_share: float = 0.25
+    triplets: Literal["hard", "semihard"] = "semihard"
+    triplet_margin: float = 0.1
+    triplets_per_anchor: int = 1
 
 
 @dataclass
@@ -286,6 +305,10 @@ class ValidationConfig:
         before_training: Also evaluate the untrained network on the test classes.
         recall_at: Cut-offs of Recall@K; None for 1, 2, 4, 8 (1, 10, 100, 1000 from 10,000
             items on).
+        loss_batches: At each validation, the training objective's loss on this many P×K
+            batches of the validation classes (the same seeded batches every time), as in
+            training (mined) and over every pair or triplet: ``val_loss``,
+            ``val_loss_all_pairs`` and ``val_mined`` in ``validation.csv``; 0 for none.
     """
 
     every: int = 1
@@ -300,6 +323,7 @@ class ValidationConfig:
     )
     before_training: bool = True
     recall_at: tuple[int, ...] | None = None
+    loss_batches: int = 4
 
 
 @dataclass

@@ -92,11 +92,14 @@ def _check_ranges(config: Config) -> None:
         "logging.log_every": (config.logging.log_every, 1),
         "sampler.classes_per_batch": (config.sampler.classes_per_batch, 1),
         "sampler.samples_per_class": (config.sampler.samples_per_class, 1),
+        "sampler.refresh": (config.sampler.refresh, 1),
+        "sampler.triplets_per_anchor": (config.sampler.triplets_per_anchor, 1),
         "model.embedding_dim": (config.model.embedding_dim, 1),
         "data.num_workers": (config.data.num_workers, 0),
         "data.cv_folds": (config.data.cv_folds, 0),
         "data.cv_fold": (config.data.cv_fold, 0),
         "validation.every": (config.validation.every, 0),
+        "validation.loss_batches": (config.validation.loss_batches, 0),
         "scheduler.warmup_steps": (config.scheduler.warmup_steps, 0),
     }
     for name, (value, minimum) in at_least.items():
@@ -118,6 +121,18 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"{name} must be a finite number ≥ 0, got {rate}")
     if config.optimizer.lr == 0:
         raise ConfigError("optimizer.lr must be positive")
+    sampler = config.sampler
+    if not 0 <= sampler.random_share <= 1:
+        raise ConfigError(f"sampler.random_share must be in [0, 1], got {sampler.random_share}")
+    if not sampler.triplet_margin > 0:
+        raise ConfigError(f"sampler.triplet_margin must be positive, got {sampler.triplet_margin}")
+    packaged = (None, "EmbeddingsAlreadyPackagedAsTriplets")
+    if sampler.mode == "offline_triplets" and config.miner.name not in packaged:
+        raise ConfigError(
+            "sampler.mode=offline_triplets trains on the mined triplets themselves (each batch "
+            "is laid out as triplets): set miner.name to null or "
+            f"EmbeddingsAlreadyPackagedAsTriplets (got {config.miner.name!r})"
+        )
     data = config.data
     if data.cv_folds:
         if data.cv_folds < 2:

@@ -18,6 +18,7 @@ Exact resumption rests on three rules:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import ArrayDataset, LabelledDataset, subset
 from ..distributed import average_gradients, gather, is_distributed, rank_and_world_size
 from ..evaluation import evaluate
+from ..miners import EmbeddingsAlreadyPackagedAsTriplets
 from ..models import EmbeddingModel, cache_features
 from ..models.inference import embed_dataset
 from ..objectives import BatchStream, Objective
@@ -46,6 +48,7 @@ from .checkpoint import RunRandomness, load_checkpoint, save_atomic, write_text_
 from .config import Config
 from .config_loading import config_differences
 from .logs import CSVLog, TensorBoardLog, progress_bar
+from .offline import OfflineMining
 from .optimization import build_optimizer, lr_factor, parameter_groups
 from .run_data import RunData, build_run_data
 
@@ -287,6 +290,18 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
         )
+        self._val_batches: list[list[int]] | None = None
+        self.mining: OfflineMining | None = None
+        if config.sampler.mode != "pk":
+            if self.world_size > 1:
+                raise ConfigError(
+                    f"sampler.mode={config.sampler.mode} runs on one process: offline mining "
+                    "embeds the whole training set between steps"
+                )
+            self.mining = OfflineMining(
+                config.sampler, self.data.train.labels, len(self.sampler), config.train.seed
+            )
+            self.sampler = self.mining.sampler  # type: ignore[assignment]
         self.batches, self.loader = self._seeded_loader(self.sampler, config.train.seed)
         with self.randomness.active():
             self.objective = (self._build_objective() if objective is None else objective).to(
@@ -350,7 +365,11 @@ class Trainer:
         return build_objective(
             config.objective,
             loss=build_loss(config.loss, **part_values),
-            miner=build_miner(config.miner, **part_values),
+            miner=(
+                EmbeddingsAlreadyPackagedAsTriplets()
+                if config.sampler.mode == "offline_triplets"
+                else build_miner(config.miner, **part_values)
+            ),
             lr=config.optimizer.lr,
             seed=config.train.seed,
             batch_source=self._batch_stream,
@@ -487,6 +506,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
+            "mining": None if self.mining is None else self.mining.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -554,6 +574,8 @@ class Trainer:
             )
         self.model.load_state_dict(payload["model"])
         self.objective.load_state_dict(payload["objective"])
+        if self.mining is not None and payload.get("mining") is not None:
+            self.mining.load_state_dict(payload["mining"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
@@ -578,7 +600,7 @@ class Trainer:
         """
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        logs = ("train.csv", "validation.csv")
+        logs = ("train.csv", "validation.csv", "mining.csv")
         if not resume:
             if (self.run_dir / "last.pt").exists():
                 raise ConfigError(
@@ -590,12 +612,12 @@ class Trainer:
                 if self.is_writer:
                     (self.run_dir / name).unlink(missing_ok=True)
         self._wait_for_writer()  # every rank has checked the folder before rank 0 writes to it
-        train_log, val_log = (CSVLog(self.run_dir / name) for name in logs)
+        train_log, val_log, mining_log = (CSVLog(self.run_dir / name) for name in logs)
         if resume:
             self._restore(self.run_dir / "last.pt")
             if self.is_writer:
-                train_log.truncate_after(self.state.step)
-                val_log.truncate_after(self.state.step)
+                for log in (train_log, val_log, mining_log):
+                    log.truncate_after(self.state.step)
         else:
             if self.is_writer:
                 (self.run_dir / "config.yaml").write_text(config.to_yaml())
@@ -611,6 +633,8 @@ class Trainer:
         self.objective.start(self.state.step)
         finished = self.state.stopped_early or self.state.step >= self.total_steps
         while not finished and self.state.epoch < config.train.epochs:
+            if self.mining is not None:
+                self._refresh_mining(mining_log, board)
             self.batches.set_epoch(self.state.epoch, self.state.batch)
             bar = progress_bar(
                 len(self.sampler),
@@ -662,6 +686,10 @@ class Trainer:
                     self.state.stopped_early = bool(stop.item())
                 if self.state.stopped_early or self.state.step >= self.total_steps:
                     break
+                if self.mining is not None and self.mining.due(
+                    self.state.step, self.state.epoch, epoch_start=False
+                ):
+                    break  # refreshed at the top of the loop, which resumes this epoch
             bar.close()
             if self.state.batch >= len(self.sampler):
                 self.state.epoch += 1
@@ -679,6 +707,26 @@ class Trainer:
             board.write("test", self.state.step, result.after)
             board.close()
         return result
+
+    def _refresh_mining(self, log: CSVLog, board: TensorBoardLog | None) -> None:
+        """Re-embeds the training set and re-mines, when the refresh interval says so."""
+        assert self.mining is not None
+        epoch_start = self.state.batch == 0
+        if not self.mining.due(self.state.step, self.state.epoch, epoch_start):
+            return
+        was_training = self.trained_part.training
+        row = self.mining.refresh(
+            self.trained_part,
+            self.data.train_eval,
+            step=self.state.step,
+            batch_size=self.config.train.eval_batch_size,
+            device=self.device,
+        )
+        self.trained_part.train(was_training)
+        if self.is_writer:
+            log.write({**row, "epoch": self.state.epoch})
+        if board:
+            board.write("mining", self.state.step, row)
 
     def _step(self, x: Tensor, y: Tensor) -> tuple[float, dict[str, float | int | None]]:
         """One optimisation step; returns the loss and what to log beside it."""
@@ -723,15 +771,66 @@ class Trainer:
         count = self.state.step if unit == "step" else self.state.epoch
         return count % validation.every == 0
 
+    def _validation_batches(self) -> list[list[int]]:
+        """The P×K batches of validation classes the loss is computed on: seeded, the same at
+        every validation (P is lowered to the number of validation classes if need be)."""
+        assert self.data.val is not None
+        sampler_config = self.config.sampler
+        count = self.config.validation.loss_batches
+        classes = len(np.unique(self.data.val.labels))
+        if count == 0 or classes < 2:
+            return []
+        sampler = PKSampler(
+            self.data.val.labels,
+            min(sampler_config.classes_per_batch, classes),
+            sampler_config.samples_per_class,
+            seed=self.config.train.seed + 2,
+            too_few="replace",
+            groups_per_class="all",
+        )
+        return list(itertools.islice(iter(sampler), count))
+
+    def _validation_losses(self) -> dict[str, float | None]:
+        """The objective's validation losses, averaged over the fixed validation batches."""
+        assert self.data.val is not None
+        if self._val_batches is None:
+            self._val_batches = self._validation_batches()
+        samples = _SeededSamples(self.data.val, np.unique(self.data.val.labels))
+        seed = self.config.train.seed + 2
+        rows: list[dict[str, float | None]] = []
+        was_training = self.trained_part.training
+        self.trained_part.eval()
+        try:
+            with torch.no_grad():
+                for number, batch in enumerate(self._val_batches):
+                    items = [samples[(index, seed + number)] for index in batch]
+                    x = torch.stack([item for item, _ in items]).to(self.device)
+                    y = torch.tensor([label for _, label in items], device=self.device)
+                    losses = self.objective.validation_losses(self.trained_part, x, y)
+                    if losses is None:
+                        return {}
+                    rows.append(losses)
+        finally:
+            self.trained_part.train(was_training)
+        if not rows:
+            return {}
+        out: dict[str, float | None] = {}
+        for key in rows[0]:
+            values = [row[key] for row in rows if row[key] is not None]
+            out[key] = sum(values) / len(values) if values else None  # type: ignore[arg-type]
+        return out
+
     def _validate(self, log: CSVLog, board: TensorBoardLog | None) -> None:
         assert self.data.val is not None
         validation = self.config.validation
         metrics = self.evaluate_on(self.data.val)  # rank 0's numbers, on every rank
+        losses = self._validation_losses()
         self.state.validated_step = self.state.step
         if self.is_writer:
-            log.write({"step": self.state.step, "epoch": self.state.epoch, **metrics})
+            log.write({"step": self.state.step, "epoch": self.state.epoch, **metrics, **losses})
         if board:
-            board.write("validation", self.state.step, metrics)
+            numbers = {k: v for k, v in losses.items() if v is not None}
+            board.write("validation", self.state.step, {**metrics, **numbers})
         value = metrics[validation.metric]
         if self.state.best_value is None or value > self.state.best_value:
             self.state.best_value, self.state.best_step = value, self.state.step

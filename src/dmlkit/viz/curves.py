@@ -27,6 +27,13 @@ _PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 )
 
 
+# validation.csv's loss columns (see ValidationConfig.loss_batches) and their legend labels.
+_VALIDATION_LOSSES = {
+    "val_loss": "validation loss (as in training)",
+    "val_loss_all_pairs": "validation loss (every pair/triplet)",
+}
+
+
 def read_log(path: Path) -> list[dict[str, str]]:
     """The rows of a run's CSV log (``train.csv``, ``validation.csv``); none when it is absent."""
     if not path.is_file():
@@ -95,10 +102,19 @@ def plot_training_log(
         if lines:
             panels.append((title, lines, log_scale, window))
     validation = read_log(run_dir / "validation.csv")
+    # The validation loss beside the training loss, smoothed by the same rule over its points.
+    validation_losses = {
+        label: log_series(validation, column)
+        for column, label in _VALIDATION_LOSSES.items()
+        if validation and log_series(validation, column)[0]
+    }
     if validation:
-        metrics = [k for k in validation[0] if k not in ("step", "epoch")]
+        metrics = [
+            k for k in validation[0] if k not in ("step", "epoch", *_VALIDATION_LOSSES, "val_mined")
+        ]
         lines = {metric_label(m): log_series(validation, m) for m in metrics}
-        panels.append(("validation", lines, False, None))
+        if any(line[0] for line in lines.values()):
+            panels.append(("validation", lines, False, None))
     n_rows = math.ceil(len(panels) / 2)
     figure, axes = plt.subplots(n_rows, 2, figsize=(11, 3.0 * n_rows), squeeze=False)
     for axis, (title, lines, log_scale, panel_window) in zip(axes.flat, panels, strict=False):
@@ -111,6 +127,13 @@ def plot_training_log(
                 (raw,) = axis.plot(steps, values, linewidth=0.8, alpha=_RAW_ALPHA)
                 smoothed = moving_average(values, panel_window)
                 axis.plot(steps, smoothed, label=name, linewidth=1.2, color=raw.get_color())
+        if title == "training loss":
+            for name, (steps, values) in validation_losses.items():
+                points = auto_window(len(values)) if window > 1 else 1
+                (raw,) = axis.plot(steps, values, linewidth=0.8, alpha=_RAW_ALPHA, marker="o",
+                                   markersize=2)  # fmt: skip
+                axis.plot(steps, moving_average(values, points), label=name, linewidth=1.2,
+                          linestyle="--", color=raw.get_color())  # fmt: skip
         if log_scale and any(v > 0 for _, values in lines.values() for v in values):
             axis.set_yscale("log", nonpositive="mask")  # zero weights leave gaps
         axis.set_title(title, fontsize=10)

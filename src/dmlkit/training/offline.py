@@ -1,0 +1,142 @@
+"""Offline mining in the trainer: batches built from the whole embedded training set.
+
+``sampler.mode: hard_classes`` builds each P×K batch from a seed class, its nearest classes by
+centroid and a share of random classes; ``offline_triplets`` trains on hard or semi-hard
+triplets mined over the whole training set, packed into batches. Every ``sampler.refresh``
+epochs (or steps) the training set is embedded again (its cached features where the backbone is
+frozen) and the neighbours or triplets recomputed; what was mined is checkpointed, so a resumed
+run continues with it exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data import LabelledDataset
+from ..functional.offline import mine_triplets, nearest_classes
+from ..models.inference import embed_dataset
+from ..samplers import HardClassSampler, TripletBatchSampler
+from .config import SamplerConfig
+
+
+class OfflineMining:
+    """The offline sampler of a run and its refreshes.
+
+    Args:
+        config: The sampler section (``mode`` is ``hard_classes`` or ``offline_triplets``).
+        labels: The training items' labels.
+        num_batches: Batches per epoch (what the P×K sampler would give).
+        seed: The run's seed.
+    """
+
+    def __init__(
+        self, config: SamplerConfig, labels: np.ndarray, num_batches: int, seed: int
+    ) -> None:
+        self.config = config
+        self.labels = np.asarray(labels)
+        self.sampler: HardClassSampler | TripletBatchSampler
+        if config.mode == "hard_classes":
+            self.sampler = HardClassSampler(
+                self.labels,
+                config.classes_per_batch,
+                config.samples_per_class,
+                random_share=config.random_share,
+                num_batches=num_batches,
+                seed=seed,
+            )
+        else:
+            per_batch = max(1, config.classes_per_batch * config.samples_per_class // 3)
+            self.sampler = TripletBatchSampler(per_batch, num_batches=num_batches, seed=seed)
+        self.seed = seed
+        self.refreshed_at: int | None = None
+        self.refreshes = 0
+
+    def due(self, step: int, epoch: int, epoch_start: bool) -> bool:
+        """Whether to refresh now: never refreshed, or ``refresh`` units since the last."""
+        if self.refreshed_at == step:
+            return False
+        if self.refreshed_at is None:
+            return True
+        if self.config.refresh_unit == "epoch":
+            return epoch_start and epoch % self.config.refresh == 0
+        return step % self.config.refresh == 0
+
+    def refresh(
+        self,
+        model: nn.Module,
+        dataset: LabelledDataset,
+        *,
+        step: int,
+        batch_size: int,
+        device: torch.device,
+    ) -> dict[str, float | int]:
+        """Embeds the training set and recomputes the neighbours or triplets.
+
+        Returns:
+            What to log: the refresh's seconds and, for triplets, how many and how hard.
+        """
+        start = time.perf_counter()
+        embeddings, labels = embed_dataset(model, dataset, batch_size=batch_size, device=device)
+        if not np.array_equal(labels, self.labels):
+            raise ValueError("offline mining: the embedded set's labels differ from training's")
+        label_tensor = torch.as_tensor(labels)
+        row: dict[str, float | int] = {"step": step}
+        if isinstance(self.sampler, HardClassSampler):
+            _, order = nearest_classes(embeddings, label_tensor)
+            self.sampler.set_neighbours(order.numpy())
+        else:
+            found = mine_triplets(
+                embeddings,
+                label_tensor,
+                self.config.triplets,
+                self.config.triplet_margin,
+                per_anchor=self.config.triplets_per_anchor,
+                seed=self.seed + 7919 * (self.refreshes + 1),
+            )
+            if len(found.triplets) == 0:
+                raise ValueError(
+                    f"offline mining found no {self.config.triplets} triplet in the training "
+                    "set; try sampler.triplets=semihard or a larger sampler.triplet_margin"
+                )
+            self.sampler.set_triplets(found.triplets.numpy())
+            row |= {
+                "triplets": len(found.triplets),
+                "anchors_without": found.anchors_without,
+                "mean_margin": float(found.margins.mean()),
+            }
+        self.refreshed_at = step
+        self.refreshes += 1
+        row["seconds"] = time.perf_counter() - start
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was mined, for the checkpoint."""
+        state: dict[str, Any] = {"refreshed_at": self.refreshed_at, "refreshes": self.refreshes}
+        if isinstance(self.sampler, HardClassSampler):
+            neighbours = self.sampler.neighbours
+            state["neighbours"] = None if neighbours is None else torch.from_numpy(neighbours)
+        else:
+            state["triplets"] = torch.from_numpy(self.sampler.triplets)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`."""
+        self.refreshed_at = state["refreshed_at"]
+        self.refreshes = state["refreshes"]
+        if isinstance(self.sampler, HardClassSampler):
+            if state["neighbours"] is not None:
+                self.sampler.set_neighbours(_numpy(state["neighbours"]))
+        else:
+            self.sampler.set_triplets(_numpy(state["triplets"]))
+
+
+def _numpy(tensor: Tensor) -> np.ndarray:
+    return tensor.cpu().numpy()
+
+
+__all__ = ["OfflineMining"]
