@@ -441,7 +441,6 @@ class HardClassSampler(_OfflineBatches):
             raise ValueError(f"random_share must be in [0, 1], got {random_share}")
         self._random_share = random_share
         self._items, self._starts, self._sizes = _class_index(_labels_to_numpy(labels))
-        self.classes = np.unique(_labels_to_numpy(labels))
         if len(self._sizes) < max(2, self._p):
             raise ValueError(
                 f"hard-class batches of {self._p} classes need at least {max(2, self._p)} "
@@ -483,8 +482,10 @@ class HardClassSampler(_OfflineBatches):
 
 class TripletBatchSampler(_OfflineBatches):
     """Batches packed from mined triplets, flat (a, p, n, a, p, n, ...): PML's
-    ``FixedSetOfTriplets`` layout, the triplets coming from offline mining. Each epoch visits the
-    triplets in a new seeded order, cycling when an epoch needs more than there are.
+    ``FixedSetOfTriplets`` layout, the triplets coming from offline mining. An epoch is
+    ``num_batches`` batches (as many as a P×K epoch, not one pass over the triplets): it takes
+    the first ``num_batches × triplets_per_batch`` triplets of a new seeded order, cycling when
+    there are fewer.
 
     Args:
         triplets_per_batch: Triplets in a batch (3 items each).
@@ -496,6 +497,7 @@ class TripletBatchSampler(_OfflineBatches):
         super().__init__(num_batches, seed)
         self._per_batch = _check_int(triplets_per_batch, "triplets_per_batch", 1)
         self.triplets: IntArray = np.zeros((0, 3), dtype=np.int64)
+        self._order: tuple[tuple[int, int], IntArray] | None = None
 
     def set_triplets(self, triplets: npt.NDArray[Any]) -> None:
         """The (T, 3) item indices to train on from now on."""
@@ -503,12 +505,16 @@ class TripletBatchSampler(_OfflineBatches):
         if triplets.ndim != 2 or triplets.shape[1] != 3:
             raise ValueError(f"triplets must be (T, 3), got {triplets.shape}")
         self.triplets = triplets
+        self._order = None
 
     def _batch(self, batch: int) -> list[int]:
         count = len(self.triplets)
         if count == 0:
             raise ValueError("no triplets: offline mining found none of the requested kind")
-        order = np.random.default_rng([self._seed, self._epoch, 3]).permutation(count)
+        if self._order is None or self._order[0] != (self._epoch, count):
+            rng = np.random.default_rng([self._seed, self._epoch, 3])
+            self._order = ((self._epoch, count), rng.permutation(count))
+        order = self._order[1]
         positions = order[(batch * self._per_batch + np.arange(self._per_batch)) % count]
         return self.triplets[positions].reshape(-1).tolist()
 

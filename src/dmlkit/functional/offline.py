@@ -49,7 +49,7 @@ class OfflineTriplets:
         triplets: (T, 3) int64 item indices (anchor, positive, negative).
         margins: (T,) t = d(a, n) − d(a, p) of each triplet (Euclidean distances of the
             L2-normalised embeddings).
-        anchors_without: Anchors for which no triplet of the kind exists.
+        anchors_without: Anchors none of whose drawn positives had a qualifying negative.
     """
 
     triplets: Tensor
@@ -65,22 +65,23 @@ def mine_triplets(
     *,
     per_anchor: int = 1,
     seed: int = 0,
-    block_size: int = 1024,
+    block_size: int = 256,
 ) -> OfflineTriplets:
-    """Hard or semi-hard triplets over a whole set, ``per_anchor`` per anchor.
+    """Hard or semi-hard triplets over a whole set, up to ``per_anchor`` per anchor.
 
     With t = d(a, n) − d(a, p) on the L2-normalised embeddings (PML's ``TripletMarginMiner``
-    definitions): ``hard`` t ≤ 0, ``semihard`` 0 < t ≤ ``margin``. Each anchor takes a random
-    positive of its class, then ``per_anchor`` random negatives qualifying against it (drawn
-    with replacement). Anchors are processed in blocks of ``block_size``: memory is
-    ``block_size × N``, never N × N. The draws depend on ``seed`` and ``block_size``.
+    definitions): ``hard`` t ≤ 0, ``semihard`` 0 < t ≤ ``margin``. For each of ``per_anchor``
+    draws, an anchor takes a random positive of its class and a random negative qualifying
+    against it (none when no negative qualifies). Anchors are processed in blocks of
+    ``block_size``: memory is about 14 bytes × ``block_size`` × N, never N × N. The draws depend
+    on ``seed`` and ``block_size``.
 
     Args:
         embeddings: (N, D) embeddings.
         labels: (N,) integer labels.
         kind: ``hard`` or ``semihard``.
         margin: The semi-hard margin.
-        per_anchor: Triplets per anchor that has any.
+        per_anchor: Draws per anchor.
         seed: Seeds the random positives and negatives.
         block_size: Anchors per block.
 
@@ -91,7 +92,7 @@ def mine_triplets(
         raise ValueError(f"kind must be 'hard' or 'semihard', got {kind!r}")
     if per_anchor < 1 or block_size < 1:
         raise ValueError(
-            f"per_anchor and block_size must be positive, got {per_anchor}, {block_size}"
+            f"per_anchor and block_size must be positive, got {per_anchor} and {block_size}"
         )
     if not margin > 0:
         raise ValueError(f"margin must be positive, got {margin}")
@@ -104,37 +105,31 @@ def mine_triplets(
     without = 0
     for start in range(0, n, block_size):
         rows = torch.arange(start, min(start + block_size, n), device=emb.device)
+        local = torch.arange(len(rows), device=emb.device)
         distance = torch.cdist(emb[rows], emb)  # (b, N)
         same = labels[rows, None] == labels[None, :]
-        same[torch.arange(len(rows)), rows] = False
-        # A random positive per anchor: the largest of uniform keys over its positives.
-        keys = torch.rand(distance.shape, generator=generator).to(emb.device)
+        same[local, rows] = False
+        negative = ~same
+        negative[local, rows] = False
         has_positive = same.any(1)
-        positive = torch.where(same, keys, -1.0).argmax(1)
-        d_ap = distance.gather(1, positive[:, None])
-        t = distance - d_ap
-        qualifies = ~same
-        qualifies[torch.arange(len(rows)), rows] = False
-        qualifies &= (t <= 0) if kind == "hard" else (t > 0) & (t <= margin)
-        qualifies &= has_positive[:, None]
-        count = qualifies.sum(1)
-        without += int((count == 0).sum())
-        keep = count > 0
-        if not bool(keep.any()):
-            continue
-        # per_anchor negatives drawn uniformly among the qualifying ones (with replacement).
-        weights = qualifies[keep].double()
-        negatives = torch.multinomial(
-            weights.cpu(), per_anchor, replacement=True, generator=generator
-        )
-        negatives = negatives.to(emb.device)
-        anchors = rows[keep][:, None].expand_as(negatives)
-        positives = positive[keep][:, None].expand_as(negatives)
-        found.append(torch.stack([anchors, positives, negatives], dim=-1).reshape(-1, 3))
-        margins.append(t[keep].gather(1, negatives).reshape(-1))
-    if not found:
-        return OfflineTriplets(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0), without)
-    return OfflineTriplets(torch.cat(found).long().cpu(), torch.cat(margins).cpu(), without)
+        got_one = torch.zeros(len(rows), dtype=torch.bool, device=emb.device)
+        for _ in range(per_anchor):
+            # Random choices as the largest of uniform keys over the allowed entries.
+            keys = torch.rand(distance.shape, generator=generator).to(emb.device)
+            positive = torch.where(same, keys, -1.0).argmax(1)
+            t = distance - distance.gather(1, positive[:, None])
+            qualifies = negative & ((t <= 0) if kind == "hard" else (t > 0) & (t <= margin))
+            qualifies &= has_positive[:, None]
+            keep = qualifies.any(1)
+            keys = torch.rand(distance.shape, generator=generator).to(emb.device)
+            chosen = torch.where(qualifies, keys, -1.0).argmax(1)
+            got_one |= keep
+            found.append(torch.stack([rows, positive, chosen], dim=1)[keep])
+            margins.append(t.gather(1, chosen[:, None])[:, 0][keep])
+        without += int((~got_one).sum())
+    triplets = torch.cat(found).long().cpu() if found else torch.zeros(0, 3, dtype=torch.long)
+    values = torch.cat(margins).cpu() if margins else torch.zeros(0)
+    return OfflineTriplets(triplets, values, without)
 
 
 __all__ = ["OfflineTriplets", "TripletKind", "mine_triplets", "nearest_classes"]

@@ -105,7 +105,7 @@ class Objective(nn.Module):
         Args:
             model: The network, in evaluation mode, under ``torch.no_grad``.
             inputs: A P×K batch of validation classes.
-            labels: Their labels, contiguous 0..P−1.
+            labels: Their labels: the validation classes' indices 0..C_val−1.
         """
         del model, inputs, labels
         return None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 from torch import Tensor, nn
 
 from ..distributed import check_efficient_mode, gather, is_distributed, own_rows
 from ..losses import BaseMetricLossFunction
+from ..losses.base import ClassParametersLoss
 from ..miners import BaseMiner, EmbeddingsAlreadyPackagedAsTriplets
 from .base import OBJECTIVES, Objective, StepOutput
 
@@ -74,11 +76,13 @@ def mined_and_all_pairs_losses(
     loss: nn.Module, miner: nn.Module | None, embeddings: Tensor, labels: Tensor
 ) -> dict[str, float | None] | None:
     """:meth:`Objective.validation_losses` of a miner and a loss: the loss on the mined tuples,
-    on every pair or triplet, and the mined count. None for a loss with per-class parameters
-    (they do not cover unseen classes). A batch laid out as triplets in training
+    on every pair or triplet, and the mined count, computed on copies (a loss or miner with
+    state, such as a histogram or a memory, is left as it was). None for a loss with per-class
+    parameters (they do not cover unseen classes). A batch laid out as triplets in training
     (:class:`~dmlkit.miners.EmbeddingsAlreadyPackagedAsTriplets`) has no mined form here."""
-    if getattr(loss, "needs_class_labels", False):
+    if isinstance(loss, ClassParametersLoss) or getattr(loss, "num_classes", None) is not None:
         return None
+    loss, miner = copy.deepcopy(loss), copy.deepcopy(miner)
     every = float(loss(embeddings, labels))
     if isinstance(miner, EmbeddingsAlreadyPackagedAsTriplets):
         return {"val_loss": None, "val_loss_all_pairs": every, "val_mined": None}

@@ -126,6 +126,11 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(f"sampler.random_share must be in [0, 1], got {sampler.random_share}")
     if not sampler.triplet_margin > 0:
         raise ConfigError(f"sampler.triplet_margin must be positive, got {sampler.triplet_margin}")
+    if sampler.mode == "offline_triplets" and config.objective.name != "MetricLossObjective":
+        raise ConfigError(
+            "sampler.mode=offline_triplets trains a loss on the packed triplets: it needs "
+            f"objective.name MetricLossObjective, got {config.objective.name!r}"
+        )
     packaged = (None, "EmbeddingsAlreadyPackagedAsTriplets")
     if sampler.mode == "offline_triplets" and config.miner.name not in packaged:
         raise ConfigError(

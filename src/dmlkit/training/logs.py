@@ -41,6 +41,11 @@ class CSVLog:
         with self.path.open("a", newline="") as file:
             csv.writer(file).writerow([_cell(row.get(name)) for name in self._columns])
 
+    @property
+    def columns(self) -> list[str] | None:
+        """The header's columns, or None before the first row."""
+        return None if self._columns is None else list(self._columns)
+
     def rows(self) -> list[dict[str, str]]:
         """Every row written so far, as strings."""
         if not self.path.is_file():

@@ -10,16 +10,15 @@ run continues with it exactly.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..data import LabelledDataset
 from ..functional.offline import mine_triplets, nearest_classes
-from ..models.inference import embed_dataset
 from ..samplers import HardClassSampler, TripletBatchSampler
 from .config import SamplerConfig
 
@@ -50,6 +49,7 @@ class OfflineMining:
                 seed=seed,
             )
         else:
+            # About the items of a P×K batch, as whole triplets.
             per_batch = max(1, config.classes_per_batch * config.samples_per_class // 3)
             self.sampler = TripletBatchSampler(per_batch, num_batches=num_batches, seed=seed)
         self.seed = seed
@@ -67,21 +67,24 @@ class OfflineMining:
         return step % self.config.refresh == 0
 
     def refresh(
-        self,
-        model: nn.Module,
-        dataset: LabelledDataset,
-        *,
-        step: int,
-        batch_size: int,
-        device: torch.device,
+        self, embeddings: Tensor, labels: np.ndarray, *, step: int, seconds: float
     ) -> dict[str, float | int]:
-        """Embeds the training set and recomputes the neighbours or triplets.
+        """Recomputes the neighbours or triplets from the training set's embeddings.
+
+        Args:
+            embeddings: (N, D) of the training items, in dataset order.
+            labels: Their labels.
+            step: The training step.
+            seconds: What embedding them took (reported with the mining's own time).
 
         Returns:
             What to log: the refresh's seconds and, for triplets, how many and how hard.
+
+        Raises:
+            ValueError: The labels are not the training labels, or the first refresh finds no
+                triplet (a later one that finds none keeps the previous triplets).
         """
         start = time.perf_counter()
-        embeddings, labels = embed_dataset(model, dataset, batch_size=batch_size, device=device)
         if not np.array_equal(labels, self.labels):
             raise ValueError("offline mining: the embedded set's labels differ from training's")
         label_tensor = torch.as_tensor(labels)
@@ -98,20 +101,21 @@ class OfflineMining:
                 per_anchor=self.config.triplets_per_anchor,
                 seed=self.seed + 7919 * (self.refreshes + 1),
             )
-            if len(found.triplets) == 0:
+            if len(found.triplets) == 0 and self.refreshes == 0:
                 raise ValueError(
                     f"offline mining found no {self.config.triplets} triplet in the training "
                     "set; try sampler.triplets=semihard or a larger sampler.triplet_margin"
                 )
-            self.sampler.set_triplets(found.triplets.numpy())
+            if len(found.triplets):
+                self.sampler.set_triplets(found.triplets.numpy())
             row |= {
                 "triplets": len(found.triplets),
                 "anchors_without": found.anchors_without,
-                "mean_margin": float(found.margins.mean()),
+                "mean_margin": float(found.margins.mean()) if len(found.triplets) else math.nan,
             }
         self.refreshed_at = step
         self.refreshes += 1
-        row["seconds"] = time.perf_counter() - start
+        row["seconds"] = seconds + time.perf_counter() - start
         return row
 
     def state_dict(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from ..evaluation import evaluate
 from ..miners import EmbeddingsAlreadyPackagedAsTriplets
 from ..models import EmbeddingModel, cache_features
 from ..models.inference import embed_dataset
-from ..objectives import BatchStream, Objective
+from ..objectives import BatchStream, MetricLossObjective, Objective
 from ..samplers import PKSampler
 from ..typed_values import ConfigError
 from .builders import build_embedding_model, build_loss, build_miner, build_objective
@@ -306,6 +306,15 @@ class Trainer:
         with self.randomness.active():
             self.objective = (self._build_objective() if objective is None else objective).to(
                 self.device
+            )
+        if config.sampler.mode == "offline_triplets" and not (
+            isinstance(self.objective, MetricLossObjective)
+            and isinstance(self.objective.miner, EmbeddingsAlreadyPackagedAsTriplets)
+        ):
+            raise ConfigError(
+                "sampler.mode=offline_triplets trains a loss on the packed triplets: it needs "
+                "objective.name MetricLossObjective (with miner.name null), got "
+                f"{type(self.objective).__name__}"
             )
         if self.world_size > 1 and self.objective.distributed_unsupported:
             raise ConfigError(
@@ -616,8 +625,11 @@ class Trainer:
         if resume:
             self._restore(self.run_dir / "last.pt")
             if self.is_writer:
-                for log in (train_log, val_log, mining_log):
-                    log.truncate_after(self.state.step)
+                train_log.truncate_after(self.state.step)
+                val_log.truncate_after(self.state.step)
+                # A refresh after the checkpoint is done again: its row goes with it.
+                refreshed = None if self.mining is None else self.mining.refreshed_at
+                mining_log.truncate_after(-1 if refreshed is None else refreshed)
         else:
             if self.is_writer:
                 (self.run_dir / "config.yaml").write_text(config.to_yaml())
@@ -691,13 +703,15 @@ class Trainer:
                 ):
                     break  # refreshed at the top of the loop, which resumes this epoch
             bar.close()
+            epoch_ended = self.state.batch >= len(self.sampler)
             if self.state.batch >= len(self.sampler):
                 self.state.epoch += 1
                 self.state.batch = 0
                 if self._validate_now("epoch") and not self.state.stopped_early:
                     self._validate(val_log, board)
             finished = self.state.stopped_early or self.state.step >= self.total_steps
-            self.save()
+            if epoch_ended or finished:  # not after a break for a mid-epoch refresh
+                self.save()
         if self._validates() and self.state.validated_step != self.state.step:
             # Training after the last scheduled validation would otherwise be thrown away.
             self._validate(val_log, board)
@@ -714,15 +728,11 @@ class Trainer:
         epoch_start = self.state.batch == 0
         if not self.mining.due(self.state.step, self.state.epoch, epoch_start):
             return
-        was_training = self.trained_part.training
+        start = time.perf_counter()
+        embeddings, labels = self.embed(self.data.train_eval)
         row = self.mining.refresh(
-            self.trained_part,
-            self.data.train_eval,
-            step=self.state.step,
-            batch_size=self.config.train.eval_batch_size,
-            device=self.device,
+            embeddings, labels, step=self.state.step, seconds=time.perf_counter() - start
         )
-        self.trained_part.train(was_training)
         if self.is_writer:
             log.write({**row, "epoch": self.state.epoch})
         if board:
@@ -800,8 +810,10 @@ class Trainer:
         rows: list[dict[str, float | None]] = []
         was_training = self.trained_part.training
         self.trained_part.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with torch.no_grad():
+            # A random miner must not advance the run's generators.
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 for number, batch in enumerate(self._val_batches):
                     items = [samples[(index, seed + number)] for index in batch]
                     x = torch.stack([item for item, _ in items]).to(self.device)
@@ -826,6 +838,9 @@ class Trainer:
         metrics = self.evaluate_on(self.data.val)  # rank 0's numbers, on every rank
         losses = self._validation_losses()
         self.state.validated_step = self.state.step
+        if log.columns is not None:
+            # A run started before the validation loss existed keeps its log's columns.
+            losses = {key: value for key, value in losses.items() if key in log.columns}
         if self.is_writer:
             log.write({"step": self.state.step, "epoch": self.state.epoch, **metrics, **losses})
         if board:

@@ -129,7 +129,7 @@ def plot_training_log(
                 axis.plot(steps, smoothed, label=name, linewidth=1.2, color=raw.get_color())
         if title == "training loss":
             for name, (steps, values) in validation_losses.items():
-                points = auto_window(len(values)) if window > 1 else 1
+                points = smoothing if smoothing is not None else auto_window(len(values))
                 (raw,) = axis.plot(steps, values, linewidth=0.8, alpha=_RAW_ALPHA, marker="o",
                                    markersize=2)  # fmt: skip
                 axis.plot(steps, moving_average(values, points), label=name, linewidth=1.2,

@@ -219,7 +219,12 @@ def _curves_section(run_dir: Path, path: Path, options: ReportOptions) -> Sectio
         section.paragraphs.append(f"No training curves: {error}.")
         return section
     section.figures.append(
-        Figure(path, "Training-log curves, smoothed (faint: the raw values); validation as logged.")
+        Figure(
+            path,
+            "Training-log curves, smoothed (faint: the raw values); the validation loss (dashed) "
+            "beside the training loss, as in training and over every pair; validation metrics "
+            "as logged.",
+        )
     )
     return section
 
