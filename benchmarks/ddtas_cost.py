@@ -8,7 +8,16 @@ included:
 - **OTG, closed form**: plus one backward pass on a 5 × 2 meta batch and a forward-mode
   Jacobian-vector product carried on the training forward pass (docs/ddtas.md §5.3);
 - **OTG, double backward**: the literal virtual step (docs/ddtas.md §5.1) through
-  ``functional_call``.
+  ``functional_call``;
+- the OTG variants of docs/ddtas_ablation.md, closed (first-order) form: the memory meta loss
+  (8 per class), per-pair loss weights, the online threshold (per side), and the virtual step
+  restricted to the head and the last backbone block (ConvNet only: the head model is nothing
+  but a head). Held-out meta classes cost what the released OTG costs (only the meta batches'
+  source differs).
+
+Peak memory: each step is also run in a fresh process (set-up, two plain warm-up steps, then
+three steps of the variant) and that process's peak resident memory (``ru_maxrss``; on CUDA the
+device's peak allocation during the variant's steps) reported next to the plain step's.
 
 Two models: the linear 128-d head on 1280-d MobileNetV2-sized features (the cub100_subset
 set-up), and the small ConvNet on 28×28 grey images (the Omniglot set-up) with live BatchNorm.
@@ -25,7 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +69,9 @@ def _models(device: torch.device) -> dict[str, tuple[Callable[[], nn.Module], tu
     }
 
 
-def _batch(shape: tuple[int, ...], classes: int, per_class: int, device: torch.device):
+def _batch(
+    shape: tuple[int, ...], classes: int, per_class: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(classes * per_class, *shape, device=device)
     y = torch.arange(classes, device=device).repeat_interleave(per_class)
     return x, y
@@ -100,16 +114,41 @@ def _variants(
 
         return step
 
-    return {
+    dim = embeddings.shape[1]
+    steps = {
         "bare x@x.T forward+backward": bare,
         "plain step": plain,
         "DDTAS without OTG": through(DDTAS(otg=None)),
         "OTG, closed form": through(DDTAS(otg=OTGSettings(method="closed_form"))),
         "OTG, double backward": through(DDTAS(otg=OTGSettings(method="double_backward"))),
+        "v1 memory meta loss (8/class)": through(
+            DDTAS(otg=OTGSettings(memory_size=8), num_classes=CLASSES, embedding_dim=dim)
+        ),
+        "v3 per-pair loss weights": through(DDTAS(otg=OTGSettings(reading="loss_weights"))),
+        "v4 online threshold": through(
+            DDTAS(otg=OTGSettings(reading="online_threshold", per_side=True))
+        ),
     }
+    if hasattr(model, "head"):
+        steps["OTG on head + last block"] = through(
+            DDTAS(otg=OTGSettings(scope="head_and_last_block"))
+        )
+    return steps
 
 
-def measure(rounds: int, device: torch.device) -> list[dict[str, Any]]:
+def peak_memory(model_name: str, variant: str, device: torch.device) -> float:
+    """Peak resident memory (MiB) of a fresh process running three steps of one variant."""
+    command = [sys.executable, __file__, "--device", str(device)]
+    out = subprocess.run(
+        [*command, "--peak-memory-of", model_name, variant],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def measure(rounds: int, device: torch.device, memory_rows: bool = True) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     rows = []
     for model_name, (make, shape) in _models(device).items():
@@ -126,6 +165,7 @@ def measure(rounds: int, device: torch.device) -> list[dict[str, Any]]:
         plain_median = statistics.median(times["plain step"])
         for name, values in times.items():
             median = statistics.median(values)
+            memory = peak_memory(model_name, name, device) if memory_rows else None
             rows.append(
                 {
                     "model": model_name,
@@ -134,6 +174,7 @@ def measure(rounds: int, device: torch.device) -> list[dict[str, Any]]:
                     "ratio_to_plain": median / plain_median,
                     "overhead_to_plain": (median - plain_median) / plain_median,
                     "rounds": rounds,
+                    "peak_rss_mib": memory,
                 }
             )
             print(
@@ -155,15 +196,20 @@ def markdown(rows: list[dict[str, Any]], device: torch.device, rounds: int) -> s
         f"`python benchmarks/ddtas_cost.py`: batch {CLASSES} × {PER_CLASS} = "
         f"{CLASSES * PER_CLASS}, meta batch {META_CLASSES} × {META_PER_CLASS}; median of "
         f"{rounds} interleaved rounds; {where}; torch {torch.__version__}. A step includes the "
-        "Adam update. Overhead = (step − plain step) / plain step.",
+        "Adam update. Overhead = (step − plain step) / plain step. Peak memory: the peak "
+        "resident memory of a fresh process that sets up, takes two plain steps and three of "
+        "the variant (the plain row: five plain steps); the difference to the plain row is "
+        "what the variant adds.",
         "",
-        "| Model | Step | Median | × plain step | Overhead |",
-        "|---|---|---:|---:|---:|",
+        "| Model | Step | Median | × plain step | Overhead | Peak memory |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for row in rows:
+        memory = row.get("peak_rss_mib")
         lines.append(
             f"| {row['model']} | {row['variant']} | {row['median_ms']:.2f} ms | "
-            f"{row['ratio_to_plain']:.2f}× | {100 * row['overhead_to_plain']:+.0f}% |"
+            f"{row['ratio_to_plain']:.2f}× | {100 * row['overhead_to_plain']:+.0f}% | "
+            + (f"{memory:.0f} MiB |" if memory is not None else "– |")
         )
     return "\n".join(lines) + "\n"
 
@@ -172,9 +218,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--peak-memory-of",
+        nargs=2,
+        metavar=("MODEL", "VARIANT"),
+        help="(internal) run one variant in this fresh process and print its peak memory",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = measure(args.rounds, device)
+    if args.peak_memory_of is not None:
+        model_name, variant = args.peak_memory_of
+        torch.manual_seed(0)
+        make, shape = _models(device)[model_name]
+        steps = _variants(make, shape, device)
+        for _ in range(2):
+            steps["plain step"]()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(3):
+            steps[variant]()
+        if device.type == "cuda":  # the device's peak, not the host's
+            print(torch.cuda.max_memory_allocated(device) / 2**20)
+        else:
+            print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+    rows = measure(args.rounds, device, memory_rows=not args.no_memory)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"ddtas_cost_{device.type}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
