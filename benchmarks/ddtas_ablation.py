@@ -252,6 +252,8 @@ def markdown(results: dict[str, Any]) -> str:
         "0.01; OTG: closed form, meta batch 5 × 2 from the training set.",
         "",
     ]
+    if "note" in results:
+        lines += [f"Note: {results['note']}.", ""]
     for setup in dict.fromkeys(row["setup"] for row in results["rows"]):
         rows = [row for row in results["rows"] if row["setup"] == setup]
         first = rows[0]

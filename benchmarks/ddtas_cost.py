@@ -15,9 +15,9 @@ included:
   but a head). Held-out meta classes cost what the released OTG costs (only the meta batches'
   source differs).
 
-Peak memory: each step is also run in a fresh process (set-up, two plain warm-up steps, then
-three steps of the variant) and that process's peak resident memory (``ru_maxrss``; on CUDA the
-device's peak allocation during the variant's steps) reported next to the plain step's.
+Peak memory: after the timed rounds, one more step of each variant is run with the tensor
+memory it holds at its peak, beyond what existed before it, measured: the allocator's peak on
+CUDA, the PyTorch profiler's memory timeline on CPU.
 
 Two models: the linear 128-d head on 1280-d MobileNetV2-sized features (the cub100_subset
 set-up), and the small ConvNet on 28×28 grey images (the Omniglot set-up) with live BatchNorm.
@@ -34,10 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,16 +133,32 @@ def _variants(
     return steps
 
 
-def peak_memory(model_name: str, variant: str, device: torch.device) -> float:
-    """Peak resident memory (MiB) of a fresh process running three steps of one variant."""
-    command = [sys.executable, __file__, "--device", str(device)]
-    out = subprocess.run(
-        [*command, "--peak-memory-of", model_name, variant],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return float(out.strip().splitlines()[-1])
+def peak_memory(step: Callable[[], None], device: torch.device) -> float:
+    """MiB of tensor memory one step holds at its peak beyond what existed before it: the
+    allocator's peak on CUDA; on CPU, the profiler's memory timeline (tensors created minus
+    tensors freed, at its highest)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile
+
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        step()
+    live = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def measure(rounds: int, device: torch.device, memory_rows: bool = True) -> list[dict[str, Any]]:
@@ -165,7 +178,7 @@ def measure(rounds: int, device: torch.device, memory_rows: bool = True) -> list
         plain_median = statistics.median(times["plain step"])
         for name, values in times.items():
             median = statistics.median(values)
-            memory = peak_memory(model_name, name, device) if memory_rows else None
+            memory = peak_memory(variants[name], device) if memory_rows else None
             rows.append(
                 {
                     "model": model_name,
@@ -196,10 +209,9 @@ def markdown(rows: list[dict[str, Any]], device: torch.device, rounds: int) -> s
         f"`python benchmarks/ddtas_cost.py`: batch {CLASSES} × {PER_CLASS} = "
         f"{CLASSES * PER_CLASS}, meta batch {META_CLASSES} × {META_PER_CLASS}; median of "
         f"{rounds} interleaved rounds; {where}; torch {torch.__version__}. A step includes the "
-        "Adam update. Overhead = (step − plain step) / plain step. Peak memory: the peak "
-        "resident memory of a fresh process that sets up, takes two plain steps and three of "
-        "the variant (the plain row: five plain steps); the difference to the plain row is "
-        "what the variant adds.",
+        "Adam update. Overhead = (step − plain step) / plain step. Peak memory: the tensor memory "
+        "one step holds at its peak beyond what existed before it (CPU: the PyTorch profiler's "
+        "memory timeline; CUDA: the allocator's peak).",
         "",
         "| Model | Step | Median | × plain step | Overhead | Peak memory |",
         "|---|---|---:|---:|---:|---:|",
@@ -209,7 +221,7 @@ def markdown(rows: list[dict[str, Any]], device: torch.device, rounds: int) -> s
         lines.append(
             f"| {row['model']} | {row['variant']} | {row['median_ms']:.2f} ms | "
             f"{row['ratio_to_plain']:.2f}× | {100 * row['overhead_to_plain']:+.0f}% | "
-            + (f"{memory:.0f} MiB |" if memory is not None else "– |")
+            + (f"{memory:.1f} MiB |" if memory is not None else "– |")
         )
     return "\n".join(lines) + "\n"
 
@@ -219,30 +231,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument(
-        "--peak-memory-of",
-        nargs=2,
-        metavar=("MODEL", "VARIANT"),
-        help="(internal) run one variant in this fresh process and print its peak memory",
-    )
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.peak_memory_of is not None:
-        model_name, variant = args.peak_memory_of
-        torch.manual_seed(0)
-        make, shape = _models(device)[model_name]
-        steps = _variants(make, shape, device)
-        for _ in range(2):
-            steps["plain step"]()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(3):
-            steps[variant]()
-        if device.type == "cuda":  # the device's peak, not the host's
-            print(torch.cuda.max_memory_allocated(device) / 2**20)
-        else:
-            print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return
     rows = measure(args.rounds, device, memory_rows=not args.no_memory)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"ddtas_cost_{device.type}"
