@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shutil
 import statistics
 import tempfile
@@ -58,6 +59,12 @@ SOFT_CONTRASTIVE = [
     "loss.name=SoftContrastiveLoss",
     "loss.options={pos_scale: 2.0, neg_scale: 40.0, threshold: 0.7}",
 ]
+AT_ASMS_OTG = [
+    *SOFT_CONTRASTIVE,
+    "miner.name=ATASMSMiner",
+    "miner.options={epsilon: 0.1}",
+    "objective.name=DDTASObjective",
+]
 METHODS: dict[str, list[str]] = {
     "base: MS mining + soft contrastive": [
         *SOFT_CONTRASTIVE,
@@ -89,6 +96,29 @@ METHODS: dict[str, list[str]] = {
         "objective.name=DDTASObjective",
         "objective.options.normalization=separate",
     ],
+    # The OTG variants of docs/ddtas_ablation.md (AT-ASMS + soft contrastive + OTG).
+    "v1: memory meta loss (8 per class)": [
+        *AT_ASMS_OTG,
+        "objective.options.memory_size=8",
+    ],
+    "v2: held-out meta classes (20%)": [
+        *AT_ASMS_OTG,
+        "data.val_classes=0.2",
+        "objective.options.meta_source=held_out",
+    ],
+    "v2 control: 20% of classes held out, meta from training": [
+        *AT_ASMS_OTG,
+        "data.val_classes=0.2",
+    ],
+    "v3: per-pair loss weights": [*AT_ASMS_OTG, "objective.options.reading=loss_weights"],
+    "v4: online threshold (per side)": [
+        *AT_ASMS_OTG,
+        "objective.options={reading: online_threshold, per_side: true}",
+    ],
+    "cost: OTG on head + last block": [
+        *AT_ASMS_OTG,
+        "objective.options.scope=head_and_last_block",
+    ],
     "multi-similarity loss + miner": [
         "loss.name=MultiSimilarityLoss",
         "miner.name=MultiSimilarityMiner",
@@ -106,6 +136,17 @@ METHODS: dict[str, list[str]] = {
     ],
 }
 PLOTTED = "full DDTAS (AT-ASMS + OTG)"
+# The issue-20 ablation (``--methods otg-variants``): no OTG, the released OTG, the variants.
+OTG_VARIANTS = [
+    "+AT-ASMS",
+    "full DDTAS (AT-ASMS + OTG)",
+    "v1: memory meta loss (8 per class)",
+    "v2: held-out meta classes (20%)",
+    "v2 control: 20% of classes held out, meta from training",
+    "v3: per-pair loss weights",
+    "v4: online threshold (per side)",
+    "cost: OTG on head + last block",
+]
 
 COMMON = [
     "sampler.classes_per_batch=16",
@@ -131,6 +172,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         **TRAINING_SETUPS["cub100_subset"],
         "overrides": [*TRAINING_SETUPS["cub100_subset"]["overrides"], "train.epochs=1000"],
         "steps": 600,
+        "frozen_features": True,
     },
 }
 
@@ -147,6 +189,10 @@ def run(
             print(f"{data_dir / setup['data']} not found; {name} skipped", flush=True)
             continue
         for method in methods:
+            if method.startswith("cost:") and setup.get("frozen_features"):
+                # The model trained there is the head alone: the cost option changes nothing.
+                print(f"{name}: {method!r} skipped (only the head is trained)", flush=True)
+                continue
             for seed in seeds:
                 overrides = [
                     *(o.format(pretrained=pretrained, cache=cache) for o in setup["overrides"]),
@@ -174,9 +220,10 @@ def run(
                         "seconds": seconds,
                     }
                 )
-                if method == PLOTTED and seed == seeds[0]:
+                if method in OTG_VARIANTS[1:] and seed == seeds[0]:
                     plot = plot_training_log(run_dir)
-                    shutil.copy(plot, out.with_name(f"{out.name}_{name}_thresholds.png"))
+                    slug = "thresholds" if method == PLOTTED else _slug(method)
+                    shutil.copy(plot, out.with_name(f"{out.name}_{name}_{slug}.png"))
                 print(
                     f"{name:14s} {method:40s} seed {seed}  "
                     f"MAP@R {result.after['mean_average_precision_at_r']:.4f}  "
@@ -186,6 +233,10 @@ def run(
                 )
                 out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _slug(method: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", method.split(":")[0].lower()).strip("_")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -201,6 +252,8 @@ def markdown(results: dict[str, Any]) -> str:
         "0.01; OTG: closed form, meta batch 5 × 2 from the training set.",
         "",
     ]
+    if "note" in results:
+        lines += [f"Note: {results['note']}.", ""]
     for setup in dict.fromkeys(row["setup"] for row in results["rows"]):
         rows = [row for row in results["rows"] if row["setup"] == setup]
         first = rows[0]
@@ -230,7 +283,13 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=[*METHODS, "otg-variants"],
+        help="methods to run; otg-variants: no OTG, the released OTG and its variants",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, help="override every set-up's step budget")
     parser.add_argument("--name", default="ddtas_ablation_cpu", help="results file stem")
@@ -246,6 +305,8 @@ def main() -> None:
         args.from_json.with_suffix(".md").write_text(text)
         print(text)
         return
+    if args.methods == ["otg-variants"]:
+        args.methods = OTG_VARIANTS
     if args.steps is not None:
         for setup in SETUPS.values():
             setup["steps"] = args.steps

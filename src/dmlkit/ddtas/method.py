@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,12 @@ from .otg import (
 
 OTGMethod = Literal["closed_form", "double_backward"]
 OTGReading = Literal["multiplier", "additive", "loss_weights", "online_threshold"]
-_READINGS = ("multiplier", "additive", "loss_weights", "online_threshold")
-_SCOPES = ("all", "head", "head_and_last_block")
+_READINGS = get_args(OTGReading)
 
 
 class DegenerateThresholdsError(RuntimeError):
-    """The OTG's weights are undefined for this batch (every score ≤ 0, or not finite)."""
+    """The OTG's values are undefined for this batch (multiplier reading: every score ≤ 0;
+    any reading: a meta gradient that is not finite)."""
 
 
 @dataclass(frozen=True)
@@ -46,17 +46,19 @@ class OTGSettings:
     """How the Online Threshold Generator runs (docs/ddtas.md §5.9; defaults first there).
 
     Attributes:
-        method: ``closed_form`` (one Jacobian-vector product, §5.3) or ``double_backward``
-            (the literal virtual step, §5.1; the reference, and needed by ``additive``).
+        method: ``closed_form``: one Jacobian-vector product (§5.3), exact for the
+            multiplier reading and first-order in η for the others
+            (:func:`~dmlkit.ddtas.otg.first_order_gradient`); ``double_backward``: the literal
+            virtual step (§5.1), exact for every reading.
         normalization: ``joint`` maximum (released) or ``separate`` per side (§5.4).
         reading: What the meta gradient adjusts (docs/ddtas_ablation.md):
 
             - ``multiplier``: per-pair λ multiplying S, from 0, normalised (released);
             - ``additive``: per-pair thresholds moved by one gradient step from the loss
-              threshold (§5.8; needs ``double_backward``);
+              threshold (§5.8);
             - ``loss_weights``: per-pair weights of the loss terms at the real similarity,
               from 1, moved by one relative step (learning-to-reweight proper):
-              w = relu(1 − weight_step·g/mean|g|);
+              w = clip(1 − weight_step·g/mean|g|, 0, 2);
             - ``online_threshold``: the loss threshold itself (one, or one per side), kept
               across steps and moved each step by RMS-normalised meta-gradient descent
               (``online_lr``, within ``threshold_bounds``).
@@ -98,29 +100,42 @@ class OTGSettings:
             "normalization": (self.normalization, ("joint", "separate")),
             "reading": (self.reading, _READINGS),
             "on_degenerate": (self.on_degenerate, ("skip", "raise")),
-            "scope": (self.scope, _SCOPES),
+            "scope": (self.scope, get_args(VirtualScope)),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"OTG {name} must be one of {allowed}, got {value!r}")
-        if self.reading == "additive" and self.method != "double_backward":
-            raise ValueError(
-                "the additive reading moves θ in the virtual step, so the closed form does not "
-                "apply: use method='double_backward'"
-            )
         if not (math.isfinite(self.virtual_lr) and self.virtual_lr > 0):
             raise ValueError(f"virtual_lr must be a positive number, got {self.virtual_lr}")
         for name in ("threshold_lr", "weight_step", "online_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value}")
-        if isinstance(self.memory_size, bool) or self.memory_size < 0:
-            raise ValueError(f"memory_size must be a count ≥ 0, got {self.memory_size!r}")
+        if not isinstance(self.memory_size, int) or isinstance(self.memory_size, bool):
+            raise ValueError(f"memory_size must be an integer ≥ 0, got {self.memory_size!r}")
+        if self.memory_size < 0:
+            raise ValueError(f"memory_size must be an integer ≥ 0, got {self.memory_size!r}")
         if self.memory_size and self.meta_mining:
             raise ValueError("meta_mining with a memory is not supported: choose one")
-        low, high = self.threshold_bounds
-        if not low < high:
-            raise ValueError(f"threshold_bounds must be (low, high), got {self.threshold_bounds}")
+        bounds = self.threshold_bounds
+        if len(bounds) != 2 or not bounds[0] < bounds[1]:
+            raise ValueError(f"threshold_bounds must be (low, high) with low < high, got {bounds}")
+        # An option of another reading is a mistake, not something to ignore silently.
+        defaults = OTGSettings.__dataclass_fields__
+        used_by = {
+            "threshold_lr": "additive",
+            "weight_step": "loss_weights",
+            "online_lr": "online_threshold",
+            "threshold_bounds": "online_threshold",
+            "per_side": "online_threshold",
+        }
+        for name, reading in used_by.items():
+            if self.reading != reading and getattr(self, name) != defaults[name].default:
+                raise ValueError(f"{name} applies to reading={reading!r}, not {self.reading!r}")
+        if self.normalization != "joint" and self.reading != "multiplier":
+            raise ValueError(
+                f"normalization applies to the multiplier reading, not {self.reading!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -139,10 +154,11 @@ class DDTASStats:
         neg_similarity: Mean similarity of the mined negative pairs.
         meta_loss: The OTG's meta loss.
         otg_skipped: 1 when the OTG's weights were undefined and the step skipped, else 0.
-        otg_pos_mean: Mean OTG weight (multiplier) or threshold (additive) of positive pairs.
+        otg_pos_mean: Mean OTG weight (multiplier, loss_weights) or threshold (additive) of
+            positive pairs.
         otg_neg_mean: The same for negative pairs.
         otg_neg_max: Largest value over negative pairs.
-        otg_pos_zero: Fraction of positive pairs with weight 0 (multiplier reading).
+        otg_pos_zero: Fraction of positive pairs with weight 0 (multiplier, loss_weights).
         otg_neg_zero: Fraction of negative pairs with weight 0 (multiplier reading).
         online_threshold_pos: The online threshold of positive pairs (the one threshold
             without ``per_side``).
@@ -273,6 +289,12 @@ class DDTAS:
                 raise ValueError("the OTG's memory_size needs num_classes and embedding_dim")
             self.memory = ClassMemory(num_classes, otg.memory_size, embedding_dim)
         if otg is not None and otg.reading == "online_threshold":
+            low, high = otg.threshold_bounds
+            if not low <= threshold <= high:
+                raise ValueError(
+                    f"the loss threshold {threshold} is outside threshold_bounds "
+                    f"{otg.threshold_bounds}"
+                )
             self.online_threshold = OnlineThreshold(
                 threshold, otg.per_side, otg.online_lr, otg.threshold_bounds
             )
@@ -284,8 +306,9 @@ class DDTAS:
         return _TrainingLoss(self, pairs, n_anchors)
 
     def meta_loss(self, labels: Tensor) -> _MetaLoss:
-        """L^m(S) on a meta batch with these labels: the same form at λ = 1, over every pair
-        (or the mined ones with ``meta_mining``)."""
+        """L^m on a meta batch's embeddings, with these labels: the training loss's form at
+        λ = 1, over every pair (or the mined ones with ``meta_mining``), and against the
+        memory's embeddings when there is one."""
         return _MetaLoss(self, labels)
 
     def _loss(
@@ -414,7 +437,7 @@ class DDTAS:
         if otg.reading == "additive":
             moved = start - otg.threshold_lr * grad
             if not bool(torch.isfinite(moved).all()):
-                return self._output(sim, pairs, mined, None, moved, meta_value, 0)
+                return self._output(sim, pairs, mined, None, None, meta_value, 0)
             loss = self._loss(values, pairs, n, moved)
             return self._output(sim, pairs, mined, loss, moved, meta_value, 0)
         if otg.reading == "loss_weights":
@@ -422,7 +445,7 @@ class DDTAS:
                 return self._output(sim, pairs, mined, None, None, meta_value, 1)
             scale = grad.abs().mean()
             step = grad / scale if scale > 0 else torch.zeros_like(grad)
-            term_weights = (1.0 - otg.weight_step * step).clamp_min(0.0)
+            term_weights = (1.0 - otg.weight_step * step).clamp(0.0, 2.0)
             loss = self._loss(values, pairs, n, self.threshold, term_weights)
             return self._output(sim, pairs, mined, loss, term_weights, meta_value, 1)
         if otg.reading == "online_threshold":
@@ -580,7 +603,8 @@ class _MetaLoss:
         if memory is not None and bool(memory.filled.any()):
             unit = F.normalize(embeddings, dim=1)
             stored, stored_labels = memory.entries()
-            references = torch.cat([unit, stored.to(unit.dtype)])
+            references = torch.cat([unit, stored.to(unit)])
+            stored_labels = stored_labels.to(self.labels.device)
             pos, neg = label_masks(self.labels, torch.cat([self.labels, stored_labels]))
             pos[:, : len(unit)].fill_diagonal_(False)
             neg[:, : len(unit)].fill_diagonal_(False)
@@ -616,7 +640,6 @@ class ClassMemory(nn.Module):
             raise ValueError(
                 f"num_classes, size and dim must be positive, got {num_classes}, {size}, {dim}"
             )
-        self.size = size
         self.register_buffer("bank", torch.zeros(num_classes, size, dim))
         self.register_buffer("filled", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("position", torch.zeros(num_classes, dtype=torch.long))
@@ -624,22 +647,30 @@ class ClassMemory(nn.Module):
     @torch.no_grad()
     def push(self, embeddings: Tensor, labels: Tensor) -> None:
         """Stores a batch's embeddings, each replacing its class's oldest when full."""
-        num_classes, _, dim = self.bank.shape
+        num_classes, size, dim = self.bank.shape
         if embeddings.ndim != 2 or embeddings.shape[1] != dim:
             raise ValueError(f"memory embeddings must be (B, {dim}), got {tuple(embeddings.shape)}")
-        labels = labels.to(self.bank.device)
+        labels = labels.to(self.bank.device).long()
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             raise ValueError(f"memory labels must be in [0, {num_classes}), got {labels.tolist()}")
-        unit = F.normalize(embeddings.detach().float(), dim=1).to(self.bank.device)
-        for vector, label in zip(unit, labels.tolist(), strict=True):
-            slot = int(self.position[label])
-            self.bank[label, slot] = vector
-            self.position[label] = (slot + 1) % self.size
-            self.filled[label] = min(int(self.filled[label]) + 1, self.size)
+        unit = F.normalize(embeddings.detach(), dim=1).to(self.bank)
+        # Each item's rank among its class's items in the batch, in batch order.
+        order = torch.sort(labels, stable=True).indices
+        sorted_labels = labels[order]
+        counts = torch.bincount(labels, minlength=num_classes)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(labels)
+        rank[order] = torch.arange(len(labels), device=labels.device) - starts[sorted_labels]
+        # Only a class's last `size` items of the batch survive; their slots are distinct.
+        kept = rank >= counts[labels] - size
+        slot = (self.position[labels] + rank) % size
+        self.bank[labels[kept], slot[kept]] = unit[kept]
+        self.position.copy_((self.position + counts) % size)
+        self.filled.copy_(torch.minimum(self.filled + counts, torch.full_like(counts, size)))
 
     def entries(self) -> tuple[Tensor, Tensor]:
         """(M, D) stored embeddings and their (M,) labels."""
-        kept = torch.arange(self.size, device=self.bank.device) < self.filled[:, None]
+        kept = torch.arange(self.bank.shape[1], device=self.bank.device) < self.filled[:, None]
         labels = torch.arange(self.bank.shape[0], device=self.bank.device)[:, None].expand_as(kept)
         return self.bank[kept], labels[kept]
 

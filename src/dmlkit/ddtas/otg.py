@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -43,22 +43,29 @@ VirtualScope = Literal["all", "head", "head_and_last_block"]
 
 def trainable_parameters(model: nn.Module, scope: VirtualScope = "all") -> dict[str, Tensor]:
     """The parameters the OTG differentiates: every one that requires grad, or those of the
-    model's ``head`` (and of the last block of its ``backbone`` that has parameters)."""
+    model's ``head`` (and of the last block of its ``backbone`` that has parameters; a
+    backbone's unused classifier is not a block). A model without a ``head`` is all head."""
     chosen: dict[str, Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if scope not in get_args(VirtualScope):
+        raise ValueError(f"scope must be one of {get_args(VirtualScope)}, got {scope!r}")
     if scope == "all":
         return chosen
-    if scope not in ("head", "head_and_last_block"):
-        raise ValueError(f"scope must be 'all', 'head' or 'head_and_last_block', got {scope!r}")
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Module):
-        raise ValueError(f"scope={scope!r} needs a model with a `head` submodule")
+        # A model without a separate head (the head alone, trained on cached features) is
+        # all head.
+        return chosen
     prefixes = ["head."]
     backbone = getattr(model, "backbone", None)
     if scope == "head_and_last_block" and isinstance(backbone, nn.Module):
+        unused = getattr(backbone, "classifier_key", None)  # kept, never applied
         blocks = [
             name
             for name, block in backbone.named_modules()
-            if name and not list(block.children()) and any(True for _ in block.parameters())
+            if name
+            and not list(block.children())
+            and any(True for _ in block.parameters())
+            and (unused is None or name.split(".")[0] != unused)
         ]
         if blocks:
             # The last leaf module with parameters, and its siblings in the same parent block.

@@ -458,7 +458,10 @@ def otg_multi_similarity_per_anchor(
     if term_weights is not None:
         terms = terms * term_weights
     sums = values.new_zeros(2 * n_anchors).index_add(0, group, terms)
-    lse = peak + torch.log(torch.where(present, sums, 1.0))
+    # A side whose terms are all weighted 0 sums to 0: its log(1 + 0) is 0, and log(0) must
+    # not enter the graph (its gradient would be NaN).
+    present = present & (sums.detach() > 0)
+    lse = torch.where(present, peak + torch.log(torch.where(present, sums, 1.0)), -torch.inf)
     return (F.softplus(lse).view(n_anchors, 2) * side_weight).sum(1)
 
 

@@ -37,7 +37,8 @@ class DDTASObjective(Objective):
         otg: Run the OTG; False leaves mining and the Soft Contrastive loss.
         otg_method: ``closed_form`` (one Jacobian-vector product) or ``double_backward``.
         normalization: ``joint`` (released) or ``separate`` per side.
-        reading: ``multiplier`` (released) or ``additive`` (needs ``double_backward``).
+        reading: ``multiplier`` (released), ``additive``, ``loss_weights`` or
+            ``online_threshold`` (:class:`~dmlkit.ddtas.OTGSettings`).
         form: ``soft_contrastive`` or ``multi_similarity`` (the released OTG's MS form).
         virtual_lr: η of the virtual step; ``lr`` when None, as released.
         threshold_lr: η_λ of the additive reading.
@@ -48,8 +49,9 @@ class DDTASObjective(Objective):
             or the meta loss has no positive pair and every step would be skipped).
         meta_source: ``train`` (released: the training classes) or ``held_out``: the
             class-disjoint validation classes (``data.val_classes``), which training batches
-            never see (learning-to-reweight's clean meta set). Validation metrics of such a run
-            are then on classes the OTG has looked at.
+            never see (learning-to-reweight's clean meta set). They come with the evaluation
+            transform (no augmentation), and the run's validation metrics are then on classes
+            the OTG has looked at.
         memory_size: Embeddings kept per class for the memory meta loss (0: none); see
             :class:`~dmlkit.ddtas.OTGSettings`.
         weight_step: The ``loss_weights`` reading's relative step.

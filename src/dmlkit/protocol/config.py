@@ -473,7 +473,9 @@ class _NoBatches:
     """The batch source of a configuration check: building an objective may ask for a stream
     of training batches, and a check draws none."""
 
-    def __init__(self, classes_per_batch: int, samples_per_class: int, seed: int) -> None:
+    def __init__(
+        self, classes_per_batch: int, samples_per_class: int, seed: int, *, held_out: bool = False
+    ) -> None:
         if classes_per_batch < 1 or samples_per_class < 1:
             raise ValueError(
                 f"a P×K batch needs P ≥ 1 and K ≥ 1, got {classes_per_batch} × {samples_per_class}"

@@ -394,7 +394,8 @@ class Trainer:
         if held_out:
             if self.data.val is None:
                 raise ValueError(
-                    "held-out batches come from the validation classes: set data.val_classes"
+                    "held-out batches come from the validation classes: set data.val_classes "
+                    "(or data.cv_folds)"
                 )
             dataset = self.data.val
         sampler = PKSampler(

@@ -24,6 +24,9 @@ _PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("OTG weight / threshold (mean)", ("otg_pos_mean", "otg_neg_mean", "otg_neg_max"), True),
     ("OTG zero weights (fraction)", ("otg_pos_zero", "otg_neg_zero"), False),
     ("OTG steps skipped (cumulative)", ("skipped_steps",), False),
+    ("OTG meta loss", ("meta_loss",), False),
+    ("online threshold λ", ("online_threshold_pos", "online_threshold_neg"), False),
+    ("meta memory (embeddings)", ("memory_items",), False),
 )
 
 
