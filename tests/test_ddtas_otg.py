@@ -853,13 +853,6 @@ def _additive_reference(
     return (lam - threshold_lr * grad).detach()
 
 
-def test_additive_reading_needs_double_backward() -> None:
-    with pytest.raises(ValueError, match="double_backward"):
-        OTGSettings(reading="additive")
-    with pytest.raises(ValueError, match="double_backward"):
-        OTGSettings(reading="additive", method="closed_form")
-
-
 def test_additive_reading_thresholds() -> None:
     model = _mlp()
     x, y, xm, ym = _batches()

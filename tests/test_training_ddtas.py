@@ -144,7 +144,7 @@ def test_bad_ddtas_settings_are_config_errors() -> None:
         (["loss.name=MultiSimilarityLoss"], "set loss.name to SoftContrastiveLoss"),
         (["miner.name=TripletMarginMiner"], "needs miner.name ATASMSMiner"),
         (["miner.name=null"], "needs miner.name ATASMSMiner, ASMSMiner or MultiSimilarityMiner"),
-        (["objective.options.reading=additive"], "use method='double_backward'"),
+        (["objective.options.per_side=true"], "per_side applies to reading='online_threshold'"),
         (["objective.options.virtual_lr=-1"], "virtual_lr must be a positive number"),
         (["train.device=cpu", "objective.options.meta_samples=0"], "meta_samples at least 2"),
     ]
