@@ -370,3 +370,13 @@ def test_hard_classes_need_two_classes() -> None:
     assert math.isfinite(
         float(mine_triplets(torch.randn(6, 3), torch.arange(6) // 3).margins.sum())
     )
+
+
+def test_validation_batches_are_the_same_every_round(tmp_path: Path) -> None:
+    config = load_config(None, [*FAST, "data.val_classes=0.4", "validation.loss_batches=3"])
+    first = Trainer(config, tmp_path / "a")._validation_batches()
+    again = Trainer(config, tmp_path / "b")._validation_batches()
+    assert first == again and len(first) == 3
+    trainer = Trainer(config, tmp_path / "c")
+    losses = trainer._validation_losses()
+    assert trainer._validation_losses() == losses  # the same batches and model: the same values
