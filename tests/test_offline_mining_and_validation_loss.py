@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmlkit.functional.offline import mine_triplets, nearest_classes
+from dmlkit.functional.offline import mine_offline_triplets, nearest_classes
 from dmlkit.losses import TripletMarginLoss
 from dmlkit.miners import TripletMarginMiner
 from dmlkit.samplers import HardClassSampler, PKSampler, TripletBatchSampler
@@ -244,7 +244,7 @@ def test_hard_class_batches_hold_the_seed_class_and_its_nearest() -> None:
 @pytest.mark.parametrize("kind", ["hard", "semihard"])
 def test_offline_triplets_satisfy_their_definition_against_brute_force(kind: str) -> None:
     emb, labels = _clustered(2)
-    found = mine_triplets(emb, labels, kind, 0.3, per_anchor=2, seed=3, block_size=7)
+    found = mine_offline_triplets(emb, labels, kind, 0.3, per_anchor=2, seed=3, block_size=7)
     unit = F.normalize(emb, dim=1)
     distance = torch.cdist(unit, unit)
     assert len(found.triplets) > 0
@@ -257,7 +257,7 @@ def test_offline_triplets_satisfy_their_definition_against_brute_force(kind: str
     per_anchor = torch.bincount(found.triplets[:, 0], minlength=60)
     assert set(per_anchor.tolist()) <= {0, 1, 2}  # two draws, each may find none
     assert int((per_anchor == 0).sum()) == found.anchors_without
-    again = mine_triplets(emb, labels, kind, 0.3, per_anchor=2, seed=3, block_size=7)
+    again = mine_offline_triplets(emb, labels, kind, 0.3, per_anchor=2, seed=3, block_size=7)
     assert torch.equal(again.triplets, found.triplets)  # seeded
 
 
@@ -368,7 +368,7 @@ def test_hard_classes_need_two_classes() -> None:
     with pytest.raises(ValueError, match="at least 2 classes"):
         nearest_classes(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
     assert math.isfinite(
-        float(mine_triplets(torch.randn(6, 3), torch.arange(6) // 3).margins.sum())
+        float(mine_offline_triplets(torch.randn(6, 3), torch.arange(6) // 3).margins.sum())
     )
 
 

@@ -57,7 +57,7 @@ class OfflineTriplets:
     anchors_without: int
 
 
-def mine_triplets(
+def mine_offline_triplets(
     embeddings: Tensor,
     labels: Tensor,
     kind: TripletKind = "semihard",
@@ -132,4 +132,4 @@ def mine_triplets(
     return OfflineTriplets(triplets, values, without)
 
 
-__all__ = ["OfflineTriplets", "TripletKind", "mine_triplets", "nearest_classes"]
+__all__ = ["OfflineTriplets", "TripletKind", "mine_offline_triplets", "nearest_classes"]

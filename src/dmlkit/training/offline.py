@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..functional.offline import mine_triplets, nearest_classes
+from ..functional.offline import mine_offline_triplets, nearest_classes
 from ..samplers import HardClassSampler, TripletBatchSampler
 from .config import SamplerConfig
 
@@ -93,7 +93,7 @@ class OfflineMining:
             _, order = nearest_classes(embeddings, label_tensor)
             self.sampler.set_neighbours(order.numpy())
         else:
-            found = mine_triplets(
+            found = mine_offline_triplets(
                 embeddings,
                 label_tensor,
                 self.config.triplets,
