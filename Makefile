@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 # The real data (Omniglot, the CUB subset, MobileNetV2 weights) beside the repository unless set.
 export DMLKIT_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup train demo test test-umap lint bench bench-class-losses bench-eval bench-train bench-ddtas bench-protocol \
+.PHONY: setup train demo test test-umap lint bench bench-gpu bench-class-losses bench-eval bench-train bench-ddtas bench-protocol \
 	bench-sweep
 
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -39,6 +39,13 @@ test-umap: setup
 
 bench: setup
 	$(BIN)/python benchmarks/losses.py
+
+# The device check to run whenever a GPU is lent (under 8 minutes on one H100/H200): device tests,
+# losses, evaluation at 1M items, training images/s, into benchmarks/results/gpu/.
+# DEVICE=cpu runs it at small sizes (the test suite does, so it cannot rot).
+DEVICE ?= cuda
+bench-gpu: setup
+	$(BIN)/python benchmarks/gpu_check.py --device $(DEVICE) $(if $(filter cpu,$(DEVICE)),--small --out build/gpu_check_cpu,)
 
 # Losses with per-class parameters (proxies, class weights) against PML and a bare x @ W.
 bench-class-losses: setup

@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell (median reported)")
     parser.add_argument("--limit-gib", type=float, default=18.0, help="memory limit per job")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--name", help="results file stem (default: evaluation_<device>)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where results go")
     args = parser.parse_args()
     rows = []
     for layout_name, layout in LAYOUTS.items():
@@ -158,8 +160,9 @@ def _fmt(entry: dict, key: str, unit: str) -> str:
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    name = f"evaluation_{args.device}"
+    results = args.results_dir
+    results.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"evaluation_{args.device}"
     meta = {
         "device": args.device,
         "cpu_threads": torch.get_num_threads(),
@@ -168,7 +171,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "repeats": args.repeats,
         "metrics": METRICS,
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (results / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"# Retrieval evaluation: dmlkit vs PML AccuracyCalculator (faiss), {args.device}",
         "",
@@ -201,7 +204,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         if "error" not in row["dmlkit"]
     ]
     lines += ["", "Metric values (dmlkit):", *values, ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    (results / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

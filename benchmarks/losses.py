@@ -322,6 +322,7 @@ def main() -> None:
     parser.add_argument("--pml-budget", type=float, default=30.0, help="seconds per PML case")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: each available)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where results go")
     parser.add_argument(
         "--memory", action="store_true", help="only the all-triplets memory measurement"
     )
@@ -357,7 +358,8 @@ def main() -> None:
             "reps": args.reps,
         }
         rows = []
-        stem = RESULTS / f"losses_{device_name}{args.tag}"
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        stem = args.results_dir / f"losses_{device_name}{args.tag}"
         for dim in args.dim:
             for n in args.batch:
                 for case in cases:
