@@ -30,31 +30,17 @@ import re
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dmlkit.protocol import confidence_interval
-from dmlkit.training import Trainer, load_config, real_data_dir
 from dmlkit.viz import plot_training_log
-from training import SETUPS as TRAINING_SETUPS
+from real_runs import SETUPS, AfterRun, Row, method_tables, seconds_per_run, train_runs
 from training import add_cache_dir_option
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-METRICS = ("precision_at_1", "recall_at_k", "r_precision", "mean_average_precision_at_r")
-REPORTED = (
-    ("mean_average_precision_at_r", "MAP@R"),
-    ("r_precision", "R-Prec"),
-    ("precision_at_1", "P@1"),
-    ("recall_at_1", "R@1"),
-    ("recall_at_2", "R@2"),
-    ("recall_at_4", "R@4"),
-    ("recall_at_8", "R@8"),
-)
-
 SOFT_CONTRASTIVE = [
     "loss.name=SoftContrastiveLoss",
     "loss.options={pos_scale: 2.0, neg_scale: 40.0, threshold: 0.7}",
@@ -148,91 +134,37 @@ OTG_VARIANTS = [
     "cost: OTG on head + last block",
 ]
 
-COMMON = [
-    "sampler.classes_per_batch=16",
-    "sampler.samples_per_class=5",
-    "validation.every=0",
-    "validation.before_training=false",
-    "logging.progress=false",
-    "logging.log_every=5",
-    "validation.recall_at=[1, 2, 4, 8]",
-]
-# The data set-ups of the training benchmark, with this benchmark's budget.
-SETUPS: dict[str, dict[str, Any]] = {
-    "omniglot": {
-        **TRAINING_SETUPS["omniglot"],
-        "overrides": [
-            *TRAINING_SETUPS["omniglot"]["overrides"],
-            "train.epochs=100",
-            "optimizer.lr=1e-3",
-        ],
-        "steps": 300,
-    },
-    "cub100_subset": {
-        **TRAINING_SETUPS["cub100_subset"],
-        "overrides": [*TRAINING_SETUPS["cub100_subset"]["overrides"], "train.epochs=1000"],
-        "steps": 600,
-        "frozen_features": True,
-    },
-}
+
+def _after_run(out: Path, first_seed: int) -> AfterRun:
+    def after(run_dir: Path, row: Row, seed: int) -> Row:
+        summary = json.loads((run_dir / "results.json").read_text())
+        method = row["method"]
+        if method in OTG_VARIANTS[1:] and seed == first_seed:
+            plot = plot_training_log(run_dir)
+            slug = "thresholds" if method == PLOTTED else _slug(method)
+            shutil.copy(plot, out.with_name(f"{out.name}_{row['setup']}_{slug}.png"))
+        return {"skipped_steps": summary["skipped_steps"]}
+
+    return after
+
+
+def _skip(setup: dict[str, Any], method: str) -> str | None:
+    if method.startswith("cost:") and setup.get("frozen_features"):
+        return "only the head is trained: the cost option changes nothing"
+    return None
 
 
 def run(
     setups: list[str], methods: list[str], seeds: list[int], workdir: Path, cache: Path, out: Path
 ) -> dict[str, Any]:
-    data_dir = real_data_dir()
-    pretrained = data_dir / "mobilenet_v2_imagenet" / "mobilenet_v2-b0353104.pth"
-    results: dict[str, Any] = {"seeds": seeds, "rows": []}
-    for name in setups:
-        setup = SETUPS[name]
-        if not (data_dir / setup["data"]).is_dir():
-            print(f"{data_dir / setup['data']} not found; {name} skipped", flush=True)
-            continue
-        for method in methods:
-            if method.startswith("cost:") and setup.get("frozen_features"):
-                # The model trained there is the head alone: the cost option changes nothing.
-                print(f"{name}: {method!r} skipped (only the head is trained)", flush=True)
-                continue
-            for seed in seeds:
-                overrides = [
-                    *(o.format(pretrained=pretrained, cache=cache) for o in setup["overrides"]),
-                    *COMMON,
-                    *METHODS[method],
-                    f"train.max_steps={setup['steps']}",
-                    f"train.seed={seed}",
-                ]
-                config = load_config(setup["config"], overrides)
-                config.validation.metrics = METRICS
-                run_dir = workdir / f"{name}-{len(results['rows'])}"
-                start = time.perf_counter()
-                result = Trainer(config, run_dir).fit()
-                seconds = time.perf_counter() - start
-                summary = json.loads((run_dir / "results.json").read_text())
-                results["rows"].append(
-                    {
-                        "setup": name,
-                        "method": method,
-                        "seed": seed,
-                        "after": result.after,
-                        "steps": result.steps,
-                        "skipped_steps": summary["skipped_steps"],
-                        "images_per_second": result.images_per_second,
-                        "seconds": seconds,
-                    }
-                )
-                if method in OTG_VARIANTS[1:] and seed == seeds[0]:
-                    plot = plot_training_log(run_dir)
-                    slug = "thresholds" if method == PLOTTED else _slug(method)
-                    shutil.copy(plot, out.with_name(f"{out.name}_{name}_{slug}.png"))
-                print(
-                    f"{name:14s} {method:40s} seed {seed}  "
-                    f"MAP@R {result.after['mean_average_precision_at_r']:.4f}  "
-                    f"P@1 {result.after['precision_at_1']:.4f}  "
-                    f"skipped {summary['skipped_steps']}  {seconds:.0f} s",
-                    flush=True,
-                )
-                out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    return results
+    chosen = {method: METHODS[method] for method in methods}
+    return train_runs(
+        setups, chosen, seeds, workdir, cache, out, skip=_skip, after_run=_after_run(out, seeds[0])
+    )
+
+
+def _skipped(runs: list[Row]) -> str:
+    return f"{statistics.fmean(run['skipped_steps'] for run in runs):.1f}"
 
 
 def _slug(method: str) -> str:
@@ -254,29 +186,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if "note" in results:
         lines += [f"Note: {results['note']}.", ""]
-    for setup in dict.fromkeys(row["setup"] for row in results["rows"]):
-        rows = [row for row in results["rows"] if row["setup"] == setup]
-        first = rows[0]
-        lines += [
-            f"## {setup}: {first['steps']} steps",
-            "",
-            "| Method | "
-            + " | ".join(label for _, label in REPORTED)
-            + " | Skipped steps | s/run |",
-            "|---|" + "---:|" * (len(REPORTED) + 2),
-        ]
-        for method in dict.fromkeys(row["method"] for row in rows):
-            runs = [row for row in rows if row["method"] == method]
-            cells = []
-            for key, _ in REPORTED:
-                interval = confidence_interval([row["after"][key] for row in runs])
-                cells.append(f"{interval.mean:.3f} ± {interval.half_width:.3f}")
-            skipped = statistics.fmean(row["skipped_steps"] for row in runs)
-            seconds = statistics.fmean(row["seconds"] for row in runs)
-            lines.append(
-                f"| {method} | " + " | ".join(cells) + f" | {skipped:.1f} | {seconds:.0f} |"
-            )
-        lines.append("")
+    lines += method_tables(results, [("Skipped steps", _skipped), ("s/run", seconds_per_run)])
     return "\n".join(lines)
 
 

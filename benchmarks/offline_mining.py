@@ -27,15 +27,13 @@ import json
 import platform
 import statistics
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ddtas_ablation import COMMON, METRICS, REPORTED, SETUPS
-from dmlkit.protocol import confidence_interval
-from dmlkit.training import Trainer, load_config, real_data_dir
+from real_runs import SETUPS, Row, method_tables, seconds_per_run, train_runs
 from training import add_cache_dir_option
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,63 +64,19 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def _refresh_seconds(run_dir: Path) -> tuple[float, int]:
+def _refreshes(run_dir: Path, row: Row, seed: int) -> Row:
+    """The run's refreshes from its mining.csv: how many, and their summed seconds."""
+    del row, seed
     path = run_dir / "mining.csv"
     if not path.is_file():
-        return 0.0, 0
+        return {"refresh_seconds": 0.0, "refreshes": 0}
     with path.open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    return sum(float(row["seconds"]) for row in rows), len(rows)
+        logged = list(csv.DictReader(file))
+    return {"refresh_seconds": sum(float(r["seconds"]) for r in logged), "refreshes": len(logged)}
 
 
-def run(
-    setups: list[str], methods: list[str], seeds: list[int], workdir: Path, cache: Path, out: Path
-) -> dict[str, Any]:
-    data_dir = real_data_dir()
-    pretrained = data_dir / "mobilenet_v2_imagenet" / "mobilenet_v2-b0353104.pth"
-    results: dict[str, Any] = {"seeds": seeds, "rows": []}
-    for name in setups:
-        setup = SETUPS[name]
-        if not (data_dir / setup["data"]).is_dir():
-            print(f"{data_dir / setup['data']} not found; {name} skipped", flush=True)
-            continue
-        for method in methods:
-            for seed in seeds:
-                overrides = [
-                    *(o.format(pretrained=pretrained, cache=cache) for o in setup["overrides"]),
-                    *COMMON,
-                    *METHODS[method],
-                    f"train.max_steps={setup['steps']}",
-                    f"train.seed={seed}",
-                ]
-                config = load_config(setup["config"], overrides)
-                config.validation.metrics = METRICS
-                run_dir = workdir / f"{name}-{len(results['rows'])}"
-                start = time.perf_counter()
-                result = Trainer(config, run_dir).fit()
-                seconds = time.perf_counter() - start
-                refresh, refreshes = _refresh_seconds(run_dir)
-                results["rows"].append(
-                    {
-                        "setup": name,
-                        "method": method,
-                        "seed": seed,
-                        "after": result.after,
-                        "steps": result.steps,
-                        "seconds": seconds,
-                        "refresh_seconds": refresh,
-                        "refreshes": refreshes,
-                    }
-                )
-                print(
-                    f"{name:14s} {method:42s} seed {seed}  "
-                    f"MAP@R {result.after['mean_average_precision_at_r']:.4f}  "
-                    f"P@1 {result.after['precision_at_1']:.4f}  {seconds:.0f} s "
-                    f"(refreshes {refresh:.1f} s)",
-                    flush=True,
-                )
-                out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    return results
+def _mean_of(key: str, digits: int) -> Callable[[list[Row]], str]:
+    return lambda runs: f"{statistics.fmean(run[key] for run in runs):.{digits}f}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -138,32 +92,12 @@ def markdown(results: dict[str, Any]) -> str:
         "(their summed wall-clock seconds per run).",
         "",
     ]
-    reported = REPORTED
-    for setup in dict.fromkeys(row["setup"] for row in results["rows"]):
-        rows = [row for row in results["rows"] if row["setup"] == setup]
-        lines += [
-            f"## {setup}: {rows[0]['steps']} steps",
-            "",
-            "| Method | "
-            + " | ".join(label for _, label in reported)
-            + " | Refreshes | Refresh s/run | s/run |",
-            "|---|" + "---:|" * (len(reported) + 3),
-        ]
-        for method in dict.fromkeys(row["method"] for row in rows):
-            runs = [row for row in rows if row["method"] == method]
-            cells = []
-            for key, _ in reported:
-                interval = confidence_interval([row["after"][key] for row in runs])
-                cells.append(f"{interval.mean:.3f} ± {interval.half_width:.3f}")
-            refreshes = statistics.fmean(row["refreshes"] for row in runs)
-            refresh = statistics.fmean(row["refresh_seconds"] for row in runs)
-            seconds = statistics.fmean(row["seconds"] for row in runs)
-            lines.append(
-                f"| {method} | "
-                + " | ".join(cells)
-                + f" | {refreshes:.0f} | {refresh:.1f} | {seconds:.0f} |"
-            )
-        lines.append("")
+    columns = [
+        ("Refreshes", _mean_of("refreshes", 0)),
+        ("Refresh s/run", _mean_of("refresh_seconds", 1)),
+        ("s/run", seconds_per_run),
+    ]
+    lines += method_tables(results, columns)
     return "\n".join(lines)
 
 
@@ -188,7 +122,11 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / args.name
     with tempfile.TemporaryDirectory() as workdir:
-        results = run(args.setups, args.methods, args.seeds, Path(workdir), args.cache_dir, out)
+        chosen = {method: METHODS[method] for method in args.methods}
+        results = train_runs(
+            args.setups, chosen, args.seeds, Path(workdir), args.cache_dir, out,
+            after_run=_refreshes,
+        )  # fmt: skip
     text = markdown(results)
     out.with_suffix(".md").write_text(text)
     print(text)
