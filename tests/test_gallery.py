@@ -680,3 +680,19 @@ def test_missing_neighbours_are_null_in_json() -> None:
     payload = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     rows = [row for query in payload["queries"] for row in query]
     assert sum(row["score"] is None for row in rows) == int(missing.sum())
+
+
+def test_image_queries_take_the_galleries_embedding_path(
+    built: Gallery, checkpoint: Path, omniglot_pngs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Query images are embedded as the gallery was (embed_dataset), and the gallery's autocast
+    choice is kept with it."""
+    folder, _ = omniglot_pngs
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    torch.testing.assert_close(built.embed(paths), built.embeddings, rtol=0, atol=1e-6)
+    with pytest.warns(UserWarning, match="only used on CUDA"):
+        mixed = Gallery.from_checkpoint(checkpoint, folder, autocast="bf16")
+    assert mixed.autocast == "bf16"
+    loaded = Gallery.load(mixed.save(tmp_path / "g"))
+    assert loaded.autocast == "bf16"
+    assert built.autocast is None and Gallery.load(built.save(tmp_path / "h")).autocast is None

@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import (
+    ArrayDataset,
     LabelledDataset,
     Subset,
     csv_manifest,
@@ -81,6 +82,22 @@ def _describe(preprocessing: dict[str, Any]) -> str:
         )
     inverted = ", inverted" if preprocessing.get("invert") else ""
     return f"{preprocessing['mode']} pixels in [0, 1]{inverted}, resized to {preprocessing['size']}"
+
+
+class _ImageFiles:
+    """Image files as model input, read when indexed (a :class:`LabelledDataset`, labels 0)."""
+
+    def __init__(self, paths: list[str], embedder: _Embedder) -> None:
+        self.paths = paths
+        self.embedder = embedder
+        self.labels = np.zeros(len(paths), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = read_image(self.paths[index], self.embedder.mode)
+        return self.embedder.transform(image), 0
 
 
 @dataclass
@@ -248,6 +265,7 @@ class Gallery:
         device: torch.device | str = "cpu",
         batch_size: int = 64,
         retired_ids: Sequence[str] = (),
+        autocast: AutocastDtype | None = None,
     ) -> None:
         """Use the ``from_*`` constructors; this one takes the parts as they are stored."""
         if metric not in METRICS:
@@ -265,6 +283,7 @@ class Gallery:
         self.class_names = class_names
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.autocast: AutocastDtype | None = autocast
         self._embedder: _Embedder | None = None
         self._dim: int | None = None
         # Built faiss indexes by kind, with their nlist and hnsw_m; dropped when items change.
@@ -379,6 +398,7 @@ class Gallery:
             class_names=class_names,
             device=device,
             batch_size=batch_size,
+            autocast=autocast,
         )
         gallery._embedder = embedder
         return gallery
@@ -432,7 +452,9 @@ class Gallery:
 
     @torch.no_grad()
     def embed(self, images: Tensor | ImagePaths) -> Tensor:
-        """Embeds images with the gallery's model and preprocessing.
+        """Embeds images with the gallery's model and preprocessing, as the gallery was embedded
+        (:func:`~dmlkit.models.inference.embed_dataset`: inference mode, channels-last where
+        faster, the gallery's ``autocast`` on CUDA).
 
         Args:
             images: Image paths (one or a sequence), or a float tensor batch ``[B, C, H, W]``
@@ -447,34 +469,26 @@ class Gallery:
                 naming the file).
         """
         embedder = self._model()
-        batches: Iterator[Tensor]
+        items: LabelledDataset
         if _is_paths(images):
             paths = [images] if isinstance(images, str | Path) else list(images)  # type: ignore[arg-type]
             if not paths:
                 raise ValueError("no images given")
-            batches = (
-                torch.stack(
-                    [
-                        embedder.transform(read_image(p, embedder.mode))
-                        for p in paths[i : i + self.batch_size]
-                    ]
-                )
-                for i in range(0, len(paths), self.batch_size)
-            )
+            items = _ImageFiles([str(p) for p in paths], embedder)
         elif isinstance(images, Tensor):
             x = images[None] if images.ndim == 3 else images
             embedder.check_input(x, "images")
-            batches = iter(torch.split(x, self.batch_size))
+            items = ArrayDataset(x.detach().cpu(), np.zeros(len(x), dtype=np.int64))
         else:
             raise TypeError(f"images must be paths or a tensor, got {type(images).__name__}")
-        model = embedder.model
-        was_training = model.training
-        model.eval()
-        try:
-            chunks = [model(b.to(self.device)).float().cpu() for b in batches]
-        finally:
-            model.train(was_training)
-        return torch.cat(chunks)
+        embeddings, _ = embed_dataset(
+            embedder.model,
+            items,
+            batch_size=self.batch_size,
+            device=self.device,
+            autocast=self.autocast,
+        )
+        return embeddings
 
     def _query_embeddings(self, queries: Queries, fingerprint: str | None) -> Tensor:
         if isinstance(queries, Tensor) and queries.ndim == 1:
@@ -837,6 +851,7 @@ class Gallery:
                 "fingerprint": self.fingerprint,
                 "class_names": self.class_names,
                 "retired_ids": sorted(self._retired),
+                "autocast": self.autocast,
                 "indexes": indexes,
                 "sha256": {name: file_sha256(temporary / name) for name in files},
             }
@@ -949,6 +964,7 @@ class Gallery:
             device=device,
             batch_size=batch_size,
             retired_ids=manifest.get("retired_ids", []),
+            autocast=manifest.get("autocast"),
         )
         if count == 0:
             gallery._dim = dim or None
