@@ -267,6 +267,26 @@ def test_atomic_checkpoint_keeps_the_old_file_when_writing_fails(tmp_path: Path)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_atomic_arrays_keep_the_old_file_when_writing_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `dmlkit embed` writes: an interrupted write leaves the previous .npy whole."""
+    from dmlkit.training.checkpoint import save_array_atomic
+
+    path = save_array_atomic(np.arange(6.0), tmp_path / "embeddings.npy")
+
+    def failing(file: object, array: object, allow_pickle: bool = False) -> None:
+        file.write(b"half a file")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "save", failing)
+    with pytest.raises(OSError, match="disk full"):
+        save_array_atomic(np.zeros(3), path)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(path), np.arange(6.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["embeddings.npy"]
+
+
 def test_cli_train_default_prints_before_and_after(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -299,10 +299,11 @@ def _embed(args: argparse.Namespace) -> int:
     embeddings, labels = embed_dataset(
         model.to(options["device"]), dataset, batch_size=config.train.eval_batch_size, **options
     )
+    from .training.checkpoint import save_array_atomic
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", embeddings.numpy())
-    np.save(out / "labels.npy", labels)
+    save_array_atomic(embeddings.numpy(), out / "embeddings.npy")
+    save_array_atomic(np.asarray(labels), out / "labels.npy")
     print(f"wrote {embeddings.shape[0]} × {embeddings.shape[1]} embeddings and labels to {out}")
     return 0
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 
@@ -37,6 +38,15 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
         The destination path.
     """
     return _write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def save_array_atomic(array: np.ndarray, path: str | Path) -> Path:
+    """Write a numpy array as a ``.npy`` file to ``path`` atomically.
+
+    Returns:
+        The destination path.
+    """
+    return _write_atomic(path, lambda file: np.save(file, array, allow_pickle=False))
 
 
 def _write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
