@@ -100,7 +100,15 @@ def _train(args: argparse.Namespace) -> int:
             return _launch_processes(args, args.argv)
     joined = _in_process_group()
     try:
-        return _train_here(args)
+        status = _train_here(args)
+        if joined:
+            import torch.distributed as dist
+
+            # Every rank leaves together: a rank that tears its connections down while another
+            # still reports can abort in gloo's threads at exit ("terminate called ...").
+            # Not after an error: the others are then stopped by torchrun, not awaited.
+            dist.barrier()
+        return status
     finally:
         if joined:
             import torch.distributed as dist
