@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import shutil
 import statistics
@@ -33,10 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dmlkit.viz import plot_training_log
-from real_runs import SETUPS, AfterRun, Row, method_tables, seconds_per_run, train_runs
+from real_runs import SETUPS, AfterRun, Row, header, method_tables, seconds_per_run, train_runs
 from training import add_cache_dir_option
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,17 +170,13 @@ def _slug(method: str) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     seeds = results["seeds"]
-    lines = [
-        "# DDTAS ablation on real data (CPU)",
-        "",
-        f"`python benchmarks/ddtas_ablation.py`: seeds {', '.join(map(str, seeds))}; mean ± 95% "
-        f"confidence interval (Student t, {len(seeds) - 1} degrees of freedom); "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}. Batch 16 classes × 5; test classes held out, each test item "
-        "querying the others. Soft contrastive: α 40, β 2, λ 0.7; MS mining ε 0.1; ASMS γ 0.1 / "
-        "0.01; OTG: closed form, meta batch 5 × 2 from the training set.",
-        "",
-    ]
+    lines = header(
+        "DDTAS ablation on real data (CPU)",
+        "ddtas_ablation.py",
+        seeds,
+        "Soft contrastive: α 40, β 2, λ 0.7; MS mining ε 0.1; ASMS γ 0.1 / 0.01; OTG: closed "
+        "form, meta batch 5 × 2 from the training set.",
+    )
     if "note" in results:
         lines += [f"Note: {results['note']}.", ""]
     lines += method_tables(results, [("Skipped steps", _skipped), ("s/run", seconds_per_run)])

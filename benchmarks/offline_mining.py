@@ -24,16 +24,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from real_runs import SETUPS, Row, method_tables, seconds_per_run, train_runs
+from real_runs import SETUPS, Row, header, method_tables, seconds_per_run, train_runs
 from training import add_cache_dir_option
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,17 +78,13 @@ def _mean_of(key: str, digits: int) -> Callable[[list[Row]], str]:
 
 def markdown(results: dict[str, Any]) -> str:
     seeds = results["seeds"]
-    lines = [
-        "# Offline against online mining on real data (CPU)",
-        "",
-        f"`python benchmarks/offline_mining.py`: seeds {', '.join(map(str, seeds))}; mean ± 95% "
-        f"confidence interval (Student t, {len(seeds) - 1} degrees of freedom); "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}. Batch 16 classes × 5; test classes held out, each test item "
-        "querying the others. Refreshes: every epoch, the training set embedded and mined again "
-        "(their summed wall-clock seconds per run).",
-        "",
-    ]
+    lines = header(
+        "Offline against online mining on real data (CPU)",
+        "offline_mining.py",
+        seeds,
+        "Refreshes: every epoch, the training set embedded and mined again (their summed "
+        "wall-clock seconds per run).",
+    )
     columns = [
         ("Refreshes", _mean_of("refreshes", 0)),
         ("Refresh s/run", _mean_of("refresh_seconds", 1)),

@@ -7,11 +7,14 @@ Used by ``ddtas_ablation.py`` and ``offline_mining.py``.
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from dmlkit.protocol import confidence_interval
 from dmlkit.training import Trainer, load_config, real_data_dir
@@ -136,6 +139,20 @@ def train_runs(
                 )
                 out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def header(title: str, script: str, seeds: Sequence[int], details: str) -> list[str]:
+    """A results file's title and its paragraph on how it was measured."""
+    return [
+        f"# {title}",
+        "",
+        f"`python benchmarks/{script}`: seeds {', '.join(map(str, seeds))}; mean ± 95% "
+        f"confidence interval (Student t, {len(seeds) - 1} degrees of freedom); "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}. Batch 16 classes × 5; test classes held out, each test item "
+        f"querying the others. {details}",
+        "",
+    ]
 
 
 # A table column after the metrics: (header, the cell from a method's rows).

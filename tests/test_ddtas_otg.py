@@ -35,8 +35,7 @@ from dmlkit.functional.thresholds import normalize_thresholds, pair_loss, pair_l
 from dmlkit.losses import SoftContrastiveLoss
 from dmlkit.miners import ATASMSMiner, MultiSimilarityMiner, PairMarginMiner, TripletMarginMiner
 from dmlkit.models import build_model
-
-F64 = torch.float64
+from otg_fixtures import F64, mined_pairs, tiny_batches, tiny_mlp
 
 # Float64 results computed two ways agree to rounding.
 RTOL = 1e-12
@@ -133,29 +132,6 @@ def _relu_max(u: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-def _mlp(seed: int = 0, batch_norm: bool = False) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(6, 16)]
-    if batch_norm:
-        layers.append(nn.BatchNorm1d(16))
-    layers += [nn.Tanh(), nn.Linear(16, 4)]
-    return nn.Sequential(*layers).to(F64)
-
-
-def _batches(seed: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A training batch of 4 classes × 3 and a meta batch of 3 classes × 2."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, 6, generator=g, dtype=F64)
-    xm = torch.randn(6, 6, generator=g, dtype=F64)
-    return x, torch.arange(12) // 3, xm, torch.arange(6) // 2
-
-
-def _mined(model: nn.Module, x: Tensor, y: Tensor) -> PairIndices:
-    """AT-ASMS pairs through the miner's own call contract (embeddings, not similarities)."""
-    with torch.no_grad():
-        return PairIndices.from_tuple(ATASMSMiner(epsilon=0.1)(model(x), y))
 
 
 def _brute_force_scores(
@@ -519,9 +495,9 @@ def test_pair_loss_multi_similarity_is_stable_for_large_exponents() -> None:
     ("form", "threshold"), [("soft_contrastive", 0.7), ("multi_similarity", 0.5)]
 )
 def test_t6_closed_form_equals_double_backward_on_a_tiny_mlp(form: str, threshold: float) -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
-    pairs = _mined(model, x, y)
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
+    pairs = mined_pairs(model, x, y)
     assert int(pairs.is_pos.sum()) > 0 and int((~pairs.is_pos).sum()) > 0
     scores = {}
     for method in ("closed_form", "double_backward"):
@@ -541,9 +517,9 @@ def test_t6_closed_form_equals_double_backward_on_a_tiny_mlp(form: str, threshol
     ("form", "threshold"), [("soft_contrastive", 0.7), ("multi_similarity", 0.5)]
 )
 def test_t6_closed_form_equals_brute_force_scores(form: str, threshold: float) -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
-    pairs = _mined(model, x, y)
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
+    pairs = mined_pairs(model, x, y)
     eta = 1e-3
     expected = _brute_force_scores(model, x, pairs, xm, ym, eta, form, threshold)
     assert bool((expected[pairs.is_pos] > 0).any()) and bool((expected[pairs.is_pos] < 0).any())
@@ -562,9 +538,9 @@ def test_t6_closed_form_equals_brute_force_scores(form: str, threshold: float) -
 
 @pytest.mark.parametrize("method", ["closed_form", "double_backward"])
 def test_t6_weights_do_not_depend_on_the_virtual_lr(method: str) -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
-    pairs = _mined(model, x, y)
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
+    pairs = mined_pairs(model, x, y)
     weights, losses = [], []
     for eta in (1e-5, 1e-1):
         ddtas = DDTAS(otg=OTGSettings(method=method, virtual_lr=eta))
@@ -581,9 +557,9 @@ def test_t6_weights_do_not_depend_on_the_virtual_lr(method: str) -> None:
 
 @pytest.mark.parametrize("eta", [1e-5, 1e-1, 10.0])
 def test_t6_virtual_step_at_zero_is_the_identity(eta: float) -> None:
-    model = _mlp()
-    x, y, _, _ = _batches()
-    pairs = _mined(model, x, y)
+    model = tiny_mlp()
+    x, y, _, _ = tiny_batches()
+    pairs = mined_pairs(model, x, y)
     ddtas = DDTAS(otg=OTGSettings(method="double_backward"))
     variables = torch.zeros(len(pairs), dtype=F64, requires_grad=True)
     virtual = virtual_parameters(
@@ -607,9 +583,9 @@ def test_t6_virtual_step_at_zero_is_the_identity(eta: float) -> None:
 
 @pytest.mark.parametrize("method", ["closed_form", "double_backward"])
 def test_t6_ddtas_output_matches_the_reference_weights(method: str) -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
-    pairs = _mined(model, x, y)
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
+    pairs = mined_pairs(model, x, y)
     u = _brute_force_scores(model, x, pairs, xm, ym, 1e-5)
     w = _relu_max(u)
     with torch.no_grad():
@@ -637,9 +613,9 @@ def test_t6_ddtas_output_matches_the_reference_weights(method: str) -> None:
 
 
 def test_ddtas_without_otg_equals_miner_and_soft_contrastive_loss() -> None:
-    model = _mlp()
+    model = tiny_mlp()
     reference = copy.deepcopy(model)
-    x, y, _, _ = _batches()
+    x, y, _, _ = tiny_batches()
     out = DDTAS(miner=ATASMSMiner(epsilon=0.1))(model, x, y)
     out.loss.backward()
     assert not out.skipped
@@ -663,8 +639,8 @@ def test_ddtas_without_otg_equals_miner_and_soft_contrastive_loss() -> None:
 def test_stats_describe_the_training_batch_with_meta_mining(method: str) -> None:
     """With ``meta_mining`` the meta batch is mined by the same miner: the mining stats
     reported must still be those of the training batch."""
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     miner = ATASMSMiner(epsilon=0.1)
     with torch.no_grad():
         miner(model(x), y)
@@ -681,8 +657,8 @@ def test_stats_describe_the_training_batch_with_meta_mining(method: str) -> None
 
 
 def test_meta_mining_closed_form_equals_double_backward() -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     outs = [
         DDTAS(otg=OTGSettings(method=m, meta_mining=True))(model, x, y, (xm, ym))
         for m in ("closed_form", "double_backward")
@@ -699,9 +675,9 @@ def test_meta_mining_closed_form_equals_double_backward() -> None:
 
 @pytest.mark.parametrize("method", ["closed_form", "double_backward"])
 def test_batchnorm_statistics_update_as_one_training_forward(method: str) -> None:
-    model = _mlp(batch_norm=True).train()
+    model = tiny_mlp(batch_norm=True).train()
     reference = copy.deepcopy(model)
-    x, y, xm, ym = _batches()
+    x, y, xm, ym = tiny_batches()
     out = DDTAS(otg=OTGSettings(method=method))(model, x, y, (xm, ym))
     assert all(p.grad is None for p in model.parameters())
     reference(x)  # one plain training forward
@@ -714,8 +690,8 @@ def test_batchnorm_statistics_update_as_one_training_forward(method: str) -> Non
 
 
 def test_batchnorm_closed_form_equals_double_backward() -> None:
-    model = _mlp(batch_norm=True).train()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp(batch_norm=True).train()
+    x, y, xm, ym = tiny_batches()
     outs = [
         DDTAS(otg=OTGSettings(method=m))(copy.deepcopy(model), x, y, (xm, ym))
         for m in ("closed_form", "double_backward")
@@ -725,9 +701,9 @@ def test_batchnorm_closed_form_equals_double_backward() -> None:
 
 
 def test_meta_gradient_changes_no_buffer_and_no_grad() -> None:
-    model = _mlp(batch_norm=True).train()
+    model = tiny_mlp(batch_norm=True).train()
     before = copy.deepcopy(model)
-    _, _, xm, ym = _batches()
+    _, _, xm, ym = tiny_batches()
     v, value = meta_gradient(model, xm, DDTAS(otg=OTGSettings()).meta_loss(ym))
     for (name, b), ref in zip(model.named_buffers(), before.buffers(), strict=True):
         assert torch.equal(b, ref), name
@@ -742,10 +718,10 @@ def test_meta_gradient_changes_no_buffer_and_no_grad() -> None:
 
 
 def test_frozen_parameters_are_not_differentiated() -> None:
-    model = _mlp()
+    model = tiny_mlp()
     model[0].weight.requires_grad_(False)
     assert set(trainable_parameters(model)) == {"0.bias", "2.weight", "2.bias"}
-    x, y, xm, ym = _batches()
+    x, y, xm, ym = tiny_batches()
     outs = [
         DDTAS(otg=OTGSettings(method=m))(model, x, y, (xm, ym))
         for m in ("closed_form", "double_backward")
@@ -760,10 +736,10 @@ def test_frozen_parameters_are_not_differentiated() -> None:
 
 @pytest.mark.parametrize("method", ["closed_form", "double_backward"])
 def test_real_step_treats_the_weights_as_constants(method: str) -> None:
-    model = _mlp()
+    model = tiny_mlp()
     reference = copy.deepcopy(model)
-    x, y, xm, ym = _batches()
-    pairs = _mined(model, x, y)
+    x, y, xm, ym = tiny_batches()
+    pairs = mined_pairs(model, x, y)
     weights = _relu_max(_brute_force_scores(reference, x, pairs, xm, ym, 1e-5)).detach()
 
     out = DDTAS(otg=OTGSettings(method=method))(model, x, y, (xm, ym))
@@ -783,8 +759,8 @@ def test_real_step_treats_the_weights_as_constants(method: str) -> None:
 
 @pytest.mark.parametrize("method", ["closed_form", "double_backward"])
 def test_meta_batch_without_positive_pairs_skips_the_step(method: str) -> None:
-    model = _mlp()
-    x, y, xm, _ = _batches()
+    model = tiny_mlp()
+    x, y, xm, _ = tiny_batches()
     singletons = torch.arange(6)  # one image per class: no positive pair, meta loss 0
     out = DDTAS(otg=OTGSettings(method=method))(model, x, y, (xm, singletons))
     assert out.skipped is True
@@ -809,8 +785,8 @@ def test_separate_normalisation_lifts_the_negative_weights() -> None:
     leaves the largest negative weight near 1e-12 (§5.4 predicts ≤ 1e-8); separate
     normalisation sets it to exactly 1 and leaves the positive weights unchanged (a positive
     sets the joint maximum)."""
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     joint = DDTAS(otg=OTGSettings(normalization="joint"))(model, x, y, (xm, ym)).stats
     separate = DDTAS(otg=OTGSettings(normalization="separate"))(model, x, y, (xm, ym)).stats
     assert joint.otg_neg_max is not None and 0 < joint.otg_neg_max < 1e-6
@@ -818,7 +794,7 @@ def test_separate_normalisation_lifts_the_negative_weights() -> None:
     assert separate.otg_pos_mean == pytest.approx(joint.otg_pos_mean, rel=1e-12)
     assert separate.otg_neg_mean is not None and separate.otg_neg_mean > 1e3 * joint.otg_neg_mean
 
-    pairs = _mined(model, x, y)
+    pairs = mined_pairs(model, x, y)
     u = _brute_force_scores(model, x, pairs, xm, ym, 1e-5)
     expected_neg = _relu_max(u[~pairs.is_pos])
     assert separate.otg_neg_mean == pytest.approx(expected_neg.mean().item(), rel=1e-6)
@@ -854,9 +830,9 @@ def _additive_reference(
 
 
 def test_additive_reading_thresholds() -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
-    pairs = _mined(model, x, y)
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
+    pairs = mined_pairs(model, x, y)
     eta = 1e-2
     means = {}
     for lr in (1.0, 100.0):
@@ -893,8 +869,8 @@ def test_additive_reading_thresholds() -> None:
 
 
 def test_otg_without_meta_batches_raises() -> None:
-    model = _mlp()
-    x, y, _, _ = _batches()
+    model = tiny_mlp()
+    x, y, _, _ = tiny_batches()
     with pytest.raises(ValueError, match="meta_batches"):
         DDTAS(otg=OTGSettings())(model, x, y)
     # Without the OTG no meta batch is needed.
@@ -902,8 +878,8 @@ def test_otg_without_meta_batches_raises() -> None:
 
 
 def test_triplet_miner_is_rejected() -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     for otg in (None, OTGSettings(), OTGSettings(method="double_backward")):
         ddtas = DDTAS(miner=TripletMarginMiner(distance=CosineSimilarity()), otg=otg)
         with pytest.raises(ValueError, match="pair miner"):
@@ -953,7 +929,7 @@ def test_convnet_closed_form_equals_double_backward() -> None:
     x = torch.randn(12, 1, 8, 8, generator=g, dtype=F64)
     xm = torch.randn(6, 1, 8, 8, generator=g, dtype=F64)
     y, ym = torch.arange(12) // 3, torch.arange(6) // 2
-    pairs = _mined(copy.deepcopy(model), x, y)
+    pairs = mined_pairs(copy.deepcopy(model), x, y)
     scores = {
         m: _otg_scores(DDTAS(otg=OTGSettings(method=m)), copy.deepcopy(model), x, pairs, xm, ym)
         for m in ("closed_form", "double_backward")
@@ -977,8 +953,8 @@ def test_convnet_closed_form_equals_double_backward() -> None:
 
 
 def test_meta_batches_are_drawn_once_per_call() -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     g = torch.Generator().manual_seed(9)
     first, second = (xm, ym), (torch.randn(6, 6, generator=g, dtype=F64), ym)
     expected = [
@@ -995,8 +971,8 @@ def test_meta_batches_are_drawn_once_per_call() -> None:
 
 
 def test_finite_meta_batches_running_out_raise() -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     ddtas = DDTAS(otg=OTGSettings(method="double_backward"), meta_batches=[(xm, ym)])
     assert not ddtas(model, x, y).skipped
     with pytest.raises(ValueError, match="ran out"):
@@ -1008,10 +984,10 @@ def test_a_batch_where_no_anchor_counts_is_not_an_otg_failure(method: str) -> No
     """One class only: no negative pair, so the loss is zero whatever the weights are. That is a
     normal (empty) step, not undefined weights: no skip, and no error even in raise mode."""
     torch.manual_seed(0)
-    model = _mlp()
+    model = tiny_mlp()
     x = torch.randn(6, 6, dtype=torch.float64)
     y = torch.zeros(6, dtype=torch.long)
-    _, _, x_meta, y_meta = _batches()
+    _, _, x_meta, y_meta = tiny_batches()
     ddtas = DDTAS(otg=OTGSettings(method=method, on_degenerate="raise"))  # type: ignore[arg-type]
     out = ddtas(model, x, y, (x_meta, y_meta))
     assert not out.skipped
@@ -1037,7 +1013,7 @@ class _Attention(nn.Module):
 def test_models_with_fused_attention_work_and_both_forms_agree() -> None:
     torch.manual_seed(0)
     model = _Attention()
-    x, y, x_meta, y_meta = (t.float() if t.is_floating_point() else t for t in _batches())
+    x, y, x_meta, y_meta = (t.float() if t.is_floating_point() else t for t in tiny_batches())
     losses = []
     for method in ("closed_form", "double_backward"):
         ddtas = DDTAS(otg=OTGSettings(method=method))  # type: ignore[arg-type]

@@ -25,40 +25,20 @@ from dmlkit.ddtas.otg import (
 )
 from dmlkit.functional.masks import PairIndices, label_masks
 from dmlkit.functional.thresholds import pair_loss, pair_loss_slopes
-from dmlkit.miners import ATASMSMiner
 from dmlkit.models import EmbeddingModel, build_model
 from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
+from otg_fixtures import DDTAS_RUN, F64, mined_pairs, tiny_batches, tiny_mlp
 from run_helpers import StopTrainingError, stop_at
-
-F64 = torch.float64
-
-
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).to(F64)
-
-
-def _batches(seed: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A training batch of 4 classes × 3 and a meta batch of 3 classes × 2."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, 6, generator=g, dtype=F64)
-    xm = torch.randn(6, 6, generator=g, dtype=F64)
-    return x, torch.arange(12) // 3, xm, torch.arange(6) // 2
-
-
-def _pairs(model: nn.Module, x: Tensor, y: Tensor) -> PairIndices:
-    with torch.no_grad():
-        return PairIndices.from_tuple(ATASMSMiner(epsilon=0.1)(model(x), y))
 
 
 def _gradients(
     reading: str, start: Tensor, eta: float, model: nn.Module | None = None
 ) -> tuple[Tensor, Tensor]:
     """(first-order, double-backward) meta gradients of one reading's variables."""
-    model = _mlp() if model is None else model
-    x, y, xm, ym = _batches()
+    model = tiny_mlp() if model is None else model
+    x, y, xm, ym = tiny_batches()
     method = DDTAS(otg=OTGSettings(method="double_backward", reading=reading, virtual_lr=eta))
-    pairs = _pairs(model, x, y)
+    pairs = mined_pairs(model, x, y)
     meta_loss = method.meta_loss(ym)
     training_loss = method.training_loss(pairs, len(x))
     v, _ = meta_gradient(model, xm, meta_loss)
@@ -73,10 +53,10 @@ def _gradients(
 
 def test_first_order_gradient_is_the_closed_form_at_lambda_zero() -> None:
     """At the multiplier reading's λ = 0 the virtual step is a no-op: both forms are exact."""
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     method = DDTAS(otg=OTGSettings())
-    pairs = _pairs(model, x, y)
+    pairs = mined_pairs(model, x, y)
     v, _ = meta_gradient(model, xm, method.meta_loss(ym))
     _, sim, tangent = similarities_with_tangent(model, x, v)
     slopes = pair_loss_slopes(pairs.anchors, pairs.is_pos, len(x), dtype=F64)
@@ -102,9 +82,9 @@ def test_first_order_gradient_approaches_the_double_backward_as_eta_shrinks(
 ) -> None:
     """Away from a no-op virtual step the first-order form is an approximation: its relative
     error against the literal double backward falls in proportion to η."""
-    model = _mlp()
-    x, y, _, _ = _batches()
-    k = len(_pairs(model, x, y))
+    model = tiny_mlp()
+    x, y, _, _ = tiny_batches()
+    k = len(mined_pairs(model, x, y))
     if start is None:
         start = torch.full((k,), 1.0 if reading == "loss_weights" else 0.7, dtype=F64)
     errors = []
@@ -146,12 +126,12 @@ def test_term_weights_of_one_leave_the_loss_and_zero_removes_a_term() -> None:
 
 def test_loss_weights_reading_moves_each_weight_from_one() -> None:
     """w = relu(1 − step·g/mean|g|) with g the meta gradient; the loss weights the terms."""
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     settings = OTGSettings(method="double_backward", reading="loss_weights", weight_step=0.5)
     method = DDTAS(otg=settings)
     out = method(model, x, y, (xm, ym))
-    pairs = _pairs(model, x, y)
+    pairs = mined_pairs(model, x, y)
     start = torch.ones(len(pairs), dtype=F64)
     grad, _ = double_backward_gradient(
         model, x, pairs, start, method.training_loss(pairs, 12), xm, method.meta_loss(ym), 1e-5
@@ -170,14 +150,14 @@ def test_loss_weights_reading_moves_each_weight_from_one() -> None:
 def test_closed_form_readings_use_the_first_order_gradient(reading: str) -> None:
     """Through DDTAS.__call__ with method="closed_form": the loss built from
     first_order_gradient's values, computed here step by step."""
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     method = DDTAS(otg=OTGSettings(reading=reading, virtual_lr=1e-3))  # type: ignore[arg-type]
     start_state = (
         None if method.online_threshold is None else method.online_threshold.values.clone()
     )
     out = method(model, x, y, (xm, ym))
-    pairs = _pairs(model, x, y)
+    pairs = mined_pairs(model, x, y)
     reference = DDTAS(otg=OTGSettings(reading=reading, virtual_lr=1e-3))  # type: ignore[arg-type]
     v, meta = meta_gradient(model, xm, reference.meta_loss(ym))
     _, sim, tangent = similarities_with_tangent(model, x, v)
@@ -247,15 +227,15 @@ def test_online_threshold_step_by_hand() -> None:
 
 @pytest.mark.parametrize("per_side", [False, True])
 def test_online_threshold_descends_the_meta_gradient_and_persists(per_side: bool) -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     settings = OTGSettings(
         method="double_backward", reading="online_threshold", per_side=per_side, virtual_lr=1e-4
     )
     method = DDTAS(otg=settings)
     assert method.online_threshold is not None
     before = method.online_threshold.values.clone()
-    pairs = _pairs(model, x, y)
+    pairs = mined_pairs(model, x, y)
     grad, _ = double_backward_gradient(
         model, x, pairs, before.clone(), method.training_loss(pairs, 12), xm,
         method.meta_loss(ym), 1e-4,
@@ -294,8 +274,8 @@ def test_class_memory_is_a_ring_per_class() -> None:
 
 
 def test_memory_meta_loss_compares_the_meta_batch_with_earlier_batches() -> None:
-    model = _mlp()
-    x, y, xm, ym = _batches()
+    model = tiny_mlp()
+    x, y, xm, ym = tiny_batches()
     settings = OTGSettings(method="double_backward", memory_size=4)
     method = DDTAS(otg=settings, num_classes=4, embedding_dim=4)
     assert method.memory is not None
@@ -413,16 +393,7 @@ def test_head_scope_equals_the_otg_with_a_frozen_backbone() -> None:
 
 # --------------------------------------------------------------------------- through the trainer
 
-FAST = [
-    "train.epochs=2",
-    "sampler.classes_per_batch=5",
-    "sampler.samples_per_class=6",
-    "logging.progress=false",
-    "logging.log_every=1",
-    "loss.name=SoftContrastiveLoss",
-    "miner.name=ATASMSMiner",
-    "objective.name=DDTASObjective",
-]
+FAST = DDTAS_RUN
 
 
 def test_held_out_meta_batches_come_from_the_validation_classes_only(tmp_path: Path) -> None:

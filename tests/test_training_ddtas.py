@@ -17,21 +17,14 @@ from dmlkit.miners import ATASMSMiner
 from dmlkit.objectives import DDTASObjective, MetricLossObjective
 from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
 from dmlkit.viz import plot_training_log
+from otg_fixtures import DDTAS_RUN, SOFT_CONTRASTIVE_RUN
 from run_helpers import StopTrainingError, stop_at
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-FAST = [
-    "train.epochs=2",
-    "sampler.classes_per_batch=5",
-    "sampler.samples_per_class=6",
-    "logging.progress=false",
-    "logging.log_every=1",
-    "loss.name=SoftContrastiveLoss",
-    "miner.name=ATASMSMiner",
-]
-DDTAS_ON = [*FAST, "objective.name=DDTASObjective"]
+FAST = SOFT_CONTRASTIVE_RUN
+DDTAS_ON = DDTAS_RUN
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -405,6 +405,7 @@ class _OfflineBatches(Sampler[list[int]]):
             yield self._batch(batch)
 
     def _batch(self, batch: int) -> list[int]:
+        """The dataset indices of batch ``batch`` of the epoch; each offline sampler's own."""
         raise NotImplementedError
 
 

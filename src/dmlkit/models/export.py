@@ -320,7 +320,7 @@ def _format_of(path: Path, format: str | None) -> ExportFormat:
         try:
             return _check_format(str(read_sidecar(path).get("export_format")))
         except ValueError:
-            pass
+            pass  # an unreadable sidecar says nothing: the suffix decides
     return "onnx" if path.suffix.lower() == ".onnx" else "torchscript"
 
 
