@@ -62,6 +62,7 @@ class Case:
     dmlkit: Callable[[], LossCall]
     pml: Callable[[], LossCall] | None
     pml_limit: PMLLimit = None
+    dmlkit_miner: Callable[[], Callable] | None = None
 
 
 def _pml_bytes(case: Case, n: int) -> int:
@@ -144,6 +145,48 @@ def _factory(loss_mod, miner_mod, loss, loss_kw, miner, miner_kw) -> Callable[[]
     )
 
 
+def _miner_factory(miner: str, miner_kw: dict) -> Callable[[], Callable]:
+    return lambda: getattr(dm, miner)(**miner_kw)
+
+
+def _floor_call(mined: tuple[torch.Tensor, ...], labels: torch.Tensor) -> LossCall:
+    """The floor of a loss over mined tuples under PML's contract (the miner hands over index
+    tensors): the bare forward+backward, one ``nonzero`` listing the M mined tuples from a mask
+    over the candidates the miner scans (every positive pair × every reference for a triplet
+    miner, the anchors for one returning at most one triplet per anchor, every (anchor,
+    reference) pair of each side for a pair miner), and a gather of the
+    tuples' entries of the matrix (two per triplet, one per pair) with its backward, a scatter
+    into the matrix's gradient. Everything else a miner and its loss do (the miner's own
+    matrix, its rule, the index arithmetic, the loss formula) is left out: a lower bound."""
+    n = len(labels)
+    same = labels[:, None] == labels[None, :]
+    if len(mined) == 3 and len(mined[0]) <= n:  # at most one triplet per anchor: scans anchors
+        mask = torch.zeros(n, dtype=torch.bool, device=labels.device)
+        mask[mined[0]] = True
+        flat = torch.cat([mined[0] * n + mined[1], mined[0] * n + mined[2]])
+    elif len(mined) == 3:
+        a, p, neg = mined
+        candidates = same & ~torch.eye(n, dtype=torch.bool, device=labels.device)
+        row_of_pair = torch.full((n, n), -1, dtype=torch.long, device=labels.device)
+        row_of_pair[candidates] = torch.arange(int(candidates.sum()), device=labels.device)
+        mask = torch.zeros(int(candidates.sum()), n, dtype=torch.bool, device=labels.device)
+        mask[row_of_pair[a, p], neg] = True
+        flat = torch.cat([a * n + p, a * n + neg])
+    else:
+        a1, p, a2, neg = mined
+        mask = torch.zeros(2, n, n, dtype=torch.bool, device=labels.device)
+        mask[0, a1, p] = True
+        mask[1, a2, neg] = True
+        flat = torch.cat([a1 * n + p, a2 * n + neg])
+
+    def floor(x: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+        sim = x @ x.T
+        mask.nonzero()
+        return sim.sum() + sim.view(-1).index_select(0, flat).sum()
+
+    return floor
+
+
 def _cases() -> list[Case]:
     cases = []
     for loss, loss_kw, miner, miner_kw, pml_limit in CASES:
@@ -157,7 +200,8 @@ def _cases() -> list[Case]:
         )
         ours = _factory(dl, dm, loss, loss_kw, miner, miner_kw)
         assert ours is not None
-        cases.append(Case(loss, label, ours, theirs, pml_limit))
+        mine = None if miner is None else _miner_factory(miner, miner_kw)
+        cases.append(Case(loss, label, ours, theirs, pml_limit, mine))
     return cases
 
 
@@ -195,6 +239,7 @@ class Row:
     pml_reps: int
     reps: int
     note: str = ""
+    floor_ms: float | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -210,16 +255,24 @@ def run_case(
     note = _pml_skip_note(case, n) if theirs is not None else ""
     if note:
         theirs = None
+    floor = None
+    if case.dmlkit_miner is not None:
+        floor = _floor_call(case.dmlkit_miner()(emb, labels), labels)
     for _ in range(2):  # warm-up: allocator, caches, lazy initialisation
         _time_once(_bare, emb, labels)
         _time_once(ours, emb, labels)
+        if floor is not None:
+            _time_once(floor, emb, labels)
     first_pml = _time_once(theirs, emb, labels) if theirs is not None else 0.0
     # PML's slowest cases (all triplets at 4096) take minutes: fewer repetitions there.
     pml_reps = max(1, min(max_reps, int(budget_s / max(first_pml, 1e-6))))
     bare, mine, ref = [], [], [first_pml] if theirs is not None else []
+    floors = []
     for rep in range(max_reps):
         bare.append(_time_once(_bare, emb, labels))
         mine.append(_time_once(ours, emb, labels))
+        if floor is not None:
+            floors.append(_time_once(floor, emb, labels))
         if theirs is not None and rep + 1 < pml_reps:
             ref.append(_time_once(theirs, emb, labels))
     return Row(
@@ -233,6 +286,7 @@ def run_case(
         len(ref),
         max_reps,
         note,
+        1e3 * statistics.median(floors) if floors else None,
     )
 
 
@@ -243,18 +297,23 @@ def _markdown(rows: list[Row], device: str, meta: dict) -> str:
         f"dmlkit {meta['dmlkit']}, PML {meta['pml']}, torch {meta['torch']}, "
         f"{meta['threads']} threads, {meta['cpu']}. Medians over {meta['reps']} interleaved "
         "repetitions (fewer for PML where one call exceeds the time budget; the count is "
-        "shown). `bare` is one `x @ x.T` forward+backward on the same batch.",
+        "shown). `bare` is one `x @ x.T` forward+backward on the same batch. `floor / bare`, "
+        "for a loss with a miner: what PML's contract (index tensors out of the miner) costs at "
+        "least, timed in the same loop: the bare forward+backward, one `nonzero` listing the "
+        "mined tuples from a mask over the miner's candidates, and the gather of their "
+        "entries with its backward (`_floor_call`).",
         "",
         "| loss | miner | batch | dim | bare ms | dmlkit ms | PML ms (reps) | PML / dmlkit "
-        "| dmlkit / bare |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| dmlkit / bare | floor / bare |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         pml = (r.note or "—") if r.pml_ms is None else f"{r.pml_ms:.1f} ({r.pml_reps})"
         speed = "—" if r.speedup is None else f"{r.speedup:.1f}×"
+        floor = "—" if r.floor_ms is None else f"{r.floor_ms / r.bare_ms:.1f}"
         lines.append(
             f"| {r.loss} | {r.miner} | {r.batch} | {r.dim} | {r.bare_ms:.2f} | "
-            f"{r.dmlkit_ms:.2f} | {pml} | {speed} | {r.dmlkit_ms / r.bare_ms:.1f} |"
+            f"{r.dmlkit_ms:.2f} | {pml} | {speed} | {r.dmlkit_ms / r.bare_ms:.1f} | {floor} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -5,14 +5,14 @@ On a GPU each of these stalls the stream until the device catches up: the host n
 a yes/no (``equal``, ``is_nonzero``). The CPU has no stream, but the same operations reach the
 dispatcher there, so counting them on the CPU tells what a CUDA run would wait for.
 
-Not seen: host copies that bypass the dispatcher (``Tensor.tolist`` and ``numpy()`` on a CPU
-tensor); on CUDA those go through ``_to_copy`` to the CPU, which this mode cannot tell apart on a
-CPU-only machine.
+``Tensor.tolist`` and ``Tensor.numpy`` bypass the dispatcher on a CPU tensor (on CUDA they copy
+to the host, which waits): the counter wraps them while it is active and counts every call.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -42,12 +42,10 @@ def sync_reason(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str
     if func in _ALWAYS_SYNC:
         return _ALWAYS_SYNC[func]
     packet = func.overloadpacket
-    if packet in (aten.index, aten._unsafe_index) and len(args) > 1:
-        if any(_is_bool_tensor(i) for i in args[1] if i is not None):
-            return "boolean-mask indexing"
-    if packet in (aten.index_put, aten.index_put_, aten._index_put_impl_) and len(args) > 1:
-        if any(_is_bool_tensor(i) for i in args[1] if i is not None):
-            return "boolean-mask assignment"
+    indexing = packet in (aten.index, aten._unsafe_index)
+    assigning = packet in (aten.index_put, aten.index_put_, aten._index_put_impl_)
+    if (indexing or assigning) and any(_is_bool_tensor(i) for i in args[1] if i is not None):
+        return "boolean-mask indexing" if indexing else "boolean-mask assignment"
     if packet is aten.repeat_interleave and kwargs.get("output_size") is None:
         return "repeat_interleave without output_size"
     if packet is aten.bincount and not kwargs.get("minlength") and len(args) < 3:
@@ -62,20 +60,47 @@ class HostSyncCounter(TorchDispatchMode):
         >>> with HostSyncCounter() as syncs:
         ...     loss(embeddings, labels).backward()
         >>> syncs.total
+
+    Args:
+        host_resident: Tensors that stay on the CPU in a CUDA run too (an optimiser's step
+            counters, with PyTorch's default ``capturable=False``): reading them costs no wait.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host_resident: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.reasons: Counter[str] = Counter()
         self.ops: Counter[str] = Counter()
+        self.host_resident = {t.data_ptr() for t in host_resident}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         reason = sync_reason(func, args, kwargs)
+        if func is aten._local_scalar_dense.default and args[0].data_ptr() in self.host_resident:
+            reason = None
         if reason is not None:
             self.reasons[reason] += 1
             self.ops[str(func)] += 1
         return func(*args, **kwargs)
+
+    def __enter__(self) -> HostSyncCounter:
+        self._originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, self._counting(name, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)
+
+    def _counting(self, name: str, original: Any) -> Any:
+        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if tensor.data_ptr() not in self.host_resident:
+                self.reasons[f"host copy ({name})"] += 1
+                self.ops[f"Tensor.{name}"] += 1
+            return original(tensor, *args, **kwargs)
+
+        return counted
 
     @property
     def total(self) -> int:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from dmlkit.training import (
     load_config,
     save_atomic,
 )
+from host_syncs import HostSyncCounter
 from real_data import REAL_DATA
 from run_helpers import StopTrainingError, log_without_timing, stop_at
 
@@ -377,3 +379,60 @@ def test_bad_settings_are_config_errors() -> None:
             load_config(None, [override])
     with pytest.raises(ConfigError, match=r"train\.device: 'gpu' is not a device"):
         Trainer(_config("train.device=gpu"))
+
+
+class _SyncWatch:
+    """A trainer callback counting host syncs from the end of step ``first`` to the end of step
+    ``last``: whole loop iterations (data, step, bookkeeping), without set-up and evaluation.
+    The optimiser's step counters stay on the CPU in a CUDA run: reading them is not counted."""
+
+    def __init__(self, trainer: Trainer, first: int, last: int) -> None:
+        self.trainer, self.first, self.last = trainer, first, last
+        self.counter: HostSyncCounter | None = None
+
+    def __call__(self, state: Any) -> None:
+        if state.step == self.first:
+            steps = [s["step"] for s in self.trainer.optimizer.state.values() if "step" in s]
+            self.counter = HostSyncCounter(host_resident=steps)
+            self.counter.__enter__()
+        elif state.step == self.last:
+            assert self.counter is not None
+            self.counter.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "per_step"),
+    [(["miner.name=null"], 0), ([], 1)],
+    ids=["loss only", "miner and loss"],
+)
+def test_training_steps_wait_for_the_device_only_for_mined_indices_and_logging(
+    tmp_path: Path, overrides: list[str], per_step: int
+) -> None:
+    # Steps 3-5 counted; log_every=5 makes step 5 a logged one (one read of the loss).
+    config = _config(
+        *overrides,
+        "logging.log_every=5",
+        "train.max_steps=6",
+        "validation.every=0",
+        "validation.before_training=false",
+        f"logging.run_dir={tmp_path / 'run'}",
+    )
+    trainer = Trainer(config)
+    watch = _SyncWatch(trainer, first=2, last=5)
+    trainer.callbacks.append(watch)
+    trainer.fit(test=False)
+    assert watch.counter is not None
+    assert watch.counter.total <= 3 * per_step + 1, watch.counter
+    assert watch.counter.ops["aten._local_scalar_dense.default"] >= 1  # the logged loss
+
+
+def test_a_diverging_run_is_stopped_at_the_next_logged_step(tmp_path: Path) -> None:
+    config = _config(
+        "optimizer.lr=1e30",
+        "logging.log_every=2",
+        "validation.every=0",
+        "validation.before_training=false",
+        f"logging.run_dir={tmp_path / 'run'}",
+    )
+    with pytest.raises(ValueError, match="training diverged: the loss is nan at step"):
+        Trainer(config).fit(test=False)

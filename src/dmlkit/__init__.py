@@ -7,6 +7,7 @@ loss).
 """
 
 from . import ddtas, distances, functional, losses, miners, reducers, regularizers
+from .validation import finite_checks, set_finite_checks
 
 __version__ = "0.1.0"
 
@@ -14,9 +15,11 @@ __all__ = [
     "__version__",
     "ddtas",
     "distances",
+    "finite_checks",
     "functional",
     "losses",
     "miners",
     "reducers",
     "regularizers",
+    "set_finite_checks",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -17,7 +19,15 @@ from .functional.masks import (
     tuple_to_pair_weights,
 )
 from .relations import as_relation, relation_masks
-from .validation import IndicesTuple, check_anchor_in_ref, check_batch, check_indices_tuple
+from .validation import (
+    IndicesTuple,
+    ValueChecks,
+    check_anchor_in_ref,
+    check_batch,
+    check_class_labels,
+    check_indices_tuple,
+    class_labels,
+)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -42,6 +52,8 @@ class Batch:
         relation: Boolean (N, M) positive and negative masks from multi-hot labels or a
             :mod:`dmlkit.relations` relation (self-pairs not yet excluded); None for integer
             labels.
+        num_classes: The class count the labels were checked against (class indices in
+            [0, num_classes)), or None.
     """
 
     embeddings: Tensor
@@ -51,6 +63,7 @@ class Batch:
     indices_tuple: IndicesTuple | None
     anchor_in_ref: Tensor | None = None
     relation: tuple[Tensor, Tensor] | None = None
+    num_classes: int | None = None
 
     @classmethod
     def from_call(
@@ -63,16 +76,35 @@ class Batch:
         anchor_in_ref: object | None = None,
         *,
         labels_required: bool = False,
+        num_classes: int | None = None,
+        class_error: Callable[[Tensor], str] | None = None,
     ) -> Batch:
-        """Checks a call's arguments (raising ``ValueError`` naming any problem)."""
+        """Checks a call's arguments (raising ``ValueError`` naming any problem), reading the
+        checks of values from the device once (none while they are turned off:
+        :func:`~dmlkit.validation.set_finite_checks`).
+
+        Args:
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, anchor_in_ref: The call's
+                arguments.
+            labels_required: Whether the caller cannot work without labels.
+            num_classes: Check integer labels to be class indices in [0, num_classes), for
+                per-class parameters; None checks no range.
+            class_error: Builds the error message for labels outside that range from the
+                labels; None names the first such label.
+        """
         relation = as_relation(labels)
+        checks = ValueChecks()
         emb, lab, ref, ref_lab = check_batch(
             embeddings,
             None if relation is not None else labels,
             ref_emb,
             None if relation is not None else ref_labels,
             labels_required=relation is None and (labels_required or indices_tuple is None),
+            checks=checks,
         )
+        if num_classes is not None and lab is not None:
+            message = None if class_error is None else partial(class_error, lab)
+            check_class_labels(lab, num_classes, checks=checks, message=message)
         masks = None
         if relation is not None:
             if len(relation) != emb.shape[0]:
@@ -87,19 +119,21 @@ class Batch:
         indices = (
             None
             if indices_tuple is None
-            else check_indices_tuple(indices_tuple, emb.shape[0], n_refs, emb.device)  # type: ignore[arg-type]
+            else check_indices_tuple(indices_tuple, emb.shape[0], n_refs, emb.device, checks)  # type: ignore[arg-type]
         )
         itself = None
         if anchor_in_ref is not None:
             itself = check_anchor_in_ref(
-                anchor_in_ref, emb.shape[0], None if ref is None else n_refs, emb.device
+                anchor_in_ref, emb.shape[0], None if ref is None else n_refs, emb.device, checks
             )
-            if indices is not None:
-                indices = drop_self_pairs(indices, itself)
+        checks.run()
+        if itself is not None and indices is not None:
+            indices = drop_self_pairs(indices, itself)
         if emb.dtype in _LOW_PRECISION:
             emb = emb.float()
             ref = None if ref is None else ref.float()
-        return cls(emb, lab, ref, ref_lab, indices, itself, masks)
+        checked_classes = None if lab is None else num_classes
+        return cls(emb, lab, ref, ref_lab, indices, itself, masks, checked_classes)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -140,6 +174,20 @@ class Batch:
         if self.labels is None:
             raise ValueError(f"{owner} needs labels")
         return self.labels
+
+    def class_indices(self, owner: str, num_classes: int) -> Tensor:
+        """The integer labels as class indices in [0, ``num_classes``), ``torch.long``, for
+        per-class parameters: checked here unless :meth:`from_call` checked them against
+        ``num_classes`` with the call's other inputs.
+
+        Args:
+            owner: The loss or miner, for the message.
+            num_classes: The number of classes.
+        """
+        labels = self.class_labels(owner)
+        if self.num_classes == num_classes:
+            return labels.long()
+        return class_labels(labels, num_classes)
 
     def pairs(self) -> PairWeights | PairIndices:
         """The mined pairs as index lists if an indices tuple was given, else every labelled

@@ -213,8 +213,10 @@ class TripletMarginMiner(BaseMiner):
     """Triplets by their margin t = d_an − d_ap: ``"all"`` t ≤ margin, ``"hard"`` t ≤ 0
     (and ≤ margin), ``"semihard"`` 0 < t ≤ margin, ``"easy"`` t > margin.
 
-    Works in blocks of positive pairs, so memory stays bounded; the output itself has one
-    entry per mined triplet.
+    Works in blocks of positive pairs; besides the output (one entry per mined triplet) it
+    keeps one byte per candidate (positive pair × reference), so that the triplets are listed
+    at once. Reads the device twice: the positive pairs' number sizes the candidates, and the
+    triplets' number the output.
 
     Args:
         margin: The margin.
@@ -359,25 +361,33 @@ class ASMSMiner(BaseMiner):
     def default_distance() -> BaseDistance:
         return CosineSimilarity()
 
-    def tolerances(self, sim: Tensor, pos: Tensor, neg: Tensor) -> mining.AdaptiveTolerances:
-        """The tolerances for this batch: static for ASMS."""
-        return mining.AdaptiveTolerances(self.gamma_pos, self.gamma_neg, None, 0.0, 0, 0)
+    def tolerances(self, sim: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        """The tolerances for this batch, static for ASMS, left on the device to be read once
+        with the mined sizes: the six values of :func:`.mining.adaptive_tolerance_values`."""
+        return torch.tensor(
+            [self.gamma_pos, self.gamma_neg, math.nan, 0.0, 0.0, 0.0],
+            dtype=torch.float64,
+            device=sim.device,
+        )
 
     def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
         if self.exclude_self_by_value:
             pos.mul_(sim < 1 - 1e-6)
-        used = self.tolerances(sim, pos, neg)
+        values = self.tolerances(sim, pos, neg)
         keep_pos, keep_neg = mining.asymmetric_mining_masks(
-            sim, pos, neg, used.gamma_pos, used.gamma_neg, self.negative_rule
+            sim, pos, neg, values[0], values[1], self.negative_rule
         )
+        skipped = (keep_pos.sum(1) * keep_neg.sum(1) == 0).sum()
+        ((a1, p), (a2, n)), read = mining.nonzero_lists([keep_pos, keep_neg], values, skipped)
+        used = mining.AdaptiveTolerances.from_values(read[:6])
         stats = ASMSStats(
             gamma_pos=used.gamma_pos,
             gamma_neg=used.gamma_neg,
             ratio=used.ratio,
             tau=used.tau,
-            num_skipped_anchors=int((keep_pos.sum(1) * keep_neg.sum(1) == 0).sum()),
+            num_skipped_anchors=int(read[6]),
         )
-        return mining.pairs_from_masks(keep_pos, keep_neg), stats
+        return (a1, p, a2, n), stats
 
 
 @MINERS.register()
@@ -422,8 +432,8 @@ class ATASMSMiner(ASMSMiner):
         self.k = k
         self.count_tolerance = epsilon if count_tolerance is None else count_tolerance
 
-    def tolerances(self, sim: Tensor, pos: Tensor, neg: Tensor) -> mining.AdaptiveTolerances:
-        return mining.adaptive_tolerances(
+    def tolerances(self, sim: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        return mining.adaptive_tolerance_values(
             sim, pos, neg, self.gamma_pos, self.gamma_neg, self.count_tolerance, self.k
         )
 
@@ -629,21 +639,32 @@ class HDCMiner(BaseMiner):
         self._external = None
 
     def _candidates(self, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
-        """Flat positions in the (N, M) matrix of the positive and negative candidates."""
+        """Flat positions in the (N, M) matrix of the positive and negative candidates, listed
+        with one read from the device (the external tuple's range check included)."""
         if self._external is None:
-            return _flat_positions(pos), _flat_positions(neg)
+            ((pos_positions,), (neg_positions,)), _ = mining.nonzero_lists(
+                [pos.view(-1), neg.view(-1)]
+            )
+            return pos_positions, neg_positions
         a1, p, a2, n = (t.to(pos.device) for t in self._external)
-        highest = [int(t.max()) if t.numel() else -1 for t in (a1, a2, p, n)]
-        if max(highest[:2]) >= pos.shape[0] or max(highest[2:]) >= pos.shape[1]:
+        n_rows, width = pos.shape
+        highest = torch.stack([t.max() if t.numel() else t.new_tensor(-1) for t in (a1, a2, p, n)])
+        # Looked up clamped, so that the range is checked from the same read as the sizes.
+        flat_pos = a1.clamp(max=n_rows - 1) * width + p.clamp(max=width - 1)
+        flat_neg = a2.clamp(max=n_rows - 1) * width + n.clamp(max=width - 1)
+        keep = [pos.view(-1)[flat_pos] > 0, neg.view(-1)[flat_neg] > 0]
+        ((kept_pos,), (kept_neg,)), read = mining.nonzero_lists(keep, highest)
+        if max(read[:2]) >= n_rows or max(read[2:]) >= width:
             raise ValueError(
                 "HDCMiner's external pairs address rows beyond this batch's "
-                f"{pos.shape[0]} anchors and {pos.shape[1]} references"
+                f"{n_rows} anchors and {width} references"
             )
-        width = pos.shape[1]
-        keep_pos, keep_neg = pos[a1, p] > 0, neg[a2, n] > 0
-        return (a1 * width + p)[keep_pos], (a2 * width + n)[keep_neg]
+        return flat_pos[kept_pos], flat_neg[kept_neg]
 
     def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
+        # The hardest are taken among the listed candidates, in their row-major order: a
+        # top-k over the whole matrix would break ties (a symmetric pair's two entries)
+        # differently from PML's.
         flat = sim.flatten()
         mined: list[Tensor] = []
         for positions, largest in zip(self._candidates(pos, neg), (False, True), strict=True):

@@ -3,13 +3,19 @@
 All checks raise ``ValueError`` (or ``TypeError`` for a non-tensor) naming the argument and what is
 wrong with it. They run before any maths, so a bad call never ends in a deep stack trace or a
 silently wrong number.
+
+The checks of values (non-finite embeddings, labels outside the class range, indices out of range)
+need the host to read from the device. A loss or miner call collects them in one
+:class:`ValueChecks` and reads them once; :func:`set_finite_checks` turns them off.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Literal
 
 import torch
@@ -19,18 +25,103 @@ from torch import Tensor
 IndicesTuple = tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]
 
 
+_finite_checks = True
+
+
+def set_finite_checks(enabled: bool) -> None:
+    """Turns the input checks that read tensor values on or off, for every later call.
+
+    The checks are: embeddings free of NaN and ±Inf, class labels inside the class range, and
+    mined indices (``indices_tuple``, ``anchor_in_ref``) inside the batch. With them on (the
+    default), each loss or miner call reads them from the device once; on a GPU that read
+    makes the host wait for the device at every call. A training loop can turn them off for
+    speed and check its loss for NaN where it reads it anyway (at its logging steps); invalid
+    inputs then give a NaN loss, an indexing error or, on a GPU, a device-side assertion, not
+    this module's ``ValueError``. Checks of shapes, dtypes and sizes always run.
+
+    Args:
+        enabled: Whether the checks run.
+    """
+    global _finite_checks
+    _finite_checks = bool(enabled)
+
+
+def finite_checks_enabled() -> bool:
+    """Whether the input checks that read tensor values run (see :func:`set_finite_checks`)."""
+    return _finite_checks
+
+
+@contextmanager
+def finite_checks(enabled: bool) -> Iterator[None]:
+    """Within this block, the input checks that read tensor values are on or off (see
+    :func:`set_finite_checks`: off saves one host-device synchronisation per loss or miner
+    call on a GPU); the previous setting comes back after it.
+
+    Example:
+        >>> with finite_checks(False):
+        ...     loss(model(images), labels).backward()
+
+    Args:
+        enabled: Whether the checks run within the block.
+    """
+    previous = _finite_checks
+    set_finite_checks(enabled)
+    try:
+        yield
+    finally:
+        set_finite_checks(previous)
+
+
+class ValueChecks:
+    """Input checks that read tensor values, collected so that they are read from the device
+    once: :meth:`run` raises the first failure's ``ValueError``.
+
+    Nothing is collected while :func:`set_finite_checks` has turned the checks off.
+    """
+
+    def __init__(self) -> None:
+        self._failed: list[Tensor] = []
+        self._messages: list[Callable[[], str]] = []
+
+    def add(self, failed: Callable[[], Tensor], message: Callable[[], str]) -> None:
+        """Adds a check.
+
+        Args:
+            failed: Returns a 0-d bool tensor, True when the check fails (not called while the
+                checks are off).
+            message: Builds the error message; called only for a failed check, so it may read
+                values freely.
+        """
+        if _finite_checks:
+            self._failed.append(failed())
+            self._messages.append(message)
+
+    def run(self) -> None:
+        """Reads every collected check at once (one host-device synchronisation) and raises
+        ``ValueError`` with the message of the first that failed."""
+        if not self._failed:
+            return
+        failed = torch.stack(self._failed)
+        self._failed, messages, self._messages = [], self._messages, []
+        if bool(failed.any()):
+            raise ValueError(messages[int(failed.int().argmax())]())
+
+
 def _require_tensor(value: object, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
 
 
-def check_embeddings(embeddings: object, name: str = "embeddings") -> Tensor:
+def check_embeddings(
+    embeddings: object, name: str = "embeddings", checks: ValueChecks | None = None
+) -> Tensor:
     """Checks that ``embeddings`` is a finite, floating-point (N, D) tensor.
 
     Args:
         embeddings: The value to check.
         name: The argument name used in error messages.
+        checks: Where the finiteness check goes, read later with others; None reads it here.
 
     Returns:
         The embeddings, unchanged.
@@ -43,17 +134,33 @@ def check_embeddings(embeddings: object, name: str = "embeddings") -> Tensor:
         )
     if not emb.is_floating_point():
         raise ValueError(f"{name} must have a floating-point dtype, got {emb.dtype}")
-    if emb.numel() and not _all_finite(emb):
-        n_nan = int(torch.isnan(emb).sum())
-        n_inf = int(torch.isinf(emb).sum())
-        raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+    if emb.numel():
+        _checked_here(checks).add(
+            lambda: _has_non_finite(emb),
+            lambda: (
+                f"{name} contains non-finite values ({int(torch.isnan(emb).sum())} NaN, "
+                f"{int(torch.isinf(emb).sum())} Inf)"
+            ),
+        )
     return emb
 
 
-def _all_finite(values: Tensor) -> bool:
-    """Whether a non-empty tensor is free of NaN and ±Inf, in one pass: they reach the extremes."""
+def _checked_here(checks: ValueChecks | None) -> ValueChecks:
+    """``checks``, or for None a collector that reads each check as it is added."""
+    return _ImmediateChecks() if checks is None else checks
+
+
+class _ImmediateChecks(ValueChecks):
+    def add(self, failed: Callable[[], Tensor], message: Callable[[], str]) -> None:
+        super().add(failed, message)
+        self.run()
+
+
+def _has_non_finite(values: Tensor) -> Tensor:
+    """Whether a non-empty tensor holds NaN or ±Inf (0-d bool), in one pass: they reach the
+    extremes."""
     lowest, highest = torch.aminmax(values.detach())
-    return bool(lowest.isfinite() & highest.isfinite())
+    return ~(lowest.isfinite() & highest.isfinite())
 
 
 def check_labels(labels: object, length: int, device: torch.device, name: str = "labels") -> Tensor:
@@ -81,7 +188,11 @@ def check_labels(labels: object, length: int, device: torch.device, name: str = 
 
 
 def check_indices_tuple(
-    indices_tuple: Sequence[Tensor], n_anchors: int, n_refs: int, device: torch.device
+    indices_tuple: Sequence[Tensor],
+    n_anchors: int,
+    n_refs: int,
+    device: torch.device,
+    checks: ValueChecks | None = None,
 ) -> IndicesTuple:
     """Checks a miner's output: triplets (a, p, n) or pairs (a1, p, a2, n).
 
@@ -93,6 +204,7 @@ def check_indices_tuple(
         n_anchors: Number of embeddings.
         n_refs: Number of reference embeddings.
         device: The device the indices are moved to.
+        checks: Where the range checks go, read later with others; None reads them here.
 
     Returns:
         The tuple as ``torch.long`` tensors on ``device``.
@@ -118,17 +230,16 @@ def check_indices_tuple(
         if part.numel() and (part.is_floating_point() or part.dtype == torch.bool):
             raise ValueError(f"indices_tuple[{part_name}] must be integer, got {part.dtype}")
         out.append(part.to(device=device, dtype=torch.long))
-    # One host synchronisation for all range checks.
-    nonempty = [(name, part) for name, part in zip(names, out, strict=True) if part.numel()]
-    if nonempty:
-        bounds = torch.stack([torch.stack(torch.aminmax(part)) for _, part in nonempty]).tolist()
-        for (part_name, _), (low, high) in zip(nonempty, bounds, strict=True):
+    ranges = _checked_here(checks)
+    for part_name, part in zip(names, out, strict=True):
+        if part.numel():
             limit = n_anchors if part_name.startswith("a") else n_refs
-            if low < 0 or high >= limit:
-                raise ValueError(
-                    f"indices_tuple[{part_name}] has indices outside [0, {limit}): "
-                    f"min {low}, max {high}"
-                )
+            ranges.add(
+                partial(_outside, part, 0, limit),
+                partial(
+                    _range_error, f"indices_tuple[{part_name}] has indices outside", part, 0, limit
+                ),
+            )
     if arity == 3 and not (len(out[0]) == len(out[1]) == len(out[2])):
         raise ValueError(
             "indices_tuple (a, p, n) must have equal lengths, got "
@@ -143,7 +254,11 @@ def check_indices_tuple(
 
 
 def check_anchor_in_ref(
-    anchor_in_ref: object, n_anchors: int, n_refs: int | None, device: torch.device
+    anchor_in_ref: object,
+    n_anchors: int,
+    n_refs: int | None,
+    device: torch.device,
+    checks: ValueChecks | None = None,
 ) -> Tensor:
     """Checks ``anchor_in_ref``: for each anchor, the row of ``ref_emb`` holding the same item,
     or −1 where the anchor is not in the reference set.
@@ -153,6 +268,7 @@ def check_anchor_in_ref(
         n_anchors: Number of embeddings.
         n_refs: Number of reference embeddings, or None when no ``ref_emb`` was given.
         device: The device of the embeddings; the indices are moved there.
+        checks: Where the range check goes, read later with others; None reads it here.
 
     Returns:
         The indices as ``torch.long`` on ``device``.
@@ -175,13 +291,23 @@ def check_anchor_in_ref(
         )
     index = index.to(device=device, dtype=torch.long)
     if index.numel():
-        low, high = torch.stack(torch.aminmax(index)).tolist()
-        if low < -1 or high >= n_refs:
-            raise ValueError(
-                f"anchor_in_ref must hold -1 or a row of ref_emb in [0, {n_refs}): "
-                f"min {low}, max {high}"
-            )
+        _checked_here(checks).add(
+            partial(_outside, index, -1, n_refs),
+            partial(
+                _range_error, "anchor_in_ref must hold -1 or a row of ref_emb in", index, 0, n_refs
+            ),
+        )
     return index
+
+
+def _outside(values: Tensor, low: int, end: int) -> Tensor:
+    """Whether a non-empty integer tensor holds a value outside [low, end) (0-d bool)."""
+    lowest, highest = torch.aminmax(values)
+    return (lowest < low) | (highest >= end)
+
+
+def _range_error(what: str, values: Tensor, start: int, end: int) -> str:
+    return f"{what} [{start}, {end}): min {int(values.min())}, max {int(values.max())}"
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -238,7 +364,9 @@ def check_triplets_per_anchor(triplets_per_anchor: object) -> int | Literal["all
     return check_positive_int(triplets_per_anchor, "triplets_per_anchor (or 'all')")
 
 
-def class_labels(labels: Tensor, num_classes: int, name: str = "labels") -> Tensor:
+def class_labels(
+    labels: Tensor, num_classes: int, name: str = "labels", checks: ValueChecks | None = None
+) -> Tensor:
     """Labels for per-class parameters: checked to be class indices in [0, ``num_classes``)
     (:func:`check_class_labels`) and returned as ``torch.long``, the dtype indexing,
     ``F.cross_entropy`` and ``F.one_hot`` take, whatever integer dtype the caller used.
@@ -247,26 +375,43 @@ def class_labels(labels: Tensor, num_classes: int, name: str = "labels") -> Tens
         labels: 1-D integer labels (already checked by :func:`check_labels`).
         num_classes: The number of classes.
         name: The argument name used in error messages.
+        checks: Where the range check goes, read later with others; None reads it here.
     """
-    check_class_labels(labels, num_classes, name)
+    check_class_labels(labels, num_classes, name, checks)
     return labels.long()
 
 
-def check_class_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None:
+def check_class_labels(
+    labels: Tensor,
+    num_classes: int,
+    name: str = "labels",
+    checks: ValueChecks | None = None,
+    message: Callable[[], str] | None = None,
+) -> None:
     """Checks that integer labels are class indices in [0, ``num_classes``), as per-class
     parameters need (the trainer gives contiguous indices).
 
+    Args:
+        labels: 1-D integer labels.
+        num_classes: The number of classes.
+        name: The argument name used in error messages.
+        checks: Where the check goes, read later with others; None reads it here.
+        message: Builds the error message; None names the first label outside the range.
+
     Raises:
-        ValueError: Naming the first label outside the range.
+        ValueError: For a label outside the range.
     """
-    if not len(labels):
-        return
-    lowest, highest = torch.aminmax(labels)
-    if lowest < 0 or highest >= num_classes:
-        label = int(labels[(labels < 0) | (labels >= num_classes)][0])
-        raise ValueError(
-            f"{name} holds {label}, outside the class indices [0, {num_classes}): "
-            "per-class parameters need labels 0..num_classes-1"
+    if len(labels):
+        _checked_here(checks).add(
+            lambda: _outside(labels, 0, num_classes),
+            message
+            or (
+                lambda: (
+                    f"{name} holds {int(labels[(labels < 0) | (labels >= num_classes)][0])}, "
+                    f"outside the class indices [0, {num_classes}): per-class parameters need "
+                    "labels 0..num_classes-1"
+                )
+            ),
         )
 
 
@@ -277,6 +422,7 @@ def check_batch(
     ref_labels: object | None,
     *,
     labels_required: bool,
+    checks: ValueChecks | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Checks the common (embeddings, labels, ref_emb, ref_labels) arguments of losses and miners.
 
@@ -287,11 +433,19 @@ def check_batch(
         ref_labels: (M,) labels of ``ref_emb``; required whenever ``ref_emb`` and ``labels``
             are given.
         labels_required: Whether the caller cannot work without labels.
+        checks: Where the finiteness checks go, read later with others; None reads them here.
 
     Returns:
         (embeddings, labels, ref_emb, ref_labels), labels moved to the embeddings' device.
     """
-    emb = check_embeddings(embeddings)
+    if checks is None:
+        checks = ValueChecks()
+        checked = check_batch(
+            embeddings, labels, ref_emb, ref_labels, labels_required=labels_required, checks=checks
+        )
+        checks.run()
+        return checked
+    emb = check_embeddings(embeddings, checks=checks)
     if labels is None:
         if labels_required:
             raise ValueError("labels are required (they may be omitted only with an indices_tuple)")
@@ -302,7 +456,7 @@ def check_batch(
         if ref_labels is not None:
             raise ValueError("ref_labels was given without ref_emb")
         return emb, lab, None, None
-    ref = check_embeddings(ref_emb, "ref_emb")
+    ref = check_embeddings(ref_emb, "ref_emb", checks)
     if ref.shape[1] != emb.shape[1]:
         raise ValueError(
             f"ref_emb has embedding size {ref.shape[1]} but embeddings have {emb.shape[1]}"

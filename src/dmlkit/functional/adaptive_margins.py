@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .losses import zero_unless
 from .masks import PairWeights
 from .reduction import Reducer, row_blocks
 
@@ -50,14 +51,20 @@ def soft_margin_histogram(positions: Tensor, weights: Tensor | None, num_bins: i
     Returns:
         (num_bins,) unnormalised counts in the positions' dtype.
     """
-    low = positions.floor()
-    above = (positions - low).flatten()
-    mass = torch.ones_like(above) if weights is None else weights.to(positions.dtype).flatten()
-    index = low.long().flatten()
-    # One spare knot receives the zero weights of positions clamped onto the last knot.
+    # Positions are non-negative: truncation is the knot below, and frac the share above it.
+    index = positions.long().flatten()
+    above = positions.frac().flatten()
+    if weights is not None:
+        above.mul_(weights.flatten())
+    # One spare knot receives the zero weights of positions clamped onto the last knot; the
+    # share above each knot goes to the next one through the view shifted by one.
     counts = positions.new_zeros(num_bins + 1)
-    counts.index_add_(0, index, mass * (1 - above))
-    counts.index_add_(0, index + 1, mass * above)
+    if weights is None:
+        counts.index_add_(0, index, positions.new_ones(()).expand_as(above))
+    else:
+        counts.index_add_(0, index, weights.flatten().to(positions.dtype))
+    counts.index_add_(0, index, above, alpha=-1.0)
+    counts[1:].index_add_(0, index, above)
     return counts[:num_bins]
 
 
@@ -206,13 +213,14 @@ def all_triplets_dynamic_soft_margin_loss(
                 _triplet_differences(dist.detach(), a, p), min_val, delta, num_bins
             )
             counts += soft_margin_histogram(positions, neg_weights[a], num_bins)
-    if not bool(counts.sum() > 0):
-        return dist.sum() * 0.0, hist
-    hist = update_soft_margin_histogram(hist, counts, momentum)
+    # Selected on the device, not read: with no triplet, the histogram stays as it was (the
+    # update would divide 0 by 0) and the loss is a zero.
+    any_triplet = counts.sum() > 0
+    hist = torch.where(any_triplet, update_soft_margin_histogram(hist, counts, momentum), hist)
     total, count = _AllTripletsSoftMargin.apply(
         dist, anchors, positives, neg_weights, hist, min_val, delta, reducer
     )
-    return reducer.finish(total, count), hist
+    return zero_unless(any_triplet, reducer.finish(total, count), dist), hist
 
 
 def hardest_negative_differences(dist: Tensor) -> Tensor:

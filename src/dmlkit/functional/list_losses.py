@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .losses import zero_loss
+from .losses import zero_unless
 from .reduction import Reducer, row_blocks
 from .triplets import DEFAULT_CHUNK_ELEMENTS
 
@@ -54,18 +54,28 @@ def histogram_pair_selection(pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
     return (pos_kept | pos_kept.T).triu(), (neg_kept | neg_kept.T).triu()
 
 
-def node_density(values: Tensor, delta: float, n_nodes: int) -> Tensor:
+def node_density(
+    values: Tensor, delta: float, n_nodes: int, weights: Tensor | None = None
+) -> Tensor:
     """Linear-interpolation density of ``values`` on the nodes −1, −1 + δ, …: each value
     splits its unit weight between the two nodes around it; the weights are averaged.
 
     Args:
-        values: (P,) similarities in [-1, 1], P ≥ 1.
+        values: Similarities in [-1, 1], any shape.
         delta: Node spacing.
         n_nodes: Number of nodes (:func:`histogram_node_count`).
+        weights: 0/1 selection of the values, shaped like them (any finite values outside
+            it; none selected gives a zero density); None selects all (at least one).
 
     Returns:
         (n_nodes,) density, differentiable in ``values``.
     """
+    return _selected_density(_node_shares(values, delta, n_nodes), n_nodes, weights)
+
+
+def _node_shares(values: Tensor, delta: float, n_nodes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each value's node below, flattened, and the shares of its weight that go to that node
+    and to the next one."""
     # The node below is found in float32, as PML does, so that a value at a node (a kink of
     # the density) takes PML's one-sided gradient; clamping keeps a similarity of exactly 1
     # (or a rounding error beyond ±1) on the last (first) interval.
@@ -73,23 +83,40 @@ def node_density(values: Tensor, delta: float, n_nodes: int) -> Tensor:
     start = lower.to(values.dtype) * delta
     upper_share = (values + 1 - start) / delta
     lower_share = (start + delta - 1 - values) / delta
-    density = values.new_zeros(n_nodes)
+    return lower.reshape(-1), lower_share.reshape(-1), upper_share.reshape(-1)
+
+
+def _selected_density(
+    shares: tuple[Tensor, Tensor, Tensor], n_nodes: int, weights: Tensor | None
+) -> Tensor:
+    lower, lower_share, upper_share = shares
+    count: Tensor | int = lower.numel()
+    if weights is not None:
+        # Unselected values add exact zeros, in place: the sums are those of the selection.
+        w = weights.reshape(-1)
+        lower_share, upper_share = lower_share * w, upper_share * w
+        count = w.sum().clamp_min(1.0)
+    density = upper_share.new_zeros(n_nodes)
     density = density.scatter_add(0, lower + 1, upper_share)
     density = density.scatter_add(0, lower, lower_share)
-    return density / values.numel()
+    return density / count
 
 
-def histogram_loss(sim: Tensor, pos_pairs: Tensor, neg_pairs: Tensor, delta: float) -> Tensor:
+def histogram_loss(
+    sim: Tensor, pos_pairs: Tensor, neg_pairs: Tensor, delta: float, check_range: bool = True
+) -> Tensor:
     """Histogram loss (Ustinova & Lempitsky 2016): the probability that a negative pair is
     more similar than a positive one, from the node densities of the two sets,
     ``Σ_r p⁻_r Σ_{q ≤ r} p⁺_q``.
 
     Args:
         sim: (N, N) similarities in [-1, 1].
-        pos_pairs: (N, N) bool selection of the positive pairs
+        pos_pairs: (N, N) bool selection of the positive pairs, on and above the diagonal
             (:func:`histogram_pair_selection`).
-        neg_pairs: (N, N) bool selection of the negative pairs.
+        neg_pairs: (N, N) bool selection of the negative pairs, on and above the diagonal.
         delta: Node spacing.
+        check_range: Check the selected similarities to lie in [-1, 1] (the host reads their
+            largest magnitude); needless for unit vectors' dot products.
 
     Returns:
         Scalar loss; a zero keeping the graph when there is no pair of one kind.
@@ -97,19 +124,29 @@ def histogram_loss(sim: Tensor, pos_pairs: Tensor, neg_pairs: Tensor, delta: flo
     Raises:
         ValueError: If a selected similarity lies outside [-1, 1] beyond rounding.
     """
-    pos_values, neg_values = sim[pos_pairs], sim[neg_pairs]
-    if pos_values.numel() == 0 or neg_values.numel() == 0:
-        return zero_loss(sim)
-    largest = float(torch.cat([pos_values, neg_values]).detach().abs().max())
-    if largest > 1 + _HISTOGRAM_RANGE_SLACK:
-        raise ValueError(
-            f"HistogramLoss needs similarities in [-1, 1], got one of magnitude {largest:.4g}; "
-            "use CosineSimilarity or a normalising DotProductSimilarity"
-        )
+    if check_range:
+        selected = pos_pairs | neg_pairs
+        largest = float((sim.detach().abs() * selected).max()) if selected.numel() else 0.0
+        if largest > 1 + _HISTOGRAM_RANGE_SLACK:
+            raise ValueError(
+                f"HistogramLoss needs similarities in [-1, 1], got one of magnitude "
+                f"{largest:.4g}; use CosineSimilarity or a normalising DotProductSimilarity"
+            )
     n_nodes = histogram_node_count(delta)
-    p_pos = node_density(pos_values, delta, n_nodes)
-    p_neg = node_density(neg_values, delta, n_nodes)
-    return (p_neg * p_pos.cumsum(0)).sum()
+    # The selections lie on and above the diagonal: only those entries are read, in row-major
+    # order as boolean indexing would list them.
+    rows, cols = torch.triu_indices(*sim.shape, device=sim.device)
+    entries = rows * sim.shape[1] + cols
+    values = sim.reshape(-1).index_select(0, entries)
+    pos_weights, neg_weights = (
+        pairs.reshape(-1).index_select(0, entries).to(sim.dtype) for pairs in (pos_pairs, neg_pairs)
+    )
+    shares = _node_shares(values, delta, n_nodes)
+    # An empty side has a zero density (and the loss is PML's zero below).
+    p_pos = _selected_density(shares, n_nodes, pos_weights)
+    p_neg = _selected_density(shares, n_nodes, neg_weights)
+    loss = (p_neg * p_pos.cumsum(0)).sum()
+    return zero_unless(pos_pairs.any() & neg_pairs.any(), loss, sim)
 
 
 def _weighted_side(
@@ -213,23 +250,27 @@ def ranked_list_loss(
     return reducer(losses)
 
 
-def positive_lists(targets: Tensor) -> tuple[Tensor, Tensor]:
+def positive_lists(targets: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
     """Each row's selected columns as a padded index matrix.
 
     Args:
         targets: (N, M) bool; row i selects K_i columns.
+        width: max K_i when the caller knows it; None reads it from the device (it is a
+            shape).
 
     Returns:
         (index, valid): (N, max K_i) long column indices, row i's first K_i valid (in column
         order) and the rest padding (a valid column index with ``valid`` False).
     """
     counts = targets.sum(dim=1)
-    width = int(counts.max()) if counts.numel() else 0
-    rows, cols = targets.nonzero(as_tuple=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-    index = torch.zeros(targets.shape[0], width, dtype=torch.long, device=targets.device)
-    index[rows, slot] = cols
+    if width is None:
+        width = int(counts.max()) if counts.numel() else 0
+    # Each selected column goes to its slot (the number of selected columns up to it); the
+    # others to a spare last column, dropped: no list of the selected entries.
+    slot = torch.where(targets, targets.cumsum(dim=1) - 1, width)
+    columns = torch.arange(targets.shape[1], device=targets.device).expand_as(slot)
+    index = torch.zeros(targets.shape[0], width + 1, dtype=torch.long, device=targets.device)
+    index = index.scatter_(1, slot, columns)[:, :width]
     valid = torch.arange(width, device=targets.device) < counts[:, None]
     return index, valid
 
@@ -361,8 +402,6 @@ def pnp_loss(
         Scalar loss (already averaged); a zero keeping the graph when no anchor has a positive.
     """
     has_pos = pos.any(dim=1)
-    if not bool(has_pos.any()):
-        return zero_loss(sim)
     itself = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
     positives, valid = positive_lists((pos > 0) | itself)
     neg_weights = neg.to(sim.dtype)
@@ -376,8 +415,9 @@ def pnp_loss(
         return (value * weights).sum(dim=1), slopes
 
     per_anchor = soft_rank_terms(sim, positives, anneal, rule, chunk_elements)
-    loss = per_anchor[has_pos].mean()
-    return 1 - loss if variant == "Dq" else loss
+    n_anchors = has_pos.sum()
+    loss = (per_anchor * has_pos).sum() / n_anchors.clamp_min(1)
+    return zero_unless(n_anchors > 0, 1 - loss if variant == "Dq" else loss, sim)
 
 
 def smooth_ap_loss(
@@ -385,6 +425,7 @@ def smooth_ap_loss(
     same: Tensor,
     temperature: float,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    class_size: int | None = None,
 ) -> Tensor:
     """Smooth-AP (Brown et al. 2020): each anchor's one minus its smoothed average precision,
     ``1 − (1/K) Σ_k (1 + Σ_{l∈P, l≠k} σ_kl) / (1 + Σ_{l≠k} σ_kl)`` over its K positives P
@@ -396,11 +437,12 @@ def smooth_ap_loss(
             select the same number K ≥ 2 of columns.
         temperature: τ.
         chunk_elements: Upper bound on each block's temporaries.
+        class_size: K, when the caller knows it; None reads it from the device.
 
     Returns:
         (N,) per-anchor losses, differentiable in ``sim``.
     """
-    positives, _ = positive_lists(same)
+    positives, _ = positive_lists(same, class_size)
     k = positives.shape[1]
     pos_slots = positives[:, None, :]
 

@@ -14,14 +14,16 @@ in forward or backward, and an empty selection gives a zero that keeps the graph
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .logsumexp import masked_logsumexp
 from .masks import PairIndices, PairWeights, side_groups
-from .reduction import ElementwiseTerm, Reducer, reduce_elementwise_terms
+from .reduction import ElementwiseTerm, Reducer, reduce_elementwise_terms, row_blocks
 
 
 def margin(x: Tensor | float, y: Tensor | float, is_inverted: bool) -> Tensor:
@@ -37,9 +39,30 @@ def zero_loss(mat: Tensor) -> Tensor:
     return mat.sum() * 0.0
 
 
-def _lacks_a_side(pairs: PairWeights) -> bool:
-    """No positive pair or no negative pair at all: PML's rule for losses that need both."""
-    return not (bool(pairs.pos.any()) and bool(pairs.neg.any()))
+def zero_unless(condition: Tensor, loss: Tensor, mat: Tensor) -> Tensor:
+    """``loss`` where ``condition`` holds, else PML's zero (one that keeps the graph), for a
+    loss that PML skips under a condition on the data.
+
+    A scalar loss (every :class:`Reducer`'s) is selected on the device, so the host never
+    reads the condition; the loss must then be finite, value and gradient, when the condition
+    fails. Unreduced losses (a reducer returning the elements) become the scalar zero, as in
+    PML, which needs the host to read the condition (their selection already read several
+    values).
+
+    Args:
+        condition: 0-d bool tensor.
+        loss: The loss where the condition holds.
+        mat: A tensor the zero stays attached to.
+    """
+    if loss.ndim == 0:
+        return torch.where(condition, loss, 0.0)
+    return loss if bool(condition) else zero_loss(mat)
+
+
+def _has_both_sides(pairs: PairWeights) -> Tensor:
+    """Whether there is a positive and a negative pair (0-d bool): PML computes the losses
+    that need both only then."""
+    return pairs.pos.any() & pairs.neg.any()
 
 
 def contrastive_loss(
@@ -177,13 +200,11 @@ def ntxent_loss(
     Returns:
         Scalar loss.
     """
-    if _lacks_a_side(pairs):
-        return zero_loss(mat)
     sign = 1.0 if is_inverted else -1.0
     logits = mat * (sign / temperature)
     neg_lse, has_neg = masked_logsumexp(mat, pairs.neg, scale=sign / temperature)
     losses = F.softplus(neg_lse - logits) * has_neg
-    return reducer(losses, pairs.pos)
+    return zero_unless(_has_both_sides(pairs), reducer(losses, pairs.pos), mat)
 
 
 def supcon_loss(
@@ -207,8 +228,6 @@ def supcon_loss(
     Returns:
         Scalar loss.
     """
-    if _lacks_a_side(pairs):
-        return zero_loss(mat)
     pos, neg = pairs.pos_indicator(), pairs.neg_indicator()
     logits = (mat if is_inverted else -mat) / temperature
     denominator, _ = masked_logsumexp(logits, (pos + neg).clamp_max_(1.0))
@@ -216,7 +235,7 @@ def supcon_loss(
     n_pos = pos.sum(1, keepdim=True)
     mean_pos_logit = (logits * pos).sum(1, keepdim=True) / n_pos.clamp_min(1.0)
     losses = (denominator - mean_pos_logit) * (n_pos > 0)
-    return reducer(losses.squeeze(1))
+    return zero_unless(_has_both_sides(pairs), reducer(losses.squeeze(1)), mat)
 
 
 def lifted_structure_loss(
@@ -246,27 +265,128 @@ def lifted_structure_loss(
     Returns:
         Scalar loss.
     """
-    if _lacks_a_side(pairs):
-        return zero_loss(mat)
-    n_rows, n_cols = mat.shape
     sign = -1.0 if is_inverted else 1.0
     row_lse, has_neg = masked_logsumexp(mat, pairs.neg, scale=-sign, offset=sign * neg_margin)
-    lowest = torch.finfo(row_lse.dtype).min
-    anchor_lse = torch.where(has_neg > 0, row_lse, lowest)  # (N, 1)
+    anchor_lse = torch.where(has_neg > 0, row_lse, torch.finfo(row_lse.dtype).min)  # (N, 1)
+    constants = (has_neg, sign, pos_margin)
+    if reducer.fusable:
+        loss = _LiftedPairLosses.apply(mat, anchor_lse, pairs.pos, reducer, *constants)
+    else:
+        losses = _LiftedPairLosses.apply(mat, anchor_lse, None, None, *constants)
+        loss = reducer(losses, pairs.pos)
+    both_sides = pairs.pos.any() & has_neg.any()
+    return zero_unless(both_sides, loss, mat)
+
+
+def _lifted_block(
+    mat: Tensor,
+    anchor_lse: Tensor,
+    has_neg: Tensor,
+    rows: slice,
+    sign: float,
+    pos_margin: float,
+    slopes: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One row block of the lifted structure losses, from the anchors' negative log-sum-exps.
+
+    Returns:
+        (losses, hinge, d_anchor, d_column): ``½·hinge²``; the hinge; with ``slopes``, the
+        derivatives of each entry's combined log-sum-exp with respect to its row's and its
+        column's ``anchor_lse`` (zero where neither side has negatives), else None.
+    """
+    n_rows, n_cols = mat.shape
     k = min(n_rows, n_cols)
+    a = anchor_lse[rows]  # (B, 1)
     # The positive's own negatives: p is looked up among the anchors (PML's convention).
-    col_lse = torch.full((1, n_cols), lowest, dtype=row_lse.dtype, device=mat.device)
-    col_lse = torch.cat([anchor_lse[:k, 0], col_lse[0, k:]])[None, :]
-    col_has_neg = torch.zeros((1, n_cols), dtype=row_lse.dtype, device=mat.device)
-    col_has_neg[0, :k] = has_neg[:k, 0]
-    combined = torch.logaddexp(anchor_lse, col_lse)
+    lowest = torch.finfo(anchor_lse.dtype).min
+    c = torch.cat([anchor_lse[:k, 0], anchor_lse.new_full((n_cols - k,), lowest)])
+    c_has = torch.cat([has_neg[:k, 0], has_neg.new_zeros(n_cols - k)])
+    gap = a - c
+    # logaddexp(a, c) = max(a, c) − log σ(|a − c|): σ(|a − c|) lies in [½, 1], so its log is
+    # exact and cheap (log1p and logaddexp are several times slower on CPU).
+    combined = torch.maximum(a, c).sub_(torch.abs(gap).sigmoid_().log_())
     # A pair (a, a) exists only between a batch and a separate reference set; its union of
     # negatives is N_a once, not twice.
-    same_index = torch.arange(k, device=mat.device)
-    combined = combined.index_put((same_index, same_index), anchor_lse[:k, 0])
-    combined = combined * torch.clamp_max(has_neg + col_has_neg, 1.0)
-    losses = F.relu(combined + margin(mat, pos_margin, is_inverted)).pow(2) / 2
-    return reducer(losses, pairs.pos)
+    diagonal = combined.diagonal(rows.start)
+    diagonal.copy_(a[: diagonal.numel(), 0])
+    # Where neither side has a negative the union is empty: PML's log-sum-exp of it is 0.
+    either = torch.maximum(has_neg[rows], c_has)
+    hinge = combined.mul_(either).add_(mat[rows], alpha=sign).sub_(sign * pos_margin).relu_()
+    losses = hinge.square().mul_(0.5)
+    if not slopes:
+        return losses, hinge, None, None
+    d_anchor = gap.sigmoid_()
+    d_column = torch.sub(1.0, d_anchor).mul_(either)
+    d_anchor.mul_(either)
+    d_anchor.diagonal(rows.start).copy_(either.diagonal(rows.start))
+    d_column.diagonal(rows.start).fill_(0.0)
+    return losses, hinge, d_anchor, d_column
+
+
+class _LiftedPairLosses(torch.autograd.Function):
+    """The lifted structure losses of all pairs, over row blocks.
+
+    Given a fusable reducer, forward keeps only its total and count and returns the reduced
+    loss; given none, it returns the (N, M) losses. Backward recomputes each block, so nothing
+    full-size exists but the gradient and those losses (the plain formula costs some twenty
+    full-size passes).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        mat: Tensor,
+        anchor_lse: Tensor,
+        weights: Tensor | None,
+        reducer: Reducer | None,
+        has_neg: Tensor,
+        sign: float,
+        pos_margin: float,
+    ) -> Tensor:
+        ctx.save_for_backward(mat, anchor_lse, has_neg, weights)
+        ctx.reducer, ctx.sign, ctx.pos_margin = reducer, sign, pos_margin
+        losses = torch.empty_like(mat) if reducer is None else None
+        total, count = mat.new_zeros(()), mat.new_zeros(())
+        for rows in row_blocks(*mat.shape):
+            values = _lifted_block(mat, anchor_lse, has_neg, rows, sign, pos_margin)[0]
+            if losses is not None:
+                losses[rows] = values
+                continue
+            assert reducer is not None and weights is not None
+            w = reducer.effective_weights(values, weights[rows])
+            assert w is not None  # the pair weights are given
+            total += torch.dot(values.flatten(), w.flatten())
+            count += w.sum()
+        if losses is not None:
+            return losses
+        assert reducer is not None
+        # The reduction is linear in its total: its scale is the reducer's value of a total of 1.
+        ctx.scale = reducer.finish(torch.ones_like(count), count)
+        return total * ctx.scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        mat, anchor_lse, has_neg, weights = ctx.saved_tensors
+        grad_mat = torch.empty_like(mat)
+        grad_rows = torch.empty_like(anchor_lse)
+        grad_columns = mat.new_zeros(mat.shape[1])
+        for rows in row_blocks(*mat.shape):
+            values, hinge, d_anchor, d_column = _lifted_block(
+                mat, anchor_lse, has_neg, rows, ctx.sign, ctx.pos_margin, slopes=True
+            )
+            assert d_anchor is not None and d_column is not None
+            if ctx.reducer is None:
+                upstream = hinge.mul_(grad_out[rows])
+            else:
+                w = ctx.reducer.effective_weights(values, weights[rows])
+                upstream = hinge.mul_(w).mul_(grad_out * ctx.scale)
+            torch.mul(upstream, ctx.sign, out=grad_mat[rows])
+            grad_rows[rows] = (upstream * d_anchor).sum(1, keepdim=True)
+            grad_columns += (upstream * d_column).sum(0)
+        k = min(mat.shape)
+        grad_rows[:k, 0] += grad_columns[:k]
+        return grad_mat, grad_rows, None, None, None, None, None
 
 
 def generalized_lifted_structure_loss(

@@ -95,11 +95,15 @@ def exclude_self_pairs_(
     if against_itself:
         pos.fill_diagonal_(0.0)
         neg.fill_diagonal_(0.0)
-    if anchor_in_ref is not None:
-        rows = torch.nonzero(anchor_in_ref >= 0).squeeze(1)
-        cols = anchor_in_ref[rows]
-        pos[rows, cols] = 0.0
-        neg[rows, cols] = 0.0
+    if anchor_in_ref is not None and pos.shape[1]:
+        # Every row's entry is rewritten, times 0 where the anchor is in the reference set and
+        # times 1 elsewhere (column 0 standing in for −1): no list of the anchors that are.
+        flat = torch.arange(pos.shape[0], device=pos.device) * pos.shape[1]
+        flat += anchor_in_ref.clamp_min(0)
+        absent = (anchor_in_ref < 0).to(pos.dtype)
+        for weights in (pos, neg):
+            entries = weights.view(-1)
+            entries.index_copy_(0, flat, entries.index_select(0, flat).mul_(absent))
 
 
 def drop_self_pairs(indices_tuple: IndicesTuple, anchor_in_ref: Tensor) -> IndicesTuple:
@@ -124,15 +128,31 @@ def drop_self_pairs(indices_tuple: IndicesTuple, anchor_in_ref: Tensor) -> Indic
 
 
 def _comparable(labels: Tensor, ref_labels: Tensor) -> tuple[Tensor, Tensor]:
-    """The labels in the fastest dtype that compares them exactly: float32 below 2^24, float64
-    below 2^53, else the integers themselves (integer broadcasting comparisons are ~15× slower
-    than float ones on CPU)."""
+    """The labels as float32 values that compare as the labels do: their ranks among the
+    distinct labels of both (:func:`dense_ranks`), exact in float32 below 2^24 labels; integer
+    broadcasting comparisons are ~15× slower than float ones on CPU."""
     both = labels if ref_labels is labels else torch.cat([labels, ref_labels])
-    largest = int(both.abs().max()) if both.numel() else 0
-    for dtype, exact in ((torch.float32, 2**24), (torch.float64, 2**53)):
-        if largest < exact:
-            return labels.to(dtype), ref_labels.to(dtype)
-    return labels, ref_labels
+    if both.numel() >= 2**24:
+        return labels, ref_labels
+    ranks = dense_ranks(both, torch.float32)
+    if ref_labels is labels:
+        return ranks, ranks
+    return ranks[: labels.numel()], ranks[labels.numel() :]
+
+
+def dense_ranks(values: Tensor, dtype: torch.dtype = torch.long) -> Tensor:
+    """Each value's rank among the distinct values (0 for the smallest): ``torch.unique``'s
+    inverse indices, from a sort, so that the host reads nothing (``unique``'s output size
+    depends on the data).
+
+    Args:
+        values: 1-D tensor.
+        dtype: Dtype of the ranks (float32 is exact below 2^24 values).
+    """
+    ordered, order = torch.sort(values)
+    rank_in_order = torch.zeros(values.shape, dtype=dtype, device=values.device)
+    torch.cumsum(ordered[1:] != ordered[:-1], 0, dtype=dtype, out=rank_in_order[1:])
+    return torch.empty_like(rank_in_order).scatter_(0, order, rank_in_order)
 
 
 @dataclass(frozen=True)
@@ -370,8 +390,10 @@ def first_two_per_label(labels: Tensor) -> tuple[Tensor, Tensor]:
     sorted_labels = labels[order]
     starts = torch.ones_like(sorted_labels, dtype=torch.bool)
     starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
-    first = torch.nonzero(starts).squeeze(1)
-    has_second = first + 1 < labels.numel()
-    has_second[has_second.clone()] = ~starts[first[has_second] + 1]
-    first = first[has_second]
+    # A label's first item has a second when the next item in label order is no label's first.
+    first_of_two = starts.clone()
+    first_of_two[:-1] &= ~starts[1:]
+    first_of_two[-1:] = False
+    # The one host read: how many labels have two items, the size of the result.
+    first = torch.nonzero(first_of_two).squeeze(1)
     return order[first], order[first + 1]

@@ -48,8 +48,8 @@ def asymmetric_mining_masks(
     sim: Tensor,
     pos: Tensor,
     neg: Tensor,
-    gamma_pos: float,
-    gamma_neg: float,
+    gamma_pos: float | Tensor,
+    gamma_neg: float | Tensor,
     negative_rule: NegativeRule = "code",
 ) -> tuple[Tensor, Tensor]:
     """ASMS (docs/ddtas.md §2), of which multi-similarity mining is the case γ_pos = γ_neg = ε:
@@ -62,8 +62,8 @@ def asymmetric_mining_masks(
         sim: (N, M) similarity-like matrix.
         pos: 0/1 (N, M) positive pairs (float, as ``label_weights`` gives, or bool).
         neg: 0/1 (N, M) negative pairs.
-        gamma_pos: Positive tolerance.
-        gamma_neg: Negative tolerance.
+        gamma_pos: Positive tolerance (a number or a 0-dim tensor).
+        gamma_neg: Negative tolerance (likewise).
         negative_rule: ``"code"`` (the released code) or ``"figure"``.
 
     Returns:
@@ -101,6 +101,39 @@ class AdaptiveTolerances:
     num_mined_negatives: int
     num_all_positives: int
 
+    @classmethod
+    def from_values(cls, values: list[float]) -> AdaptiveTolerances:
+        """From the six values of :func:`adaptive_tolerance_values`, read to the host."""
+        g_pos, g_neg, ratio, tau, n_neg, n_pos = values
+        return cls(g_pos, g_neg, None if math.isnan(ratio) else ratio, tau, int(n_neg), int(n_pos))
+
+
+def adaptive_tolerance_values(
+    sim: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    gamma_pos: float,
+    gamma_neg: float,
+    count_tolerance: float,
+    k: float = 0.5,
+) -> Tensor:
+    """AT-ASMS tolerance update (see :func:`adaptive_tolerances`) left on the device: nothing
+    is read, so a miner can read these values with its mined sizes in one synchronisation.
+
+    Returns:
+        (6,) float64: γ̂_pos, γ̂_neg, r (NaN when the batch has no positive pair), τ, n_neg and
+        N_pos.
+    """
+    pos, neg = pos.to(sim.dtype), neg.to(sim.dtype)
+    buffer = torch.empty_like(sim)
+    min_pos = _extreme_selected(sim, pos, largest=False, buffer=buffer)
+    shifted = torch.add(sim, count_tolerance, out=buffer)
+    n_neg = _select(neg, shifted, min_pos, above=True, buffer=buffer).sum(dtype=torch.float64)
+    n_pos = pos.sum(dtype=torch.float64)
+    ratio = torch.where(n_pos > 0, n_neg / n_pos, torch.nan)
+    g_pos, g_neg, tau = _updated_tolerances(ratio, gamma_pos, gamma_neg, k)
+    return torch.stack([g_pos, g_neg, ratio, tau, n_neg, n_pos])
+
 
 def adaptive_tolerances(
     sim: Tensor,
@@ -127,17 +160,18 @@ def adaptive_tolerances(
         k: Scale of the update.
 
     Returns:
-        The tolerances and the counts behind them.
+        The tolerances and the counts behind them (one read from the device).
     """
-    pos, neg = pos.to(sim.dtype), neg.to(sim.dtype)
-    buffer = torch.empty_like(sim)
-    min_pos = _extreme_selected(sim, pos, largest=False, buffer=buffer)
-    shifted = torch.add(sim, count_tolerance, out=buffer)
-    n_neg = int(_select(neg, shifted, min_pos, above=True, buffer=buffer).sum())
-    n_pos = int(pos.sum())
-    ratio = n_neg / n_pos if n_pos else None
-    g_pos, g_neg, tau = tolerances_from_ratio(ratio, gamma_pos, gamma_neg, k)
-    return AdaptiveTolerances(g_pos, g_neg, ratio, tau, n_neg, n_pos)
+    values = adaptive_tolerance_values(sim, pos, neg, gamma_pos, gamma_neg, count_tolerance, k)
+    return AdaptiveTolerances.from_values(values.tolist())
+
+
+def _updated_tolerances(
+    ratio: Tensor, gamma_pos: float, gamma_neg: float, k: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(γ̂_pos, γ̂_neg, τ) as 0-dim float64 tensors: strictly r > 1 adapts (NaN does not)."""
+    tau = torch.where(ratio > 1, k / (1.0 + torch.exp(-ratio)), 0.0)
+    return gamma_pos * (1.0 + tau), gamma_neg * (1.0 - tau), tau
 
 
 def tolerances_from_ratio(
@@ -148,10 +182,9 @@ def tolerances_from_ratio(
     Strictly r > 1 adapts, with τ = k·σ(r); r ≤ 1, or no ratio at all (no positive pair),
     keeps the static tolerances.
     """
-    if ratio is None or not ratio > 1:
-        return gamma_pos, gamma_neg, 0.0
-    tau = k / (1.0 + math.exp(-ratio))
-    return gamma_pos * (1.0 + tau), gamma_neg * (1.0 - tau), tau
+    r = torch.tensor(math.nan if ratio is None else ratio, dtype=torch.float64)
+    g_pos, g_neg, tau = (float(t) for t in _updated_tolerances(r, gamma_pos, gamma_neg, k))
+    return g_pos, g_neg, tau
 
 
 def batch_hard_triplets(sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,10 +211,48 @@ def batch_hard_triplets(sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, 
     return anchors, p[anchors], n[anchors]
 
 
+def read_sizes(*values: Tensor) -> list[float]:
+    """Reads device values (counts, tolerances, flags) to the host in one synchronisation:
+    a miner's data-dependent sizes are all gathered into this one read.
+
+    Args:
+        *values: Tensors of any shape and dtype; counts must be below 2^53 (read as float64).
+
+    Returns:
+        Their values, flattened and in order.
+    """
+    stacked = torch.cat([v.to(torch.float64).reshape(-1) for v in values])
+    read: list[float] = stacked.tolist()
+    return read
+
+
+def nonzero_lists(
+    masks: list[Tensor], *extra: Tensor
+) -> tuple[list[tuple[Tensor, ...]], list[float]]:
+    """The non-zero entries of each mask as index columns, all sized by one read from the
+    device (:func:`read_sizes`), which also reads ``extra``.
+
+    Args:
+        masks: Tensors of any shape and dtype; non-zero (positive, for weights) entries are
+            listed in row-major order.
+        *extra: Tensors to read in the same synchronisation.
+
+    Returns:
+        (lists, extra values): for each mask, one index tensor per dimension.
+    """
+    flags = [m if m.dtype == torch.bool else m > 0 for m in masks]
+    read = read_sizes(*(f.sum() for f in flags), *extra)
+    lists = [
+        torch.nonzero_static(f, size=int(size)).unbind(1)
+        for f, size in zip(flags, read, strict=False)
+    ]
+    return lists, read[len(flags) :]
+
+
 def pairs_from_masks(keep_pos: Tensor, keep_neg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(a1, p, a2, n) index tensors of the selected (non-zero) positive and negative pairs."""
-    a1, p = keep_pos.nonzero(as_tuple=True)
-    a2, n = keep_neg.nonzero(as_tuple=True)
+    """(a1, p, a2, n) index tensors of the selected (non-zero) positive and negative pairs,
+    with one read from the device for both sizes (see :func:`nonzero_lists`)."""
+    ((a1, p), (a2, n)), _ = nonzero_lists([keep_pos, keep_neg])
     return a1, p, a2, n
 
 
@@ -320,17 +391,17 @@ def easy_hard_pairs(
         pos_pick = None if pos_strategy == "all" else pick_positive(None)
         neg_pick = None if neg_strategy == "all" else pick_negative(None)
     if pos_pick is None or neg_pick is None:
-        a1, p = pos_candidates.nonzero(as_tuple=True) if pos_pick is None else _chosen(pos_pick)
-        a2, n = neg_candidates.nonzero(as_tuple=True) if neg_pick is None else _chosen(neg_pick)
+        # An "all" side lists its candidates, a chosen side the rows where it found one.
+        sides = [(pos_candidates, pos_pick), (neg_candidates, neg_pick)]
+        masks = [candidates if pick is None else pick[2] for candidates, pick in sides]
+        listed, _ = nonzero_lists(masks)
+        pairs: list[Tensor] = []
+        for found, (_, pick) in zip(listed, sides, strict=True):
+            pairs += [found[0], found[1] if pick is None else pick[1][found[0]]]
+        a1, p, a2, n = pairs
         return a1, p, a2, n
     anchors = (pos_pick[2] & neg_pick[2]).nonzero().squeeze(1)
     return anchors, pos_pick[1][anchors], anchors.clone(), neg_pick[1][anchors]
-
-
-def _chosen(pick: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """(anchors, columns) of the rows where a per-row choice found a candidate."""
-    rows = pick[2].nonzero().squeeze(1)
-    return rows, pick[1][rows]
 
 
 def hardest_fraction(values: Tensor, fraction: float, largest: bool) -> Tensor:
@@ -468,12 +539,14 @@ def random_triplets(
     device = pos.device
     positive = pos > 0
     n_pos = positive.sum(1)
-    rows = ((n_pos > 0) & (neg_weights.sum(1) > 0) & (per_anchor > 0)).nonzero().squeeze(1)
-    if rows.numel() == 0:
+    drawn = ((n_pos > 0) & (neg_weights.sum(1) > 0)) * per_anchor.clamp_min(0)
+    # Every size in one read: the anchors drawing, the most triplets of one, and in all.
+    n_rows, width, total = (int(x) for x in read_sizes((drawn > 0).sum(), drawn.max(), drawn.sum()))
+    if n_rows == 0:
         return _empty_indices(device, 3)  # type: ignore[return-value]
-    count = per_anchor[rows]
-    width = int(count.max())
-    draws = _uniform((2, rows.numel(), width), generator, device)
+    rows = torch.nonzero_static(drawn, size=n_rows).squeeze(1)
+    count = drawn[rows]
+    draws = _uniform((2, n_rows, width), generator, device)
     # The j-th positive of a row is the first column where the running count of positives
     # passes j; a negative is the first column where the running weight passes a uniform draw.
     j = torch.minimum((draws[0] * n_pos[rows, None]).long(), n_pos[rows, None] - 1)
@@ -481,8 +554,9 @@ def random_triplets(
     cdf = neg_weights[rows].double().cumsum(1)
     n = torch.searchsorted(cdf.div_(cdf[:, -1:]), draws[1], right=True)
     kept = torch.arange(width, device=device) < count[:, None]
-    a = rows[:, None].expand(-1, width)
-    return a[kept], p[kept], n[kept]
+    kept = torch.nonzero_static(kept.view(-1), size=total).squeeze(1)
+    a = rows.repeat_interleave(count, output_size=total)
+    return a, p.view(-1)[kept], n.view(-1)[kept]
 
 
 def packaged_triplets(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -502,6 +576,7 @@ def packaged_triplets(n: int, device: torch.device) -> tuple[Tensor, Tensor, Ten
 __all__ = [
     "AdaptiveTolerances",
     "EasyHardStrategy",
+    "adaptive_tolerance_values",
     "adaptive_tolerances",
     "angular_triplets",
     "asymmetric_mining_masks",
@@ -510,9 +585,11 @@ __all__ = [
     "easy_hard_pairs",
     "hardest_fraction",
     "histogram_bins",
+    "nonzero_lists",
     "packaged_triplets",
     "pairs_from_masks",
     "random_triplets",
+    "read_sizes",
     "tolerances_from_ratio",
     "uniform_histogram_sample",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .losses import zero_loss
+from .losses import zero_unless
 from .reduction import Reducer
 
 
@@ -75,18 +75,16 @@ def fastap_loss(
     """
     num_pos = pos.sum(dim=1)
     has_pos = num_pos > 0
-    if not bool(has_pos.any()):
-        return zero_loss(dist)
     h_pos, h_neg = soft_histograms(dist, [pos, neg], num_bins, histogram_max)
     product = h_pos * h_pos.cumsum(dim=1)
     total = (h_pos + h_neg).cumsum(dim=1)
     safe = (product > 0) & (total > 0)
-    if not bool(safe.any()):  # PML's rule: no usable bin anywhere gives zero
-        return zero_loss(dist)
     # Unsafe bins divide by 1 rather than 0, so their (discarded) gradients stay finite.
     precision = torch.where(safe, product / torch.where(safe, total, 1.0), 0.0).sum(dim=1)
-    ap = precision[has_pos] / num_pos[has_pos]
-    return reducer((1 - ap) * anchor_weights[has_pos])
+    ap = precision / num_pos.clamp_min(1.0)
+    loss = reducer((1 - ap) * anchor_weights, has_pos)
+    # PML's rule: no anchor with a positive, or no usable bin anywhere, gives zero.
+    return zero_unless(has_pos.any() & safe.any(), loss, dist)
 
 
 __all__ = ["fastap_loss", "soft_histograms"]

@@ -892,7 +892,8 @@ class _ElementwiseReduce(torch.autograd.Function):
                 w = term.weights_for(block, values, weights)
                 if w is not None:
                     slopes.mul_(w)
-                grad[block].add_(slopes, alpha=float(scale))
+                # A tensor scale, not alpha=float(scale): that would make the host wait.
+                grad[block].add_(slopes.mul_(scale))
         return grad.mul_(grad_out).reshape(x.shape), None
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .logsumexp import masked_logsumexp
-from .masks import PairIndices, PairWeights
+from .masks import PairIndices, PairWeights, dense_ranks
 from .reduction import (
     ElementwiseTerm,
     Reducer,
@@ -313,7 +313,7 @@ def instance_loss(sim: Tensor, labels: Tensor, gamma: float = 64.0, *, reducer: 
     Returns:
         Scalar loss.
     """
-    _, targets = torch.unique(labels, return_inverse=True)
+    targets = dense_ranks(labels)
     return reducer(F.cross_entropy(sim * gamma, targets, reduction="none"))
 
 

@@ -11,6 +11,7 @@ not ignored.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ from ..regularizers import BaseRegularizer
 from ..validation import (
     check_anchor_in_ref,
     check_batch,
+    check_class_labels,
     check_finite_number,
     check_labels,
     check_positive_int,
@@ -320,19 +322,33 @@ class ManifoldLoss(BaseMetricLossFunction):
                         f"which needs at least {self.K} embeddings, got {n}; give the "
                         "meta-classes as labels or indices_tuple"
                     )
+                # Drawn in [0, K): no range check needed.
                 meta = fam.random_meta_classes(n, self.K)
+                drawn = self.K
             else:
                 meta = check_labels(
                     indices_tuple, n, batch.embeddings.device, "indices_tuple (meta-classes)"
                 )
-            batch = dataclasses.replace(batch, labels=meta.to(batch.embeddings.device))
+                drawn = None
+            batch = dataclasses.replace(
+                batch, labels=meta.to(batch.embeddings.device), num_classes=drawn
+            )
         else:
             if indices_tuple is not None:
                 raise ValueError(
                     f"{name} does not support indices_tuple of pairs or triplets; give each "
                     "embedding's meta-class (proxy index) as a (N,) tensor, or as labels"
                 )
-            batch = Batch.from_call(embeddings, labels, None, None, ref_labels, anchor_in_ref)
+            batch = Batch.from_call(
+                embeddings,
+                labels,
+                None,
+                None,
+                ref_labels,
+                anchor_in_ref,
+                num_classes=self.K,
+                class_error=self._meta_class_error,
+            )
         return self.loss_of_batch(batch, embeddings.dtype)
 
     def compute_loss(self, batch: Batch) -> Tensor:
@@ -342,15 +358,18 @@ class ManifoldLoss(BaseMetricLossFunction):
             raise ValueError(
                 f"embeddings have size {emb.shape[1]} but ManifoldLoss was built with l={self.l}"
             )
+        if batch.num_classes != self.K:
+            check_class_labels(labels, self.K, message=partial(self._meta_class_error, labels))
         meta = labels.long()
-        if meta.numel() and not bool(((meta >= 0) & (meta < self.K)).all()):
-            raise ValueError(
-                f"ManifoldLoss's meta-classes must be proxy indices in [0, K={self.K}), got "
-                f"values in [{int(meta.min())}, {int(meta.max())}]"
-            )
         nodes = torch.cat([emb, self.proxies.to(emb.dtype)])
         affinities = fam.random_walk_affinities(self.distance(nodes), self.alpha)
         return self.reducer(fam.manifold_losses(affinities, meta, self.margin, self.lambdaC))
+
+    def _meta_class_error(self, meta: Tensor) -> str:
+        return (
+            f"ManifoldLoss's meta-classes must be proxy indices in [0, K={self.K}), got "
+            f"values in [{int(meta.min())}, {int(meta.max())}]"
+        )
 
     def extra_repr(self) -> str:
         return (

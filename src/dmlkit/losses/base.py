@@ -19,7 +19,7 @@ from ..distances import (
 from ..functional.reduction import MeanReducer, Reducer, labels_for_reducers
 from ..registry import Registry
 from ..regularizers import BaseRegularizer
-from ..validation import check_positive_int, class_labels
+from ..validation import check_positive_int
 
 
 class BaseMetricLossFunction(nn.Module):
@@ -118,8 +118,15 @@ class BaseMetricLossFunction(nn.Module):
             ref_labels,
             anchor_in_ref,
             labels_required=self.labels_required,
+            num_classes=self.label_classes(),
         )
         return self.loss_of_batch(batch, embeddings.dtype)
+
+    def label_classes(self) -> int | None:
+        """The class count C of the loss's per-class parameters, whose indices integer labels
+        must be: :meth:`forward` checks labels to lie in [0, C) with its other inputs; None
+        (the default) for no such parameters."""
+        return None
 
     def loss_of_batch(self, batch: Batch, dtype: torch.dtype) -> Tensor:
         """The loss of a checked batch plus the embedding regulariser, in ``dtype``: the end
@@ -261,9 +268,12 @@ class ClassParametersLoss(WeightRegularizedLoss):
         or centre: what a weight regulariser sees (PML passes it ``W.t()`` for a (D, C) ``W``)."""
         return weight if self.weight_layout == "rows" else weight.t()
 
+    def label_classes(self) -> int:
+        return self.num_classes
+
     def labels_of(self, batch: Batch) -> Tensor:
         """The call's labels, checked to be class indices, as ``torch.long``."""
-        return class_labels(batch.class_labels(type(self).__name__), self.num_classes)
+        return batch.class_indices(type(self).__name__, self.num_classes)
 
     def extra_repr(self) -> str:
         return (

@@ -8,17 +8,23 @@ import numbers
 import warnings
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..batch import Batch
-from ..distances import BaseDistance, CosineSimilarity
+from ..distances import BaseDistance, CosineSimilarity, DotProductSimilarity
 from ..functional import list_losses as fll
 from ..functional.losses import zero_loss
 from ..functional.masks import tuple_element_weights
 from ..functional.reduction import Reducer
 from ..functional.triplets import DEFAULT_CHUNK_ELEMENTS
 from ..regularizers import BaseRegularizer
-from ..validation import check_finite_number, check_positive_int, check_positive_number
+from ..validation import (
+    check_finite_number,
+    check_positive_int,
+    check_positive_number,
+    finite_checks_enabled,
+)
 from .base import LOSSES, BaseMetricLossFunction
 
 
@@ -45,6 +51,16 @@ def _histogram_delta(n_bins: int | None, delta: float | None) -> float:
     return spacing
 
 
+def _unit_dot_products(distance: BaseDistance) -> bool:
+    """Whether the similarities are dot products of unit vectors, in [-1, 1] up to rounding."""
+    return (
+        type(distance) in (CosineSimilarity, DotProductSimilarity)
+        and distance.normalize_embeddings
+        and distance.p == 2
+        and distance.power == 1
+    )
+
+
 @LOSSES.register()
 class HistogramLoss(BaseMetricLossFunction):
     """Histogram loss (Ustinova & Lempitsky 2016): the estimated probability that a negative
@@ -57,7 +73,9 @@ class HistogramLoss(BaseMetricLossFunction):
 
     Differences from PML: a similarity of exactly 1 (identical directions) or a rounding error
     beyond ±1 falls on the end nodes (PML: index error); similarities beyond [-1, 1] by more
-    than rounding, and a ``delta`` whose nodes stop short of 1, raise ``ValueError`` (PML: index
+    than rounding (checked unless the similarity is a dot product of unit vectors or
+    :func:`~dmlkit.validation.set_finite_checks` has turned value checks off), and a
+    ``delta`` whose nodes stop short of 1, raise ``ValueError`` (PML: index
     error on the uncovered values); a distance that is not a similarity is refused at
     construction (PML reads any matrix as similarities in [-1, 1]).
 
@@ -97,7 +115,13 @@ class HistogramLoss(BaseMetricLossFunction):
     def compute_loss(self, batch: Batch) -> Tensor:
         pairs = batch.pair_weights(binary=True)
         pos, neg = fll.histogram_pair_selection(pairs.pos > 0, pairs.neg > 0)
-        loss = fll.histogram_loss(batch.matrix(self.distance), pos, neg, self.delta)
+        loss = fll.histogram_loss(
+            batch.matrix(self.distance),
+            pos,
+            neg,
+            self.delta,
+            check_range=finite_checks_enabled() and not _unit_dot_products(self.distance),
+        )
         return self.reducer(loss.reshape(1))
 
     def extra_repr(self) -> str:
@@ -330,19 +354,22 @@ class SmoothAPLoss(BaseMetricLossFunction):
 
     def compute_loss(self, batch: Batch) -> Tensor:
         labels = batch.class_labels(type(self).__name__)
-        _, counts = labels.unique(return_counts=True)
-        if counts.numel() and bool((counts != counts[0]).any()):
+        same = labels[:, None] == labels[None, :]
+        sizes = same.sum(dim=1)  # each item's class size
+        # The one host read: the class size, a tensor shape below; -1 when sizes differ.
+        size = 1
+        if len(labels):
+            size = int(torch.where(sizes.amin() == sizes.amax(), sizes.amax(), -1))
+        if size < 0:
             raise ValueError(
                 "SmoothAPLoss needs the same number of items in every class of the batch, got "
-                f"class sizes {sorted(set(counts.tolist()))}; sample batches with "
+                f"class sizes {sorted(set(sizes.tolist()))}; sample batches with "
                 "samplers.MPerClassSampler (batch_size a multiple of m)"
             )
         sim = batch.matrix(self.distance)
-        if not counts.numel() or int(counts[0]) == 1:
+        if size == 1:
             return zero_loss(sim)
-        losses = fll.smooth_ap_loss(
-            sim, labels[:, None] == labels[None, :], self.temperature, self.chunk_elements
-        )
+        losses = fll.smooth_ap_loss(sim, same, self.temperature, self.chunk_elements, size)
         weights = tuple_element_weights(batch.indices_tuple, len(labels), losses)
         return self.reducer(losses * weights)
 

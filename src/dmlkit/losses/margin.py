@@ -15,7 +15,7 @@ from ..functional.masks import PairWeights, tuple_to_pair_weights
 from ..functional.reduction import DivisorReducer, Reducer
 from ..functional.triplets import sample_triplets
 from ..regularizers import BaseRegularizer
-from ..validation import check_positive_int, check_triplets_per_anchor, class_labels
+from ..validation import check_positive_int, check_triplets_per_anchor
 from .base import LOSSES, BaseMetricLossFunction
 
 
@@ -82,6 +82,9 @@ class MarginLoss(BaseMetricLossFunction):
         """Number of per-class β values, or None for one β."""
         return self.beta.numel() if self.beta.numel() > 1 else None
 
+    def label_classes(self) -> int | None:
+        return self.num_classes
+
     @staticmethod
     def default_reducer() -> Reducer:
         return DivisorReducer()
@@ -89,13 +92,10 @@ class MarginLoss(BaseMetricLossFunction):
     def compute_loss(self, batch: Batch) -> Tensor:
         mat = batch.matrix(self.distance)
         triplets = self._triplets(batch)
-        if not bool(triplets.pos.any()):
-            return fl.zero_loss(mat)
         beta = self.beta.to(mat.dtype)
         penalty = None
         if self.num_classes is not None:
-            labels = batch.class_labels("MarginLoss with a β per class")
-            beta = beta[class_labels(labels, self.num_classes)]
+            beta = beta[batch.class_indices("MarginLoss with a β per class", self.num_classes)]
             penalty = self.nu * beta if self.learn_beta else None
             beta = beta.unsqueeze(1)
         loss = margin_loss(
@@ -109,7 +109,8 @@ class MarginLoss(BaseMetricLossFunction):
         )
         if self.learn_beta and self.num_classes is None:
             loss = loss + self.nu * beta.sum()
-        return loss
+        # PML's zero, its β penalty included, when no triplet has a positive pair.
+        return fl.zero_unless(triplets.pos.any(), loss, mat)
 
     def _triplets(self, batch: Batch) -> PairWeights:
         """How many of the loss's triplets hold each positive and each negative pair."""

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..batch import Batch
 from ..distances import (
@@ -23,6 +22,7 @@ from ..functional.reduction import AvgNonZeroReducer, Reducer, labels_for_reduce
 from ..functional.triplets import (
     DEFAULT_CHUNK_ELEMENTS,
     all_triplets_margin_loss,
+    listed_triplet_losses,
     mine_triplets,
     sample_triplets,
 )
@@ -144,13 +144,11 @@ class TripletMarginLoss(BaseMetricLossFunction):
             indices = mine_triplets(dist, anchors, positives, neg, None, None, self.chunk_elements)
         if indices is not None and len(indices) == 3:
             a, p, n = indices
-            d_an = dist[a, n]
-            if swap_dist is not None:
-                d_an = torch.minimum(d_an, swap_dist[p, n])
-            violation = dist[a, p] - d_an + self.margin
-            losses = nn.functional.softplus(violation) if self.smooth_loss else violation.relu()
             if not a.numel():
                 return fl.zero_loss(dist)
+            losses = listed_triplet_losses(dist, a, p, n, self.margin, self.smooth_loss, swap_dist)
+            if self.reducer.fusable:  # a weighted total: no class is read
+                return self.reducer(losses)
             # Each triplet's class is its anchor's, for a reducer that weighs by class.
             with labels_for_reducers(None if batch.labels is None else batch.labels[a]):
                 return self.reducer(losses)

@@ -280,6 +280,11 @@ class TrainConfig:
         eval_batch_size: Batch size when computing embeddings for evaluation.
         checkpoint_every: Also write the resumable checkpoint every this many steps (0: only at
             the end of each epoch and at validation).
+        check_finite: When NaN or ±Inf is looked for. ``logged_steps``: the loss, at every
+            logged step (``logging.log_every``), so other steps never wait for the device (on
+            a GPU a check is a host–device synchronisation); a divergence is caught at most
+            ``log_every`` steps late. ``every_step``: every loss and miner call checks its
+            embeddings, naming the first bad batch, at one synchronisation per call.
     """
 
     epochs: int = 10
@@ -289,6 +294,7 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 256
     checkpoint_every: int = 0
+    check_finite: Literal["logged_steps", "every_step"] = "logged_steps"
 
 
 @dataclass

@@ -43,6 +43,7 @@ from ..models.inference import embed_dataset
 from ..objectives import BatchStream, MetricLossObjective, Objective
 from ..samplers import PKSampler
 from ..typed_values import ConfigError
+from ..validation import finite_checks
 from .builders import build_embedding_model, build_loss, build_miner, build_objective
 from .checkpoint import RunRandomness, load_checkpoint, save_atomic, write_text_atomic
 from .config import Config
@@ -657,8 +658,9 @@ class Trainer:
             )
             self.trained_part.train()
             start = time.perf_counter()
+            every_step = config.train.check_finite == "every_step"
             for x, y in self.loader:
-                with self.randomness.active():
+                with self.randomness.active(), finite_checks(every_step):
                     loss, extras = self._step(x, y)
                 self.state.batch += 1
                 self.state.step += 1
@@ -666,25 +668,28 @@ class Trainer:
                 images += len(y) * self.world_size  # the global batch
                 seconds += now - start
                 start = now
-                row = {
-                    "step": self.state.step,
-                    "epoch": self.state.epoch,
-                    "loss": loss,
-                    **extras,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "images_per_second": images / seconds,
-                }
-                if self.state.step % config.logging.log_every == 0 and self.is_writer:
-                    train_log.write(row)
-                    if board:
-                        board.write("train", self.state.step, row)
                 bar.update()
-                bar.set_postfix(
-                    loss=f"{loss:.4f}",
-                    mined=extras.get("mined"),
-                    img_s=f"{images / seconds:.0f}",
-                    refresh=False,
-                )
+                # Reading the loss makes the host wait for the device: only on logged steps.
+                if self.state.step % config.logging.log_every == 0:
+                    value = self._checked_loss(loss)
+                    row = {
+                        "step": self.state.step,
+                        "epoch": self.state.epoch,
+                        "loss": value,
+                        **extras,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_second": images / seconds,
+                    }
+                    if self.is_writer:
+                        train_log.write(row)
+                        if board:
+                            board.write("train", self.state.step, row)
+                    bar.set_postfix(
+                        loss=f"{value:.4f}",
+                        mined=extras.get("mined"),
+                        img_s=f"{images / seconds:.0f}",
+                        refresh=False,
+                    )
                 if self._validate_now("step"):
                     self._validate(val_log, board)
                 if config.train.checkpoint_every and (
@@ -693,7 +698,7 @@ class Trainer:
                     self.save()
                 for callback in self.callbacks:
                     callback(self.state)
-                if self.world_size > 1:  # a callback may stop one rank: then all stop
+                if self.world_size > 1 and self.callbacks:  # one rank stopping stops all
                     stop = torch.tensor([float(self.state.stopped_early)], device=self.device)
                     dist.all_reduce(stop, op=dist.ReduceOp.MAX)
                     self.state.stopped_early = bool(stop.item())
@@ -739,8 +744,23 @@ class Trainer:
         if board:
             board.write("mining", self.state.step, row)
 
-    def _step(self, x: Tensor, y: Tensor) -> tuple[float, dict[str, float | int | None]]:
-        """One optimisation step; returns the loss and what to log beside it."""
+    def _checked_loss(self, loss: Tensor | None) -> float:
+        """The step's loss as a number (NaN for a skipped step), refusing a diverged run."""
+        if loss is None:
+            return math.nan
+        value = float(loss)
+        if not math.isfinite(value):
+            raise ValueError(
+                f"training diverged: the loss is {value} at step {self.state.step} (checked at "
+                "every logged step; train.check_finite=every_step names the first bad batch). "
+                "Lower optimizer.lr, set optimizer.grad_clip, or resume from an earlier "
+                "checkpoint."
+            )
+        return value
+
+    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, dict[str, float | int | None]]:
+        """One optimisation step; returns the loss (None when skipped), still on the device,
+        and what to log beside it."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         out = self.objective(self.step_model, x, y)
         if self.world_size > 1 and self.objective.may_skip:
@@ -770,7 +790,7 @@ class Trainer:
             self.scaler.update()
         self.scheduler.step()
         # A skipped step has no loss to report (its zero only carries the graph).
-        return (math.nan if out.skip else float(out.loss.detach())), extras
+        return (None if out.skip else out.loss.detach()), extras
 
     def _validates(self) -> bool:
         return self.data.val is not None and self.config.validation.every > 0
