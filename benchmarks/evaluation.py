@@ -2,11 +2,12 @@
 
 Measures wall time and peak memory of P@1 + R-Precision + MAP@R (``k="max_bin_count"``) on
 clustered 128-d embeddings, with class sizes like Stanford Online Products (2–12 per class) and
-like CUB (about 60 per class). Every measurement runs in its own process, so each peak resident
-memory (``ru_maxrss``) is that job's alone; a watcher kills a job whose memory passes the limit
-and reports it. The reference column ('bare') is the cost of the N×N similarity products alone
-(4096² tiles into one buffer, nothing else): the floor of a search that does not exploit the
-symmetry of self-retrieval (dmlkit computes half of them).
+like CUB (few, large classes: 100 classes of N/100 items, the shape issue 22 measures). Every
+measurement runs in its own process, so each peak resident memory (``ru_maxrss``) is that job's
+alone; a watcher kills a job whose memory passes the limit and reports it. The reference column
+('bare') is the cost of the N×N similarity products alone (4096² tiles into one buffer, nothing
+else): the floor of a search that does not exploit the symmetry of self-retrieval (dmlkit
+computes half of them).
 
 Usage: python benchmarks/evaluation.py [--sizes 10000 60000 120000] [--repeats 1]
 Writes benchmarks/results/evaluation_{cpu,cuda}.{md,json}.
@@ -29,7 +30,11 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
-LAYOUTS = {"SOP-like (2-12 per class)": (2, 12), "CUB-like (50-70 per class)": (50, 70)}
+# Name → class sizes (smallest, largest) at N items.
+LAYOUTS = {
+    "SOP-like (2-12 per class)": lambda n: (2, 12),
+    "CUB-like (100 classes of N/100)": lambda n: (n // 100, n // 100),
+}
 DIM = 128
 NOISE = 1.3
 
@@ -78,10 +83,10 @@ def embeddings(n: int, low: int, high: int, seed: int = 0) -> tuple[torch.Tensor
     return torch.nn.functional.normalize(x, dim=1), labels
 
 
-def run_job(n: int, layout: tuple[int, int], library: str, device: str, limit_gib: float) -> dict:
+def run_job(n: int, sizes: tuple[int, int], library: str, device: str, limit_gib: float) -> dict:
     """Runs one measurement in a fresh process; kills it if its memory passes the limit."""
     script = JOB.format(
-        bench_dir=str(Path(__file__).parent), n=n, low=layout[0], high=layout[1],
+        bench_dir=str(Path(__file__).parent), n=n, low=sizes[0], high=sizes[1],
         library=library, device=device, metrics=METRICS,
     )  # fmt: skip
     env = dict(os.environ, KMP_WARNINGS="0")
@@ -134,7 +139,9 @@ def main() -> None:
             cell: dict[str, list[dict]] = {"bare": [], "dmlkit": [], "pml": []}
             for _ in range(args.repeats):  # interleaved, so drifts hit every library alike
                 for library in cell:
-                    cell[library].append(run_job(n, layout, library, args.device, args.limit_gib))
+                    cell[library].append(
+                        run_job(n, layout(n), library, args.device, args.limit_gib)
+                    )
             row = {"layout": layout_name, "n": n}
             for library, runs in cell.items():
                 ok = [run for run in runs if "error" not in run]
