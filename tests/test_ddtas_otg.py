@@ -11,9 +11,12 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -947,6 +950,82 @@ def test_convnet_closed_form_equals_double_backward() -> None:
     ]
     assert outs[0].loss.item() == pytest.approx(outs[1].loss.item(), rel=1e-10)
     assert outs[0].stats.otg_neg_mean == pytest.approx(outs[1].stats.otg_neg_mean, rel=1e-8)
+
+
+def _frozen(model: nn.Module, *names: str) -> nn.Module:
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in names)
+    return model
+
+
+def _tangent_models() -> dict[str, nn.Module]:
+    """Float64 models covering each case of the OTG's own forward-mode rules: live and frozen
+    BatchNorm, BatchNorm without affine parameters or with a frozen one, a first layer whose
+    input has no tangent (linear, convolution) and one whose weight has none."""
+    torch.manual_seed(5)
+    no_affine = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Flatten()
+    )
+    return {
+        "convnet": build_model("convnet", 8, in_channels=1),
+        "convnet, frozen BatchNorm": build_model("convnet", 8, in_channels=1, freeze_bn=True),
+        "BatchNorm without affine": no_affine,
+        "frozen BatchNorm weight": _frozen(tiny_mlp(batch_norm=True), "1.weight"),
+        "frozen first weight": _frozen(tiny_mlp(batch_norm=True), "0.weight"),
+        "frozen first layer": _frozen(tiny_mlp(batch_norm=True), "0.weight", "0.bias"),
+        "mlp": tiny_mlp(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tangent_models()))
+def test_training_forward_with_tangent_equals_pytorchs_forward_mode(name: str) -> None:
+    """The OTG's cheaper rules (first layers, batch-statistics BatchNorm) change nothing: the
+    similarities, their tangent, the real step's gradients and the running statistics are
+    those of PyTorch's generic forward mode."""
+    model = _tangent_models()[name].to(F64).train()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(6)
+    shape = (1, 8, 8) if "convnet" in name or "affine" in name else (6,)
+    x = torch.randn(12, *shape, generator=g, dtype=F64)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    v = {n: torch.randn(p.shape, generator=g, dtype=F64) for n, p in params.items()}
+
+    _, sim, tangent = similarities_with_tangent(model, x, v)
+    with fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p, v[n]) for n, p in reference.named_parameters() if n in v}
+        expected = fwAD.unpack_dual(cosine_similarity_matrix(functional_call(reference, duals, x)))
+    assert expected.tangent is not None
+    assert torch.equal(sim, expected.primal)
+    assert_close(tangent, expected.tangent, rtol=RTOL)
+    sim.sum().backward()
+    expected.primal.sum().backward()
+    for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, rtol=RTOL)
+    for (n, b), ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+        assert torch.equal(b, ref), n
+
+
+def test_the_cheaper_tangent_rules_apply_to_a_convnets_first_layer_and_batchnorms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dmlkit.ddtas import otg
+
+    applied: list[str] = []
+
+    def spy(func: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor | None:
+        result = rules[func](func, *args, **kwargs)
+        if result is not None:
+            applied.append(func.__name__)
+        return result
+
+    rules = dict(otg._TANGENT_RULES)
+    monkeypatch.setattr(otg, "_TANGENT_RULES", dict.fromkeys(rules, spy))
+    model = _tangent_models()["convnet"].to(F64).train()
+    v = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    similarities_with_tangent(model, torch.randn(6, 1, 8, 8, dtype=F64), v)
+    assert applied == ["conv2d"] + ["batch_norm"] * 4
 
 
 # ---------------------------------------------------------------------------- meta batches

@@ -4,7 +4,9 @@ Both exact forms are here. The literal one (§5.1) takes a virtual SGD step
 θ̂ = θ − η·∇_θ L^t(θ, λ), evaluates the meta loss at θ̂ and differentiates it with respect to the
 per-pair variables λ by double backward. The closed form (§5.3) uses that at λ = 0 the virtual
 step is a no-op, so u_k = η·c_k·⟨∇_θ L^m(θ), ∇_θ S_k(θ)⟩ exactly: one backward pass on the meta
-batch and one forward-mode Jacobian-vector product on the training batch.
+batch and one forward-mode Jacobian-vector product on the training batch. That product uses
+PyTorch's forward-mode rules except where they waste work on an exact tangent: a first layer
+(no tangent on its input) and BatchNorm on batch statistics (:class:`_LeanTangents`).
 
 The variants' first-order form (:func:`first_order_gradient`) generalises the closed form to any
 variables of the training loss (per-pair loss weights, a threshold): ∂L^m(θ̂(v))/∂v ≈
@@ -23,13 +25,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from ..functional.masks import PairIndices
 from ..functional.pairwise import cosine_similarity_matrix
@@ -85,6 +89,154 @@ def _math_attention() -> AbstractContextManager[None]:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def _tangent(value: object) -> Tensor | None:
+    """The forward-mode tangent a tensor carries at the current dual level, if any."""
+    return fwAD.unpack_dual(value).tangent if isinstance(value, Tensor) else None
+
+
+def _primal(value: Any) -> Any:
+    return fwAD.unpack_dual(value).primal if isinstance(value, Tensor) else value
+
+
+def _affine_with_tangent(
+    func: Callable[..., Tensor],
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Tensor | None:
+    """A linear or convolution layer whose input carries no tangent: the tangent is
+    func(input, ẇ, ḃ), one call. PyTorch's rule would add func(0, w) on a zero tangent
+    it materialises for the input, a whole wasted layer (the first layer of every model)."""
+    if _tangent(input) is not None or _tangent(weight) is None:
+        return None
+    primal = func(input, _primal(weight), _primal(bias), *args, **kwargs)
+    with torch.no_grad():
+        tangent = func(input, _tangent(weight), _tangent(bias), *args, **kwargs)
+    return fwAD.make_dual(primal, tangent)
+
+
+class _BatchStatisticsNorm(torch.autograd.Function):
+    """BatchNorm on the batch's own statistics, y = γ·x̂ + β with x̂ = (x − μ)·σ⁻¹, with a
+    fused forward-mode rule.
+
+    Per channel the Jacobian in x, γσ⁻¹(I − 11ᵀ/N − x̂x̂ᵀ/N), is symmetric, so its product
+    with the input's tangent is the backward kernel applied to that tangent; the parameters
+    add γ̇·x̂ + β̇. PyTorch's generic rule spends about a dozen passes over the activation on
+    the same quantity, the costliest part of a ConvNet's tangent. Forward and backward are
+    the primitives F.batch_norm reaches on the CPU, running statistics updated in place.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        out, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_forward(x, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)  # absent tangents come as None, not zeros
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if grad is None:
+            return (None,) * 7
+        x, weight, mean, invstd = ctx.saved_tensors
+        grads = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, ctx.needs_input_grad[:3]
+        )
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: Any,
+        x_tangent: Tensor | None,
+        weight_tangent: Tensor | None,
+        bias_tangent: Tensor | None,
+        *_: Any,
+    ) -> Tensor:
+        x, weight, mean, invstd = ctx.saved_tensors
+        channel = (1, -1, *[1] * (x.ndim - 2))
+        if x_tangent is None:
+            tangent = torch.zeros_like(x)
+        else:
+            tangent = torch.ops.aten.native_batch_norm_backward(
+                x_tangent, x, weight, None, None, mean, invstd, True, ctx.eps, [True, False, False]
+            )[0]
+        # γ̇·(x − μ)·σ⁻¹ + β̇ as x·a + b per channel, the forward kernel's own arithmetic.
+        shift = bias_tangent
+        if weight_tangent is not None:
+            scale = weight_tangent * invstd
+            tangent.addcmul_(x, scale.view(channel))
+            shift = -mean * scale if shift is None else shift - mean * scale
+        if shift is not None:
+            tangent.add_(shift.view(channel))
+        return tangent
+
+
+def _batch_norm_with_tangent(
+    func: Callable[..., Tensor],
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor | None:
+    """F.batch_norm on batch statistics through :class:`_BatchStatisticsNorm`, when a tangent
+    enters it."""
+    if not training or input.ndim < 2 or input.numel() <= input.shape[1] or eps <= 0:
+        return None  # running statistics (cheap already), or F.batch_norm's own error
+    if all(_tangent(t) is None for t in (input, weight, bias)):
+        return None
+    out: Tensor = _BatchStatisticsNorm.apply(
+        input, weight, bias, running_mean, running_var, momentum, eps
+    )
+    return out
+
+
+_TANGENT_RULES: dict[Callable[..., Tensor], Callable[..., Tensor | None]] = {
+    F.linear: _affine_with_tangent,
+    F.conv1d: _affine_with_tangent,
+    F.conv2d: _affine_with_tangent,
+    F.conv3d: _affine_with_tangent,
+    F.batch_norm: _batch_norm_with_tangent,
+}
+
+
+class _LeanTangents(TorchFunctionMode):
+    """Forward-mode rules that do less work than PyTorch's for the same exact tangent, where
+    they apply (:func:`_affine_with_tangent`, :class:`_BatchStatisticsNorm`); every other
+    call, and every call they decline, runs as usual. The primal goes through the layer's
+    own primitive, so its value, its autograd graph and the running statistics are those of
+    an ordinary training forward pass."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        rule = _TANGENT_RULES.get(func)
+        result = None if rule is None else rule(func, *args, **kwargs)
+        return func(*args, **kwargs) if result is None else result
+
+
 def _buffer_copies(model: nn.Module) -> dict[str, Tensor]:
     return {name: b.clone() for name, b in model.named_buffers()}
 
@@ -138,7 +290,8 @@ def similarities_with_tangent(
     parameters = {name: p for name, p in model.named_parameters() if name in tangent}
     with fwAD.dual_level(), _math_attention():
         duals = {name: fwAD.make_dual(p, tangent[name]) for name, p in parameters.items()}
-        embeddings = functional_call(model, duals, (x,))
+        with _LeanTangents():
+            embeddings = functional_call(model, duals, (x,))
         sim, sim_tangent = fwAD.unpack_dual(cosine_similarity_matrix(embeddings))
         embeddings = fwAD.unpack_dual(embeddings).primal
     if sim_tangent is None:
