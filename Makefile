@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 # The real data (Omniglot, the CUB subset, MobileNetV2 weights) beside the repository unless set.
 export DMLKIT_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup train demo test test-umap lint bench bench-gpu bench-class-losses bench-eval bench-train bench-ddtas bench-protocol \
+.PHONY: setup train demo test test-umap lint docs bench bench-gpu bench-class-losses bench-eval bench-train bench-ddtas bench-protocol \
 	bench-sweep
 
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -36,6 +36,11 @@ test: lint
 
 test-umap: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m umap
+
+# The documentation site, with the API reference from the docstrings; --strict fails on broken
+# links, missing references and docstring problems.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 bench: setup
 	$(BIN)/python benchmarks/losses.py

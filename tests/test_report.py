@@ -14,7 +14,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser import CHROMIUM, NO_CHROMIUM, screenshot
 from dmlkit.cli import main
 from dmlkit.training import (
     Trainer,
@@ -328,34 +328,6 @@ def test_sweep_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 # ------------------------------------------------------------------------------ in a browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _screenshot(page: Path, out: Path, profile: Path) -> np.ndarray:
-    """Render a page in headless Chromium and return the screenshot's RGB pixels."""
-    assert CHROMIUM is not None
-    # Flags as the machine notes give them: no sandbox as root, and no background networking
-    # (the machine's closed network refuses Chromium's own connections).
-    command = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        f"--screenshot={out}",
-        "--window-size=1280,5000",
-        page.as_uri(),
-    ]
-    subprocess.run(command, check=True, capture_output=True, timeout=180)
-    with Image.open(out) as image:
-        return np.asarray(image.convert("RGB"))
-
 
 def _coloured_fraction(pixels: np.ndarray) -> float:
     """Fraction of pixels with a clear colour: plot lines, points and frames, not text."""
@@ -365,18 +337,16 @@ def _coloured_fraction(pixels: np.ndarray) -> float:
 
 
 @pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="Debian's chromium is not installed (apt-get install chromium); the report's "
-    "browser rendering is not checked here",
+    CHROMIUM is None, reason=f"{NO_CHROMIUM}; the report's browser rendering is not checked here"
 )
 def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     path = write_report(run_dir, tmp_path / "report.html", FAST_OPTIONS)
-    pixels = _screenshot(path, tmp_path / "shot.png", tmp_path / "profile")
+    pixels = screenshot(path.as_uri(), tmp_path / "shot.png", tmp_path / "profile")
     assert pixels.shape[1] == 1280 and pixels.shape[0] >= 1000
     # The same page with its images removed: only text and tables remain.
     bare = tmp_path / "bare.html"
     bare.write_text(re.sub(r"<img [^>]*>", "", path.read_text()))
-    text_only = _screenshot(bare, tmp_path / "bare.png", tmp_path / "profile-bare")
+    text_only = screenshot(bare.as_uri(), tmp_path / "bare.png", tmp_path / "profile-bare")
     assert (pixels < 250).any(axis=2).mean() > 0.02, "the page rendered blank"
     assert _coloured_fraction(text_only) < 0.002
     assert _coloured_fraction(pixels) > 0.004, "the embedded plots did not render"
