@@ -107,8 +107,9 @@ def pml_calculator(**kwargs):
 @pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
 @pytest.mark.parametrize(
     ("n", "k", "block_size"),
-    [(300, 5, 64), (300, 5, 4096), (200, 150, 64), (1000, 30, 96)],
-    ids=["symmetric-tiles", "one-tile", "dense", "symmetric-ragged"],
+    [(300, 5, 64), (300, 5, 4096), (200, 150, 64), (1000, 30, 96), (2400, 140, 128)],
+    # The last: k above the tile size, so the lists fill over several tiles.
+    ids=["symmetric-tiles", "one-tile", "dense", "symmetric-ragged", "filling-over-tiles"],
 )
 def test_self_retrieval_lists_equal_brute_force(metric, n, k, block_size):
     x, labels = axis_vectors(n, 4, 7) if metric == "cosine" else tie_heavy(n, 4, 7)

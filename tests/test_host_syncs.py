@@ -85,6 +85,14 @@ def test_a_loss_given_mined_tuples_reads_nothing(cls: type) -> None:
     assert syncs.total == 0, syncs
 
 
+MINER_SHAPE_READS: dict[str, str] = {
+    "TripletMarginMiner": "lists the positive pairs, then the triplets: the triplet count "
+    "cannot be known without either the pair list or a dense N·M² pass",
+    "AngularMiner": "lists the positive pairs, then the triplets, as TripletMarginMiner",
+}
+"""The miners that read two sizes (over the target of one), and why."""
+
+
 @pytest.mark.parametrize("cls", ALL_MINERS, ids=lambda c: c.__name__)
 def test_a_miner_and_loss_step_reads_at_most_once(cls: type) -> None:
     # The one read allowed: the number of mined tuples, a shape.
@@ -92,7 +100,9 @@ def test_a_miner_and_loss_step_reads_at_most_once(cls: type) -> None:
     with dmlkit.finite_checks(False), HostSyncCounter() as syncs:
         mined = make(cls, embedding_size=DIM)(embeddings, labels)
         _loss_for(mined)(embeddings, labels, mined).backward()
-    assert syncs.total <= 1, syncs
+    assert syncs.total <= 1 + (cls.__name__ in MINER_SHAPE_READS), syncs
+    if cls.__name__ in MINER_SHAPE_READS:
+        assert syncs.total == 2, syncs  # an improvement must update the list
 
 
 @pytest.mark.parametrize("cls", ALL_MINERS, ids=lambda c: c.__name__)

@@ -462,7 +462,9 @@ class AngularMiner(BaseMiner):
 
     As in PML the angle is measured between the embeddings as given, not normalised: the
     distance, which must be PML's ``LpDistance()``, does not enter the rule. Works in blocks of
-    positive pairs, so memory stays bounded.
+    positive pairs and keeps one byte per candidate (positive pair × reference), so that the
+    triplets are listed at once: two reads from the device, the positive pairs' number and
+    the triplets'.
 
     Args:
         angle: Threshold in degrees, in [0, 90).
@@ -495,12 +497,8 @@ class AngularMiner(BaseMiner):
 _STRATEGIES = ("hard", "semihard", "easy", "all")
 
 
-# Global rules gather one side's pairs from the matrix: one flat index per pair is cheaper to
-# find and to gather with than a (row, column) pair.
-def _flat_positions(pairs: Tensor) -> Tensor:
-    return pairs.flatten().nonzero().squeeze(1)
-
-
+# Global rules gather one side's pairs from the flattened matrix: one flat index per pair is
+# cheaper to find and to gather with than a (row, column) pair.
 def _rows_and_columns(positions: Tensor, width: int) -> list[Tensor]:
     return [positions // width, positions % width]
 
@@ -711,14 +709,14 @@ class UniformHistogramMiner(BaseMiner):
         # The bins are half-open in the distances themselves (as PML draws them), not in
         # their negation.
         values = (sim if self.distance.is_inverted else sim.neg_()).flatten()
-        mined: list[Tensor] = []
-        for pairs, per_bin in ((pos, self.pos_per_bin), (neg, self.neg_per_bin)):
-            positions = _flat_positions(pairs)
-            picked = mining.uniform_histogram_sample(
-                values[positions], self.num_bins, per_bin, self.generator
-            )
-            mined += _rows_and_columns(positions[picked], sim.shape[1])
-        a1, p, a2, n = mined
+        picked = mining.uniform_histogram_pairs(
+            values,
+            [pos.view(-1) > 0, neg.view(-1) > 0],
+            self.num_bins,
+            [self.pos_per_bin, self.neg_per_bin],
+            self.generator,
+        )
+        a1, p, a2, n = (index for side in picked for index in _rows_and_columns(side, sim.shape[1]))
         return (a1, p, a2, n), MiningStats()
 
 

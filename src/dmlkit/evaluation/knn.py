@@ -39,6 +39,9 @@ _LOW32 = 0xFFFFFFFF
 # The top-k lists of all queries are kept whole (symmetric search) only below this size.
 _MAX_LIST_BYTES = 1 << 30
 _LOWEST_FLOAT = torch.finfo(torch.float32).min
+# Columns per group of the maxima filter for lists already full: coarse enough that the filter
+# reads a small mask, fine enough that a group with a hit gathers few scores.
+_FILTER_GROUP = 16
 
 
 @dataclass(frozen=True)
@@ -150,38 +153,20 @@ class _TopK:
             col0: Reference index of the tile's first column (or row, when transposed).
         """
         view = tile.T if transposed else tile
-        scores = view[:n_rows]
-        n_cols = scores.shape[1]
+        n_cols = view.shape[1]
         # Finite floors keep out −inf scores: self-matches and padding, never needed since
         # k is at most the number of real references.
         floor = self.floor[row0 : row0 + n_rows]
-        filling = not bool(torch.isfinite(floor).all())
-        floor = floor.clamp_min(_LOWEST_FLOAT)
-        group, merge = _group_sizes(n_cols, self.k)
-        n_groups = n_cols // group
-        # Group g holds columns g, g + n_groups, g + 2·n_groups, …: interleaved, so each group
-        # maximum is an elementwise maximum of contiguous slabs, the fast reduction.
-        if transposed:
-            group_max = tile.view(group, n_groups, tile.shape[1]).amax(0).T[:n_rows]
+        if bool(torch.isfinite(floor).all()):
+            # Full lists take few scores of a tile: coarse groups filter them fastest.
+            found = self._candidates(tile, transposed, n_rows, floor, _filter_group(n_cols), 0)
         else:
-            group_max = scores.view(n_rows, group, n_groups).amax(1)
-        if filling and n_groups >= self.k:
-            # Lists still filling would take every score of the tile. But any k group maxima
-            # are k scores of the tile, so the k-th largest maximum of coarser groups
-            # (``merge`` groups each) bounds the tile's k-th score from below.
-            coarse = group_max.view(n_rows, merge, n_groups // merge).amax(1)
-            bound = coarse.topk(self.k, dim=1, sorted=False).values.amin(1)
-            floor = torch.maximum(floor, bound)
-        hits = (group_max >= floor[:, None]).nonzero()
-        if hits.shape[0] == 0:
+            # Lists still filling need fine groups for a bound on the tile's k-th score (the
+            # lists of one tile's rows have seen the same tiles, so they fill together).
+            found = self._candidates(tile, transposed, n_rows, floor, *_group_sizes(n_cols, self.k))
+        rows, cols, values = found
+        if rows.shape[0] == 0:
             return
-        hit_rows = hits[:, 0]
-        cols = hits[:, 1:] + torch.arange(0, n_cols, n_groups, device=tile.device)
-        values = torch.take(tile, hit_rows[:, None] * view.stride(0) + cols * view.stride(1))
-        keep = (values >= floor[hit_rows][:, None]).flatten().nonzero().squeeze(1)
-        rows = hit_rows[keep // group]
-        cols = cols.flatten()[keep]
-        values = values.flatten()[keep]
         cols = cols + col0
         if self.best_positive is not None:
             assert self.query_labels is not None and self.ref_labels is not None
@@ -189,6 +174,44 @@ class _TopK:
             self.best_positive.scatter_reduce_(0, rows[positive] + row0, values[positive], "amax")
         indices = cols if self.ref_index is None else self.ref_index[cols]
         self._merge(rows + row0, _encode(values, indices))
+
+    def _candidates(
+        self, tile: Tensor, transposed: bool, n_rows: int, floor: Tensor, group: int, merge: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The (row, column, score) entries of a tile that may enter the lists, rows ascending.
+
+        Args:
+            tile: A contiguous score tile.
+            transposed: Whether the lists' rows are the tile's columns.
+            n_rows: Real query rows (the rest is padding).
+            floor: (n_rows,) the lowest score each list can still take (−inf while filling).
+            group: Columns per group of the maxima filter.
+            merge: Groups per coarse group for the bound on filling lists; 0 for no bound.
+        """
+        view = tile.T if transposed else tile
+        scores = view[:n_rows]
+        n_cols = scores.shape[1]
+        floor = floor.clamp_min(_LOWEST_FLOAT)
+        n_groups = n_cols // group
+        # Group g holds columns g, g + n_groups, g + 2·n_groups, …: interleaved, so each group
+        # maximum is an elementwise maximum of contiguous slabs, the fast reduction.
+        if transposed:
+            group_max = tile.view(group, n_groups, tile.shape[1]).amax(0).T[:n_rows]
+        else:
+            group_max = scores.view(n_rows, group, n_groups).amax(1)
+        if merge and n_groups >= self.k:
+            # Lists still filling would take every score of the tile. But any k group maxima
+            # are k scores of the tile, so the k-th largest maximum of coarser groups
+            # (``merge`` groups each) bounds the tile's k-th score from below.
+            coarse = group_max.view(n_rows, merge, n_groups // merge).amax(1)
+            bound = coarse.topk(self.k, dim=1, sorted=False).values.amin(1)
+            floor = torch.maximum(floor, bound)
+        hits = (group_max >= floor[:, None]).nonzero()
+        hit_rows = hits[:, 0]
+        cols = hits[:, 1:] + torch.arange(0, n_cols, n_groups, device=tile.device)
+        values = torch.take(tile, hit_rows[:, None] * view.stride(0) + cols * view.stride(1))
+        keep = (values >= floor[hit_rows][:, None]).flatten().nonzero().squeeze(1)
+        return hit_rows[keep // group], cols.flatten()[keep], values.flatten()[keep]
 
     def _merge(self, rows: Tensor, keys: Tensor) -> None:
         """Merges candidate keys into the lists of ``rows`` (sorted ascending, repeats allowed)."""
@@ -211,6 +234,15 @@ class _TopK:
         keys = self.keys[rows]
         best = None if self.best_positive is None else self.best_positive[rows]
         return NeighbourBlock(start, _decode_indices(keys), _decode_scores(keys), best)
+
+
+def _filter_group(n_cols: int) -> int:
+    """Columns per group for lists already full: the largest power of two up to
+    :data:`_FILTER_GROUP` that divides the row."""
+    group = _FILTER_GROUP
+    while n_cols % group:
+        group //= 2
+    return group
 
 
 def _group_sizes(n_cols: int, k: int) -> tuple[int, int]:

@@ -638,8 +638,8 @@ def soft_weighted_triplet_loss(
 
     Args:
         mat: (N, M) distances (or similarities, read as negative distances).
-        pos_mask: Bool (N, M) positives.
-        neg_mask: Bool (N, M) negatives.
+        pos_mask: (N, M) positives: bool, or weights where non-zero selects.
+        neg_mask: (N, M) negatives, in the same form.
         margin_value: The margin; ≤ 0 selects the soft margin.
         is_inverted: Whether ``mat`` holds similarities.
         reducer: Over anchors having both a positive and a negative.
@@ -647,13 +647,92 @@ def soft_weighted_triplet_loss(
     Returns:
         Scalar loss.
     """
-    dist = -mat if is_inverted else mat
-    lowest = torch.finfo(dist.dtype).min
-    valid = pos_mask.any(1) & neg_mask.any(1)
-    pos_w = torch.softmax(torch.where(pos_mask, dist, lowest), dim=1)
-    neg_w = torch.softmax(torch.where(neg_mask, -dist, lowest), dim=1)
-    d_ap = torch.where(pos_mask, pos_w * dist, 0.0).sum(1)
-    d_an = torch.where(neg_mask, neg_w * dist, 0.0).sum(1)
+    d_ap, d_an, valid = _SoftWeightedMeans.apply(
+        mat, pos_mask, neg_mask, -1.0 if is_inverted else 1.0
+    )
     violation = d_ap - d_an
     losses = F.relu(violation + margin_value) if margin_value > 0 else F.softplus(violation)
     return reducer(losses, valid)
+
+
+def _softmax_mean(
+    dist: Tensor, selected: Tensor, nearest: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each row's softmax-weighted mean of ``dist`` over its selected entries: softmax(d), or
+    softmax(−d) when ``nearest``.
+
+    Returns:
+        (exps, total, mean, nonempty): the unnormalised weights, 0 outside the selection; their
+        (B, 1) row sums, 1 for a row selecting nothing (whose mean is then 0); the (B, 1)
+        means; (B, 1) bool, whether the row selects anything.
+    """
+    fill = torch.inf if nearest else -torch.inf
+    exps = torch.where(selected, dist, fill)
+    if exps.shape[1] == 0:  # no reference: the reductions below need one column
+        peak = exps.new_full((exps.shape[0], 1), fill)
+    else:
+        peak = exps.amin(1, keepdim=True) if nearest else exps.amax(1, keepdim=True)
+    nonempty = peak != fill
+    peak = torch.where(nonempty, peak, 0.0)
+    exps = torch.sub(peak, exps, out=exps) if nearest else exps.sub_(peak)
+    exps.exp_()
+    # The largest weight is exp(0) = 1, so the clamp changes only the empty rows' sums.
+    total = exps.sum(1, keepdim=True).clamp_min_(1.0)
+    mean = torch.linalg.vecdot(exps, dist).unsqueeze(1).div_(total)
+    return exps, total, mean, nonempty
+
+
+def _soft_weighted_block(
+    mat: Tensor, pos: Tensor, neg: Tensor, rows: slice, sign: float
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """One row block of the soft-weighted means: the block's distances and, for the positives
+    and the negatives, :func:`_softmax_mean`'s results."""
+    dist = mat[rows] if sign > 0 else mat[rows] * sign
+    pos_side = _softmax_mean(dist, pos[rows] != 0, nearest=False)
+    neg_side = _softmax_mean(dist, neg[rows] != 0, nearest=True)
+    return dist, pos_side, neg_side
+
+
+class _SoftWeightedMeans(torch.autograd.Function):
+    """Each row's softmax(d)-weighted mean d̄_ap of its positives' distances d and
+    softmax(−d)-weighted mean d̄_an of its negatives', over row blocks, and whether the row has
+    both sides.
+
+    Backward recomputes each block, so nothing full-size exists but the gradient (the plain
+    formula costs some twenty full-size passes). With p a row's positive softmax weights,
+    ``∂d̄_ap/∂d_j = p_j·(1 + d_j − d̄_ap)``; with q its negative ones,
+    ``∂d̄_an/∂d_j = q_j·(1 − d_j + d̄_an)``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, mat: Tensor, pos: Tensor, neg: Tensor, sign: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.save_for_backward(mat, pos, neg)
+        ctx.sign = sign
+        d_ap, d_an = mat.new_empty(mat.shape[0], 1), mat.new_empty(mat.shape[0], 1)
+        valid = torch.empty(mat.shape[0], 1, dtype=torch.bool, device=mat.device)
+        for rows in row_blocks(*mat.shape):
+            _, pos_side, neg_side = _soft_weighted_block(mat, pos, neg, rows, sign)
+            d_ap[rows], d_an[rows] = pos_side[2], neg_side[2]
+            torch.logical_and(pos_side[3], neg_side[3], out=valid[rows])
+        ctx.mark_non_differentiable(valid)
+        return d_ap.squeeze(1), d_an.squeeze(1), valid.squeeze(1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_ap: Tensor, grad_an: Tensor, _grad_valid: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        mat, pos, neg = ctx.saved_tensors
+        grad_mat = torch.empty_like(mat)
+        for rows in row_blocks(*mat.shape):
+            dist, (pos_exps, pos_total, d_ap, _), (neg_exps, neg_total, d_an, _) = (
+                _soft_weighted_block(mat, pos, neg, rows, ctx.sign)
+            )
+            pos_part = torch.sub(dist, d_ap.sub_(1.0)).mul_(pos_exps)
+            pos_part.mul_(grad_ap[rows, None].mul(ctx.sign).div_(pos_total))
+            neg_part = torch.sub(d_an.add_(1.0), dist).mul_(neg_exps)
+            neg_part.mul_(grad_an[rows, None].mul(ctx.sign).div_(neg_total))
+            torch.add(pos_part, neg_part, out=grad_mat[rows])
+        return grad_mat, None, None, None

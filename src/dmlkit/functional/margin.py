@@ -8,13 +8,14 @@ triplets of a batch then cost an (N, M) matrix, not N·P·Q triplets.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import Any
 
-from .losses import margin as margin_between
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
 from .masks import PairWeights
-from .reduction import Reducer
+from .reduction import Reducer, row_blocks
 
 
 def triplet_pair_weights(pairs: PairWeights) -> PairWeights:
@@ -65,19 +66,89 @@ def margin_loss(
     Returns:
         Scalar loss.
     """
-    terms = F.relu(
-        torch.stack(
-            [margin_between(mat, beta, is_inverted), margin_between(beta, mat, is_inverted)]
+    sign = -1.0 if is_inverted else 1.0
+    if reducer.fusable:
+        loss, divisor = _FusedMarginLoss.apply(
+            mat, beta, triplets.pos, triplets.neg, reducer, margin, sign
         )
-        + margin
-    )
-    weights = torch.stack([triplets.pos, triplets.neg])
-    with torch.no_grad():
-        divisor = (weights * (terms > 0)).sum()
-    loss = reducer(terms, weights, divisor=divisor)
+    else:
+        terms = torch.stack(_hinges(mat, beta, margin, sign))
+        weights = torch.stack([triplets.pos, triplets.neg])
+        with torch.no_grad():
+            divisor = (weights * (terms > 0)).sum()
+        loss = reducer(terms, weights, divisor=divisor)
     if anchor_penalty is not None:
         loss = loss + reducer(anchor_penalty, triplets.pos.sum(dim=1), divisor=divisor)
     return loss
+
+
+def _hinges(mat: Tensor, beta: Tensor, margin: float, sign: float) -> tuple[Tensor, Tensor]:
+    """The positive pairs' terms ``[margin(d, β) + α]₊`` and the negative pairs'
+    ``[margin(β, d) + α]₊`` of every entry, with ``margin(x, y) = sign·(x − y)``."""
+    gap = torch.sub(mat, beta).mul_(sign)
+    return torch.add(gap, margin).relu_(), gap.neg_().add_(margin).relu_()
+
+
+class _FusedMarginLoss(torch.autograd.Function):
+    """:func:`margin_loss` under a fusable reducer, over row blocks: forward keeps only the
+    reducer's total and count and the divisor; backward recomputes each block's terms, whose
+    slopes are ±sign where they are positive. Returns the loss and the divisor (no gradient).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        mat: Tensor,
+        beta: Tensor,
+        pos: Tensor,
+        neg: Tensor,
+        reducer: Reducer,
+        margin: float,
+        sign: float,
+    ) -> tuple[Tensor, Tensor]:
+        total, count, divisor = mat.new_zeros(()), mat.new_zeros(()), mat.new_zeros(())
+        for rows in row_blocks(*mat.shape):
+            terms = _hinges(mat[rows], _beta_rows(beta, rows), margin, sign)
+            for values, weights in zip(terms, (pos[rows], neg[rows]), strict=True):
+                w = reducer.effective_weights(values, weights)
+                assert w is not None  # the pair weights are given
+                total += torch.dot(values.flatten(), w.flatten())
+                count += w.sum()
+                # The divisor counts the triplets of the non-zero terms, before the reducer's
+                # own selection (PML's).
+                divisor += torch.dot(values.sign().flatten(), weights.flatten())
+        # The reduction is linear in its total: its scale is the reducer's value of a total of 1.
+        ctx.scale = reducer.finish(torch.ones_like(count), count, divisor)
+        ctx.save_for_backward(mat, beta, pos, neg)
+        ctx.reducer, ctx.margin, ctx.sign = reducer, margin, sign
+        ctx.mark_non_differentiable(divisor)
+        return total * ctx.scale, divisor
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor, _grad_divisor: Tensor) -> tuple[Tensor | None, ...]:
+        mat, beta, pos, neg = ctx.saved_tensors
+        grad_mat = torch.empty_like(mat)
+        row_sums = mat.new_empty(mat.shape[0]) if ctx.needs_input_grad[1] else None
+        step = grad_out * ctx.scale * ctx.sign
+        for rows in row_blocks(*mat.shape):
+            pos_terms, neg_terms = _hinges(mat[rows], _beta_rows(beta, rows), ctx.margin, ctx.sign)
+            pos_w = ctx.reducer.effective_weights(pos_terms, pos[rows])
+            neg_w = ctx.reducer.effective_weights(neg_terms, neg[rows])
+            slope = pos_terms.sign_().mul_(pos_w).sub_(neg_terms.sign_().mul_(neg_w))
+            torch.mul(slope, step, out=grad_mat[rows])
+            if row_sums is not None:
+                torch.sum(grad_mat[rows], 1, out=row_sums[rows])
+        grad_beta = None
+        if row_sums is not None:
+            # Each term's slope in β is minus its slope in the entry.
+            grad_beta = row_sums.neg_().view(-1, 1) if beta.ndim == 2 else -row_sums.sum(0, True)
+        return grad_mat, grad_beta, None, None, None, None, None
+
+
+def _beta_rows(beta: Tensor, rows: slice) -> Tensor:
+    """β for a row block: the one β, or the block's rows of the per-anchor (N, 1) β."""
+    return beta if beta.ndim == 1 else beta[rows]
 
 
 __all__ = ["margin_loss", "triplet_pair_weights"]

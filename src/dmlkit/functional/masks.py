@@ -201,10 +201,7 @@ class PairIndices:
     @classmethod
     def from_tuple(cls, indices_tuple: IndicesTuple) -> PairIndices:
         """Pairs of a mined tuple; triplets (a, p, n) give (a, p) and (a, n), as in PML."""
-        if len(indices_tuple) == 3:
-            a, p, n = indices_tuple
-            return cls.from_lists(a, p, a, n)
-        return cls.from_lists(*indices_tuple)
+        return cls.from_lists(*pair_lists(indices_tuple))
 
     @classmethod
     def from_masks(cls, pos: Tensor, neg: Tensor) -> PairIndices:
@@ -247,6 +244,15 @@ class PairIndices:
         # mat[anchors, references], whose backward is an accumulating index_put.
         flat = self.anchors * mat.shape[1] + self.references
         return mat.reshape(-1).index_select(0, flat)
+
+
+def pair_lists(indices_tuple: IndicesTuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A mined tuple as pair lists (a1, p, a2, n); triplets (a, p, n) give (a, p) and (a, n),
+    as in PML."""
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        return a, p, a, n
+    return indices_tuple
 
 
 def side_groups(anchors: Tensor, is_pos: Tensor) -> Tensor:
@@ -308,10 +314,11 @@ def tuple_to_pair_weights(
     Returns:
         Counts (or indicators) of each positive and negative pair.
     """
-    pairs = PairIndices.from_tuple(indices_tuple)
+    # The lists themselves, not a PairIndices: its one concatenated list costs two copies.
+    a1, p, a2, n = pair_lists(indices_tuple)
     return PairWeights(
-        _counts(pairs.a1, pairs.p, shape, device, dtype, binary),
-        _counts(pairs.a2, pairs.n, shape, device, dtype, binary),
+        _counts(a1, p, shape, device, dtype, binary),
+        _counts(a2, n, shape, device, dtype, binary),
         binary,
     )
 

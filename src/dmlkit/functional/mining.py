@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .pairwise import squared_euclidean_distance_matrix
-from .triplets import DEFAULT_CHUNK_ELEMENTS
+from .triplets import DEFAULT_CHUNK_ELEMENTS, list_selected_triplets
 
 NegativeRule = Literal["code", "figure"]
 EasyHardStrategy = Literal["hard", "semihard", "easy", "all"]
@@ -282,8 +282,9 @@ def angular_triplets(
     c = (a + p)/2, the angle is ``atan(‖a − p‖ / (2‖n − c‖))``, measured between the
     embeddings as given.
 
-    Works in blocks of positive pairs against every reference, so memory stays bounded by
-    ``chunk_elements``; no tensor has one entry per candidate triplet.
+    Works in blocks of positive pairs against every reference, so temporaries stay bounded
+    by ``chunk_elements``; the selection is kept as one byte per candidate (positive pair ×
+    reference) and listed at once, as :func:`.triplets.mine_triplets` does.
 
     Args:
         query: (N, D) anchor embeddings.
@@ -301,16 +302,14 @@ def angular_triplets(
         return _empty_indices(query.device, 3)  # type: ignore[return-value]
     ap = (query[anchors] - ref[positives]).norm(dim=1)
     step = max(1, chunk_elements // ref.shape[0])
-    found: list[tuple[Tensor, Tensor, Tensor]] = []
+    selected = torch.empty(anchors.numel(), ref.shape[0], dtype=torch.bool, device=query.device)
     for start in range(0, anchors.numel(), step):
         a, p = anchors[start : start + step], positives[start : start + step]
         centres = (query[a] + ref[p]) / 2
         nc = squared_euclidean_distance_matrix(centres, ref).sqrt_()
         angles = torch.atan(ap[start : start + step, None] / nc.mul_(2))
-        rows, n = ((angles > angle) & (neg[a] > 0)).nonzero(as_tuple=True)
-        found.append((a[rows], p[rows], n))
-    a, p, n = (torch.cat(column) for column in zip(*found, strict=True))
-    return a, p, n
+        torch.gt(angles, angle, out=selected[start : start + step]).logical_and_(neg[a] > 0)
+    return list_selected_triplets(selected, anchors, positives)
 
 
 def _extreme_per_row(
@@ -420,6 +419,73 @@ def hardest_fraction(values: Tensor, fraction: float, largest: bool) -> Tensor:
     return torch.topk(values, k, largest=largest, sorted=False).indices
 
 
+def _linspace(low: Tensor, high: Tensor, steps: int) -> Tensor:
+    """``torch.linspace(low[k], high[k], steps)`` for each k, left on the device:
+    ``torch.linspace`` reads tensor endpoints to the host. Same arithmetic: the step in the
+    endpoints' dtype, each point a fused multiply-add from the nearer endpoint.
+
+    Args:
+        low: (K,) first points.
+        high: (K,) last points.
+        steps: Number of points, at least 2.
+
+    Returns:
+        (K, steps) points.
+    """
+    low, high = low[:, None], high[:, None]
+    step = (high - low) / (steps - 1)
+    index = torch.arange(steps, dtype=low.dtype, device=low.device)
+    from_low = torch.addcmul(low, step, index)
+    from_high = torch.addcmul(high, step, index - (steps - 1))
+    return torch.where(index < steps // 2, from_low, from_high)
+
+
+def _histogram_bins(
+    values: Tensor, group: Tensor, n_groups: int, num_bins: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each value's bin among its group's PML edges (see :func:`histogram_bins`), reading
+    nothing from the device.
+
+    The bin is estimated arithmetically and stepped once onto the edges' own bin, which is
+    exact when the estimate misses by at most a bin: when the step between edges exceeds
+    twice the rounding of the values and edges, as the flag returned checks.
+
+    Args:
+        values: (K,) values.
+        group: (K,) long group of each value, in [0, n_groups).
+        n_groups: Number of groups.
+        num_bins: Number of bins per group.
+
+    Returns:
+        (edges, bins, inexact): (n_groups, num_bins + 1) edges, (K,) bins (exact unless the
+        group's flag is set) and (n_groups,) bool flags of the groups whose range is too
+        narrow for the estimate (a few units in the last place wide).
+    """
+    empty = values.new_full((n_groups,), math.inf)
+    low = empty.scatter_reduce(0, group, values, "amin")
+    high = empty.neg().scatter_reduce(0, group, values, "amax")
+    edges = _linspace(low, high, num_bins + 1)
+    span = high - low
+    step = span / num_bins
+    # A group of one value (span 0) falls in the last bin, as PML's closed last bin has it.
+    bins = (values - low[group]).div_(step[group]).nan_to_num_(num_bins - 1.0, num_bins - 1.0)
+    bins = bins.long().clamp_(0, num_bins - 1)
+    flat = edges.view(-1)
+    at = group * (num_bins + 1) + bins
+    below = values < flat[at]
+    above = (values >= flat[at + 1]).logical_and_(bins < num_bins - 1)
+    bins.sub_(below.long()).add_(above.long())
+    magnitude = torch.maximum(low.abs(), high.abs())
+    ulp = torch.nextafter(magnitude, magnitude.new_tensor(math.inf)) - magnitude
+    inexact = (span > 0) & (4 * ulp >= step) | (num_bins * torch.finfo(values.dtype).eps > 0.25)
+    return edges, bins, inexact
+
+
+def _searched_bins(values: Tensor, edges: Tensor) -> Tensor:
+    # Exact whatever the range, but several times slower than the arithmetic estimate.
+    return torch.searchsorted(edges[1:-1].contiguous(), values, right=True)
+
+
 def histogram_bins(values: Tensor, num_bins: int) -> Tensor:
     """The bin of each value among ``num_bins`` equal-width bins spanning [min, max]: bin b
     holds ``edge_b ≤ v < edge_{b+1}``, the last bin also its upper edge.
@@ -435,21 +501,70 @@ def histogram_bins(values: Tensor, num_bins: int) -> Tensor:
     Returns:
         (K,) bin indices in [0, num_bins).
     """
-    low, high = values.min(), values.max()
-    edges = torch.linspace(low, high, num_bins + 1, dtype=values.dtype, device=values.device)
-    span = float(high) - float(low)
-    if span == 0:
-        return torch.full_like(values, num_bins - 1, dtype=torch.long)
-    # The arithmetic bin can miss the edges' rounding by a bin or, in a range only a few
-    # units in the last place wide, by several: step it onto the edges' own bin.
-    bins = ((values.double() - float(low)) / span * num_bins).long().clamp_(0, num_bins - 1)
-    for _ in range(num_bins):
-        below = values < edges[bins]
-        above = (values >= edges[bins + 1]) & (bins < num_bins - 1)
-        if not bool((below | above).any()):
-            break
-        bins.sub_(below.long()).add_(above.long())
-    return bins
+    group = torch.zeros_like(values, dtype=torch.long)
+    edges, bins, inexact = _histogram_bins(values, group, 1, num_bins)
+    return _searched_bins(values, edges[0]) if bool(inexact) else bins
+
+
+def uniform_histogram_pairs(
+    values: Tensor,
+    sides: list[Tensor],
+    num_bins: int,
+    per_bin: list[int],
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """For each side (a set of the values), ``per_bin`` draws from every non-empty bin of
+    :func:`histogram_bins` over that side's values, uniformly among the bin's values and
+    with replacement: samples whose values spread evenly over their range. One read from the
+    device sizes them all (two when a side's range is a few units in the last place wide).
+
+    Args:
+        values: (K,) values.
+        sides: Disjoint (K,) bool masks, one per side.
+        num_bins: Number of equal-width bins per side.
+        per_bin: Draws from each non-empty bin, one number per side.
+        generator: Source of randomness; the global one when None.
+
+    Returns:
+        For each side, (per_bin · non-empty bins,) positions into ``values``, bin by bin in
+        increasing order.
+    """
+    if values.numel() == 0:
+        return list(_empty_indices(values.device, len(sides)))
+    n_sides = len(sides)
+    # Values of no side form one more group, binned and counted but never drawn.
+    group = torch.full_like(values, n_sides, dtype=torch.long)
+    for s, side in enumerate(sides):
+        group.masked_fill_(side, s)
+    edges, bins, inexact = _histogram_bins(values, group, n_sides + 1, num_bins)
+    keys = group.mul_(num_bins).add_(bins)
+    n_keys = n_sides * num_bins
+
+    def filled_bins(keys: Tensor) -> tuple[Tensor, Tensor]:
+        counts = torch.bincount(keys, minlength=n_keys + num_bins)[:n_keys]
+        return counts, counts.view(n_sides, num_bins) > 0
+
+    counts, filled = filled_bins(keys)
+    read = read_sizes(filled.sum(1), inexact[:n_sides])
+    if any(read[n_sides:]):
+        for s, side in enumerate(sides):
+            if read[n_sides + s]:
+                searched = _searched_bins(values, edges[s]) + s * num_bins
+                keys = torch.where(side, searched, keys)
+        counts, filled = filled_bins(keys)
+        read = read_sizes(filled.sum(1))
+    # Sorting narrow integers is several times faster than sorting int64.
+    narrow = torch.int16 if n_keys + num_bins <= torch.iinfo(torch.int16).max else torch.int32
+    by_key = torch.argsort(keys.to(narrow), stable=True)
+    starts = counts.cumsum(0) - counts
+    sampled: list[Tensor] = []
+    for s, draws_per_bin in enumerate(per_bin):
+        bins = torch.nonzero_static(filled[s], size=int(read[s])).squeeze(1) + s * num_bins
+        size = counts[bins, None]
+        draws = _uniform((bins.numel(), draws_per_bin), generator, values.device)
+        offsets = torch.minimum(draws.mul_(size).long(), size - 1)
+        sampled.append(by_key[(starts[bins, None] + offsets).flatten()])
+    return sampled
 
 
 def uniform_histogram_sample(
@@ -467,19 +582,9 @@ def uniform_histogram_sample(
     Returns:
         (per_bin · non-empty bins,) positions into ``values``, bin by bin in increasing order.
     """
-    if values.numel() == 0:
-        return torch.empty(0, dtype=torch.long, device=values.device)
-    bins = histogram_bins(values, num_bins)
-    # Sorting narrow integers is several times faster than sorting int64.
-    narrow = torch.int16 if num_bins <= torch.iinfo(torch.int16).max else torch.int32
-    by_bin = torch.argsort(bins.to(narrow), stable=True)
-    counts = torch.bincount(bins, minlength=num_bins)
-    starts = counts.cumsum(0) - counts
-    filled = counts.nonzero().squeeze(1)
-    size = counts[filled, None]
-    draws = _uniform((filled.numel(), per_bin), generator, values.device)
-    offsets = torch.minimum(draws.mul_(size).long(), size - 1)
-    return by_bin[(starts[filled, None] + offsets).flatten()]
+    every = torch.ones_like(values, dtype=torch.bool)
+    (sample,) = uniform_histogram_pairs(values, [every], num_bins, [per_bin], generator)
+    return sample
 
 
 def distance_weighted_negative_weights(
@@ -541,7 +646,8 @@ def random_triplets(
     n_pos = positive.sum(1)
     drawn = ((n_pos > 0) & (neg_weights.sum(1) > 0)) * per_anchor.clamp_min(0)
     # Every size in one read: the anchors drawing, the most triplets of one, and in all.
-    n_rows, width, total = (int(x) for x in read_sizes((drawn > 0).sum(), drawn.max(), drawn.sum()))
+    widest = drawn.max() if drawn.numel() else drawn.new_zeros(())
+    n_rows, width, total = (int(x) for x in read_sizes((drawn > 0).sum(), widest, drawn.sum()))
     if n_rows == 0:
         return _empty_indices(device, 3)  # type: ignore[return-value]
     rows = torch.nonzero_static(drawn, size=n_rows).squeeze(1)
@@ -591,5 +697,6 @@ __all__ = [
     "random_triplets",
     "read_sizes",
     "tolerances_from_ratio",
+    "uniform_histogram_pairs",
     "uniform_histogram_sample",
 ]

@@ -309,10 +309,27 @@ def mine_triplets(
             torch.le(t, high, out=out)
         else:
             torch.eq(t, t, out=out)  # every negative: only NaN differs from itself
+    return list_selected_triplets(selected, anchors, positives)
+
+
+def list_selected_triplets(
+    selected: Tensor, anchors: Tensor, positives: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The triplets a (positive pair × reference) selection holds, listed with a single
+    ``nonzero``: one host synchronisation whatever the batch size.
+
+    Args:
+        selected: (P, M) bool selection.
+        anchors: (P,) anchor index of each positive pair.
+        positives: (P,) reference index of each positive pair.
+
+    Returns:
+        (a, p, n) index tensors, ordered by positive pair, then by n.
+    """
     n = selected.view(-1).nonzero().squeeze(1)
     counts = selected.sum(1)
     size = n.numel()
-    starts = torch.arange(anchors.numel(), device=dist.device).mul_(n_refs)
+    starts = torch.arange(anchors.numel(), device=selected.device).mul_(selected.shape[1])
     n.sub_(starts.repeat_interleave(counts, output_size=size))
     a = anchors.repeat_interleave(counts, output_size=size)
     p = positives.repeat_interleave(counts, output_size=size)

@@ -563,8 +563,8 @@ class SoftWeightedTripletLoss(BaseMetricLossFunction):
         pairs = batch.pair_weights()
         return fl.soft_weighted_triplet_loss(
             batch.matrix(self.distance),
-            pairs.pos > 0,
-            pairs.neg > 0,
+            pairs.pos,
+            pairs.neg,
             self.margin,
             self.distance.is_inverted,
             reducer=self.reducer,
