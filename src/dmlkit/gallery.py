@@ -334,6 +334,7 @@ class Gallery:
         num_workers: int = 0,
         channels_last: bool | None = None,
         autocast: AutocastDtype | None = None,
+        progress: bool = False,
     ) -> Gallery:
         """Embeds a dataset with a trained checkpoint's model and evaluation preprocessing.
 
@@ -351,6 +352,8 @@ class Gallery:
             channels_last: As :func:`~dmlkit.models.inference.embed_dataset` (default: where
                 faster).
             autocast: ``"bf16"`` or ``"fp16"`` mixed precision on CUDA.
+            progress: Show a progress bar of the items embedded on stderr (off by default, as
+                for :func:`~dmlkit.models.inference.embed_dataset`).
         """
         checkpoint = Path(checkpoint).resolve()
         config, model = load_trained_model(checkpoint)
@@ -383,6 +386,8 @@ class Gallery:
             num_workers=num_workers,
             channels_last=channels_last,
             autocast=autocast,
+            progress=progress,
+            description="indexing",
         )
         n = len(labels)
         if ids is None:

@@ -175,7 +175,8 @@ def _compute_features(
             batch_size=batch_size,
             device=device,
             num_workers=num_workers,
-            progress="caching features" if progress else None,
+            progress=progress,
+            description="caching features",
         )
     finally:
         # The caller's model leaves on the device it came from (embed_dataset restores its mode).
@@ -216,7 +217,8 @@ def cache_features(
         device: Device to compute on.
         num_workers: DataLoader worker processes.
         overwrite: Recompute even if a matching cache exists.
-        progress: Show a tqdm progress bar.
+        progress: Show a progress bar of the items computed (rate and time left) on stderr;
+            :func:`dmlkit.progress.quiet` turns it off whatever this says.
 
     Returns:
         The :class:`FeatureCache`.

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ..data import LabelledDataset
+from ..progress import progress_bar
 
 AutocastDtype = Literal["bf16", "fp16"]
 _AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,7 +84,9 @@ def embed_dataset(
     num_workers: int = 0,
     channels_last: bool | None = None,
     autocast: AutocastDtype | None = None,
-    progress: str | None = None,
+    progress: bool = False,
+    description: str = "embedding",
+    leave: bool = True,
 ) -> tuple[Tensor, np.ndarray]:
     """Embeddings of every item of a dataset, in order, with the model in evaluation mode.
 
@@ -110,7 +112,11 @@ def embed_dataset(
             ``False`` keeps the contiguous layout (the previous behaviour, bit for bit).
         autocast: ``"bf16"`` or ``"fp16"`` to run the forward under mixed precision on CUDA;
             ignored with a warning on other devices. Embeddings are returned in float32.
-        progress: A tqdm progress bar's description; None shows none.
+        progress: Show a progress bar of the items embedded (rate and time left) on stderr.
+            Off by default, so that a library call prints nothing;
+            :func:`dmlkit.progress.quiet` turns it off whatever this says.
+        description: The bar's label.
+        leave: Keep the finished bar on screen; False for a bar inside another one.
 
     Returns:
         (N, D) float32 embeddings on the CPU, and the (N,) labels.
@@ -136,10 +142,12 @@ def embed_dataset(
     layout = contextlib.ExitStack()
     try:
         model.eval()
-        with torch.random.fork_rng(devices=[]), layout:
+        bar = progress_bar(
+            total=len(dataset), description=description, unit="item", enabled=progress, leave=leave
+        )
+        with torch.random.fork_rng(devices=[]), layout, bar:
             memory_format = torch.contiguous_format
-            batches = tqdm(loader, desc=progress, disable=progress is None)
-            for index, (x, y) in enumerate(batches):
+            for index, (x, y) in enumerate(loader):
                 item_labels.append(torch.as_tensor(y))
                 if index == 0 and _use_channels_last(model, x, device, channels_last):
                     layout.enter_context(_channels_last(model))
@@ -150,6 +158,7 @@ def embed_dataset(
                 with torch.inference_mode(), precision:
                     out = model(x)
                 chunks.append(out.float().cpu())
+                bar.update(len(y))
     finally:
         for module, training in modes:
             module.training = training

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..display import markdown_table, metric_label, print_line, short_value
 from ..evaluation import evaluate
+from ..progress import above_bars, progress_bar
 from ..training import (
     ConfigError,
     build_run_data,
@@ -135,23 +136,38 @@ def _test_embeddings(bench: BenchConfig, job: RerunJob, threads: int | None = No
     return path
 
 
-def _run_jobs(bench: BenchConfig, jobs: Sequence[RerunJob], workers: int, say: Progress) -> None:
+def _run_jobs(
+    bench: BenchConfig, jobs: Sequence[RerunJob], workers: int, say: Progress, progress: bool
+) -> None:
     pending = [job for job in jobs if not (job.run_dir(bench) / "test_embeddings.pt").is_file()]
     if not pending:
         return
     say(f"training {len(pending)} fold run(s) of the best hyperparameters ({workers} worker(s))")
-    if workers == 1:
-        for number, job in enumerate(pending, 1):
-            _test_embeddings(bench, job)
+    say = above_bars(say)
+    with progress_bar(
+        total=len(jobs),
+        initial=len(jobs) - len(pending),
+        description="re-runs",
+        unit="run",
+        enabled=progress,
+    ) as bar:
+
+        def done(number: int, job: RerunJob) -> None:
+            bar.update()
             say(f"[{job.method}] re-run {job.rerun} fold {job.fold} done ({number}/{len(pending)})")
-        return
-    threads = max(1, torch.get_num_threads() // workers)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(_test_embeddings, bench, job, threads) for job in pending]
-        for number, (job, future) in enumerate(zip(pending, futures, strict=True), 1):
-            future.result()
-            say(f"[{job.method}] re-run {job.rerun} fold {job.fold} done ({number}/{len(pending)})")
+
+        if workers == 1:
+            for number, job in enumerate(pending, 1):
+                _test_embeddings(bench, job)
+                done(number, job)
+            return
+        threads = max(1, torch.get_num_threads() // workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_test_embeddings, bench, job, threads) for job in pending]
+            for number, (job, future) in enumerate(zip(pending, futures, strict=True), 1):
+                future.result()
+                done(number, job)
 
 
 def _scores(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
@@ -219,6 +235,7 @@ def benchmark(
     methods: Sequence[str] | None = None,
     workers: int | None = None,
     say: Progress = print_line,
+    progress: bool = True,
 ) -> list[MethodResult]:
     """Re-run each method's best trial and score it on the test classes.
 
@@ -229,6 +246,8 @@ def benchmark(
         methods: Which methods (all when None).
         workers: Local processes training fold runs at once (``protocol.workers`` when None).
         say: Where progress lines go.
+        progress: Show a bar of the fold runs done (rate and time left) on stderr, the lines
+            above it; the runs draw no bars of their own.
 
     Returns:
         One result per method, in order.
@@ -248,7 +267,7 @@ def benchmark(
         for rerun in range(bench.protocol.reruns)
         for fold in range(bench.protocol.folds)
     ]
-    _run_jobs(bench, jobs, workers, say)
+    _run_jobs(bench, jobs, workers, say, progress)
     results = []
     for method, (trial, trials) in chosen.items():
         per_rerun: dict[str, dict[str, list[float]]] = {

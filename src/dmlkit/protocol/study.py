@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import multiprocessing.queues
+import queue
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from ..display import print_line, short_value
+from ..progress import above_bars, progress_bar
 from ..training import (
     Config,
     ConfigError,
@@ -324,6 +327,7 @@ def tune_worker(
     worker: int = 0,
     threads: int | None = None,
     say: Progress = print_line,
+    trial_ended: Callable[[int], None] | None = None,
 ) -> None:
     """One worker's share of a method's search: trials until the study has enough finished.
 
@@ -334,6 +338,14 @@ def tune_worker(
     period. The study so ends with that many finished trials (rarely one more, when two workers
     find it one short at the same instant). A worker also stops after twice that many attempts
     of its own, so a search whose every trial fails ends.
+
+    Args:
+        bench: The benchmark.
+        method: A key of ``bench.methods``.
+        worker: The worker's number (seeds its sampler).
+        threads: CPU threads of this process (unchanged when None).
+        say: Where progress lines go.
+        trial_ended: Called after each of its trials with the study's finished trials.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -357,19 +369,53 @@ def tune_worker(
             continue
         study.optimize(objective, n_trials=1, catch=(TrialFailedError,))
         attempts += 1
+        if trial_ended is not None:
+            trial_ended(len(completed(study)))
     finished = len(completed(study))
     say(f"[{method}] stopping after {attempts} attempts: {finished} of {target} trials finished")
 
 
-def _worker_entry(bench: BenchConfig, method: str, worker: int, threads: int) -> None:
+def _worker_entry(
+    bench: BenchConfig,
+    method: str,
+    worker: int,
+    threads: int,
+    lines: multiprocessing.queues.Queue[str],
+) -> None:
     def say(message: str) -> None:
-        print_line(f"w{worker} {message}")
+        lines.put(f"w{worker} {message}")
 
     tune_worker(bench, method, worker, threads, say)
 
 
+def _relay(
+    processes: Sequence[multiprocessing.process.BaseProcess],
+    lines: multiprocessing.queues.Queue[str],
+    say: Progress,
+    tick: Callable[[], None],
+) -> None:
+    """Pass the workers' lines to ``say`` until every worker has ended, so that one process
+    prints them (above its progress bar), calling ``tick`` after each and every half second."""
+    while True:
+        running = any(process.is_alive() for process in processes)
+        try:
+            # Once all have ended, their lines are all in the queue: empty means done.
+            message = lines.get(timeout=0.5) if running else lines.get_nowait()
+        except queue.Empty:
+            tick()
+            if running:
+                continue
+            return
+        say(message)
+        tick()
+
+
 def tune(
-    bench: BenchConfig, method: str, workers: int | None = None, say: Progress = print_line
+    bench: BenchConfig,
+    method: str,
+    workers: int | None = None,
+    say: Progress = print_line,
+    progress: bool = True,
 ) -> optuna.Study:
     """Run (or continue) a method's search to ``protocol.trials`` finished trials.
 
@@ -378,7 +424,9 @@ def tune(
         method: A key of ``bench.methods``.
         workers: Local worker processes (``protocol.workers`` when None); the CPU threads are
             shared out between them.
-        say: Where progress lines go.
+        say: Where progress lines go (the workers' too: this process prints them all).
+        progress: Show a bar of the finished trials (rate and time left) on stderr, the lines
+            above it; the trials' training runs draw no bars of their own.
 
     Returns:
         The study, loaded again after the workers have finished.
@@ -398,22 +446,34 @@ def tune(
     _check_folds(bench, method)
     if not bench.methods[method].search:
         say(f"[{method}] nothing to search: one trial scores the fixed hyperparameters")
-    if workers == 1:
-        tune_worker(bench, method, 0, None, say)
-    else:
-        threads = max(1, torch.get_num_threads() // workers)
-        context = multiprocessing.get_context("spawn")
-        processes = [
-            context.Process(target=_worker_entry, args=(bench, method, worker, threads))
-            for worker in range(workers)
-        ]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join()
-        failed = [p.exitcode for p in processes if p.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"[{method}] {len(failed)} tuning worker(s) failed: {failed}")
+    say = above_bars(say)
+    with progress_bar(
+        total=target, initial=done, description=f"tune {method}", unit="trial", enabled=progress
+    ) as bar:
+
+        def trials_finished(count: int) -> None:
+            # Only on a change: each update restarts the interval the rate is measured over.
+            if min(count, target) > bar.n:
+                bar.update(min(count, target) - bar.n)
+
+        if workers == 1:
+            tune_worker(bench, method, 0, None, say, trials_finished)
+        else:
+            threads = max(1, torch.get_num_threads() // workers)
+            context = multiprocessing.get_context("spawn")
+            lines: multiprocessing.queues.Queue[str] = context.Queue()
+            processes = [
+                context.Process(target=_worker_entry, args=(bench, method, worker, threads, lines))
+                for worker in range(workers)
+            ]
+            for process in processes:
+                process.start()
+            _relay(processes, lines, say, lambda: trials_finished(len(completed(study))))
+            for process in processes:
+                process.join()
+            failed = [p.exitcode for p in processes if p.exitcode != 0]
+            if failed:
+                raise RuntimeError(f"[{method}] {len(failed)} tuning worker(s) failed: {failed}")
     study = open_study(bench, method)
     best = study.best_trial if completed(study) else None
     if best is not None:

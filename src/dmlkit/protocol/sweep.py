@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..display import metric_label, print_line
+from ..progress import above_bars, progress_bar
 from ..training import Config, ConfigError, Trainer, config_from_dict, set_config_key
 from .config import TEST_METRICS, check_buildable
 from .study import check_run_folder, finished_summary
@@ -105,6 +106,7 @@ def run_sweep(
     *,
     seeds: int = 1,
     say: Callable[[str], None] = print_line,
+    progress: bool = True,
 ) -> SweepResult:
     """Train ``config`` with ``key`` set to each value, ``seeds`` times each, and tabulate.
 
@@ -120,6 +122,9 @@ def run_sweep(
         out: The sweep's folder.
         seeds: Runs per value, with seeds ``config.train.seed`` and the ones after it.
         say: Where the progress lines go (one per run).
+        progress: Show a bar of the runs done (rate and time left) on stderr, the lines above
+            it; each run's own training bars (``logging.progress``) show beneath it while it
+            trains.
 
     Returns:
         The sweep's runs and their results.
@@ -139,25 +144,32 @@ def run_sweep(
     out = Path(out)
     planned = _plan(config, key, values, seeds, out)
     runs = []
-    for number, run in enumerate(planned, start=1):
-        summary = finished_summary(run.run_dir)
-        if summary is not None:
-            how = "read back"
-        else:
-            resume = (run.run_dir / "last.pt").is_file()
-            trained = Trainer(run.config, run.run_dir).fit(resume=resume, test=True)
-            how = f"{'resumed, ' if resume else ''}{trained.steps} steps"
+    # Runs read back are counted from the start, so the rate and time left are the trained runs'.
+    done = sum(finished_summary(run.run_dir) is not None for run in planned)
+    say = above_bars(say)
+    with progress_bar(
+        total=len(planned), initial=done, description=f"sweep {key}", unit="run", enabled=progress
+    ) as bar:
+        for number, run in enumerate(planned, start=1):
             summary = finished_summary(run.run_dir)
-            assert summary is not None, "fit writes results.json"
-        after = summary["after"]
-        shown = ", ".join(
-            f"{metric_label(name)} {after[name]:.4f}" for name in TEST_METRICS if name in after
-        )
-        say(
-            f"[{number}/{len(planned)}] {key}={value_text(run.value)} seed {run.seed}: "
-            f"{shown} ({how})"
-        )
-        runs.append(SweepRun(run.value, run.seed, run.run_dir, summary))
+            if summary is not None:
+                how = "read back"
+            else:
+                resume = (run.run_dir / "last.pt").is_file()
+                trained = Trainer(run.config, run.run_dir).fit(resume=resume, test=True)
+                how = f"{'resumed, ' if resume else ''}{trained.steps} steps"
+                summary = finished_summary(run.run_dir)
+                assert summary is not None, "fit writes results.json"
+                bar.update()
+            after = summary["after"]
+            shown = ", ".join(
+                f"{metric_label(name)} {after[name]:.4f}" for name in TEST_METRICS if name in after
+            )
+            say(
+                f"[{number}/{len(planned)}] {key}={value_text(run.value)} seed {run.seed}: "
+                f"{shown} ({how})"
+            )
+            runs.append(SweepRun(run.value, run.seed, run.run_dir, summary))
     result = SweepResult(
         key=key,
         values=tuple(values),

@@ -1,4 +1,4 @@
-"""Run logs: CSV files that survive a resume, optional TensorBoard, and the progress bar."""
+"""Run logs: CSV files that survive a resume, and optional TensorBoard."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 
 class CSVLog:
@@ -103,16 +101,3 @@ class TensorBoardLog:
     def close(self) -> None:
         """Flush and close the event file."""
         self._writer.close()
-
-
-def progress_bar(total: int, initial: int, description: str, enabled: bool) -> tqdm[Any]:
-    """A tqdm bar over one epoch's steps (ETA and rate included), starting at ``initial``."""
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=description,
-        disable=not enabled,
-        dynamic_ncols=True,
-        leave=False,
-        unit="step",
-    )

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor
 
+from ..progress import progress_bar
+
 ProjectionMethod = Literal["auto", "umap", "pca"]
 _METHODS: tuple[ProjectionMethod, ...] = ("auto", "umap", "pca")
 # Panels with more classes than this get no legend: it would hide the map.
@@ -185,6 +187,7 @@ def plot_embedding_maps(
     seed: int = 0,
     max_points: int = 5000,
     class_names: Mapping[int, str] | None = None,
+    progress: bool = False,
 ) -> Path:
     """Draws each panel's embeddings as a 2-D scatter coloured by class, side by side.
 
@@ -201,6 +204,7 @@ def plot_embedding_maps(
         seed: Seed of the subsample, the colour order and UMAP.
         max_points: Most points drawn per panel.
         class_names: Optional legend names by label; unnamed labels show as numbers.
+        progress: Show a bar of the panels projected (a UMAP fit takes seconds) on stderr.
 
     Returns:
         ``path``.
@@ -220,7 +224,7 @@ def plot_embedding_maps(
     if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 3:
         raise ValueError(f"max_points must be an integer of at least 3, got {max_points!r}")
     drawn = []
-    for panel in panels:
+    for panel in progress_bar(panels, description="projecting", unit="map", enabled=progress):
         points = _as_points(panel.embeddings)
         labels = np.asarray(panel.labels)
         if labels.ndim != 1 or labels.shape[0] != points.shape[0]:

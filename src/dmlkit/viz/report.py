@@ -73,6 +73,8 @@ class ReportOptions:
         embeddings: False skips what needs the model and the data (maps and retrieval grids).
         device: Where the model embeds the data: ``auto`` (CUDA when available), ``cpu``, ...
         seed: Seeds the subsamples and the projection.
+        progress: Show progress bars on stderr while embedding and projecting (off by
+            default, so that a library call prints nothing; ``dmlkit report`` shows them).
     """
 
     checkpoint: str | None = None
@@ -85,6 +87,7 @@ class ReportOptions:
     embeddings: bool = True
     device: str = "auto"
     seed: int = 0
+    progress: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -296,16 +299,23 @@ def _run_embedding_sections(
     device = resolve_device(options.device)
     model = model.to(device)
 
-    def embed(dataset: LabelledDataset) -> tuple[Tensor, np.ndarray]:
-        return embed_dataset(model, dataset, batch_size=config.train.eval_batch_size, device=device)
+    def embed(dataset: LabelledDataset, which: str) -> tuple[Tensor, np.ndarray]:
+        return embed_dataset(
+            model,
+            dataset,
+            batch_size=config.train.eval_batch_size,
+            device=device,
+            progress=options.progress,
+            description=f"embedding {which}",
+        )
 
     rng = np.random.default_rng(options.seed)
     train_items = _sample(len(data.train_eval), options.max_points, rng)
     say(
         f"embedding {len(train_items)} training and {len(data.test)} test items ({checkpoint.name})"
     )
-    train_embeddings, train_labels = embed(subset(data.train_eval, train_items))
-    test_embeddings, test_labels = embed(data.test)
+    train_embeddings, train_labels = embed(subset(data.train_eval, train_items), "training items")
+    test_embeddings, test_labels = embed(data.test, "test items")
     caption = f"Embeddings of the {checkpoint.name} model."
     maps = _map_section(
         [
@@ -361,7 +371,12 @@ def _map_section(
     say(f"projecting embeddings to 2-D ({options.projection})")
     section = Section("Embedding maps")
     plot_embedding_maps(
-        panels, path, method=options.projection, seed=options.seed, max_points=options.max_points
+        panels,
+        path,
+        method=options.projection,
+        seed=options.seed,
+        max_points=options.max_points,
+        progress=options.progress,
     )
     section.figures.append(Figure(path, caption + " Colour: class; each panel projected alone."))
     return section
