@@ -30,12 +30,13 @@ from dmlkit.training import (
 )
 from host_syncs import HostSyncCounter
 from real_data import REAL_DATA
-from run_helpers import StopTrainingError, log_without_timing, stop_at
+from run_helpers import DIGITS_RUN, StopTrainingError, log_without_timing, stop_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A few seconds on one core: digits 0-4 (train) / 5-9 (test), 8x8 inputs.
 FAST = [
+    *DIGITS_RUN,
     "train.epochs=3",
     "sampler.classes_per_batch=5",
     "sampler.samples_per_class=8",
@@ -295,6 +296,8 @@ def test_cli_train_default_prints_before_and_after(
     args = [a for o in FAST for a in ("--set", o)]
     assert main(["train", *args, "--run-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    assert "training on 5 digits (0–4), 901 items; testing on 5 unseen digits (5–9)" in out
+    assert "Retrieval on the 5 unseen digits (5–9)" in out
     assert "metric" in out and "before" in out and "after" in out
     assert "precision_at_1" in out and "mean_average_precision_at_r" in out
     assert (tmp_path / "config.yaml").is_file()
@@ -408,9 +411,12 @@ class _SyncWatch:
 def test_training_steps_wait_for_the_device_only_for_mined_indices_and_logging(
     tmp_path: Path, overrides: list[str], per_step: int
 ) -> None:
-    # Steps 3-5 counted; log_every=5 makes step 5 a logged one (one read of the loss).
+    # Steps 3-5 counted; log_every=5 makes step 5 a logged one (one read of the loss). Batches
+    # are collated in a worker, as in GPU training: collated in process, their labels would be
+    # built on the CPU under the counter, which cannot tell that from a copy to the device.
     config = _config(
         *overrides,
+        "data.num_workers=1",
         "logging.log_every=5",
         "train.max_steps=6",
         "validation.every=0",
@@ -436,3 +442,18 @@ def test_a_diverging_run_is_stopped_at_the_next_logged_step(tmp_path: Path) -> N
     )
     with pytest.raises(ValueError, match="training diverged: the loss is nan at step"):
         Trainer(config).fit(test=False)
+
+
+def test_a_divergence_between_logged_steps_is_caught_before_anything_is_saved(
+    tmp_path: Path,
+) -> None:
+    config = _config(
+        "optimizer.lr=1e30",
+        "logging.log_every=1000",  # no logged step at all
+        "validation.every=0",
+        "validation.before_training=false",
+        f"logging.run_dir={tmp_path / 'run'}",
+    )
+    with pytest.raises(ValueError, match="training diverged: the loss is nan at step"):
+        Trainer(config).fit(test=False)
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -41,6 +41,7 @@ from ..miners import EmbeddingsAlreadyPackagedAsTriplets
 from ..models import EmbeddingModel, cache_features
 from ..models.inference import embed_dataset
 from ..objectives import BatchStream, MetricLossObjective, Objective
+from ..progress import progress_bar
 from ..samplers import PKSampler
 from ..typed_values import ConfigError
 from ..validation import finite_checks
@@ -48,7 +49,7 @@ from .builders import build_embedding_model, build_loss, build_miner, build_obje
 from .checkpoint import RunRandomness, load_checkpoint, save_atomic, write_text_atomic
 from .config import Config
 from .config_loading import config_differences
-from .logs import CSVLog, TensorBoardLog, progress_bar
+from .logs import CSVLog, TensorBoardLog
 from .offline import OfflineMining
 from .optimization import build_optimizer, lr_factor, parameter_groups
 from .run_data import RunData, build_run_data
@@ -249,6 +250,7 @@ class Trainer:
         chosen = run_dir or config.logging.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(chosen)
         self.callbacks = list(callbacks)
+        self._unchecked_loss: Tensor | None = None  # the last step's, until read
         # Several processes (torchrun): each trains on its share of every global batch; rank 0
         # alone writes files.
         self.rank, self.world_size = rank_and_world_size()
@@ -471,7 +473,8 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
 
     def embed(self, dataset: LabelledDataset) -> tuple[Tensor, np.ndarray]:
-        """Embeddings and labels of a dataset under the current model (evaluation mode)."""
+        """Embeddings and labels of a dataset under the current model (evaluation mode), with a
+        passing progress bar (``logging.progress``) that disappears when done."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             return embed_dataset(
                 self.trained_part,
@@ -479,6 +482,8 @@ class Trainer:
                 batch_size=self.config.train.eval_batch_size,
                 device=self.device,
                 num_workers=self.config.data.num_workers,
+                progress=self.config.logging.progress and self.is_writer,
+                leave=False,
             )
 
     def evaluate_on(self, dataset: LabelledDataset) -> dict[str, float]:
@@ -552,6 +557,7 @@ class Trainer:
     def save(self, name: str = "last.pt") -> Path:
         """Write a resumable checkpoint atomically into the run folder (rank 0 writes; every
         rank waits until the file is there)."""
+        self._checked_loss()
         payload = self._payload()
         path = self.run_dir / name
         if self.is_writer:
@@ -651,10 +657,12 @@ class Trainer:
                 self._refresh_mining(mining_log, board)
             self.batches.set_epoch(self.state.epoch, self.state.batch)
             bar = progress_bar(
-                len(self.sampler),
-                self.state.batch,
-                f"epoch {self.state.epoch + 1}/{config.train.epochs}",
-                config.logging.progress and self.is_writer,
+                total=len(self.sampler),
+                initial=self.state.batch,
+                description=f"epoch {self.state.epoch + 1}/{config.train.epochs}",
+                unit="step",
+                enabled=config.logging.progress and self.is_writer,
+                leave=False,
             )
             self.trained_part.train()
             start = time.perf_counter()
@@ -669,9 +677,11 @@ class Trainer:
                 seconds += now - start
                 start = now
                 bar.update()
-                # Reading the loss makes the host wait for the device: only on logged steps.
+                self._unchecked_loss = loss
+                # Reading the loss makes the host wait for the device: only on logged steps
+                # (and before anything is saved or validated).
                 if self.state.step % config.logging.log_every == 0:
-                    value = self._checked_loss(loss)
+                    value = self._checked_loss()
                     row = {
                         "step": self.state.step,
                         "epoch": self.state.epoch,
@@ -744,8 +754,10 @@ class Trainer:
         if board:
             board.write("mining", self.state.step, row)
 
-    def _checked_loss(self, loss: Tensor | None) -> float:
-        """The step's loss as a number (NaN for a skipped step), refusing a diverged run."""
+    def _checked_loss(self) -> float:
+        """The last step's loss as a number (NaN for a skipped step or none), refusing a
+        diverged run, so no checkpoint or validation ever follows an unread divergence."""
+        loss, self._unchecked_loss = self._unchecked_loss, None
         if loss is None:
             return math.nan
         value = float(loss)
@@ -855,6 +867,7 @@ class Trainer:
 
     def _validate(self, log: CSVLog, board: TensorBoardLog | None) -> None:
         assert self.data.val is not None
+        self._checked_loss()
         validation = self.config.validation
         metrics = self.evaluate_on(self.data.val)  # rank 0's numbers, on every rank
         losses = self._validation_losses()
