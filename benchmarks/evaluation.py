@@ -2,12 +2,11 @@
 
 Measures wall time and peak memory of P@1 + R-Precision + MAP@R (``k="max_bin_count"``) on
 clustered 128-d embeddings, with class sizes like Stanford Online Products (2–12 per class) and
-like CUB (few, large classes: 100 classes of N/100 items, the shape issue 22 measures). Every
-measurement runs in its own process, so each peak resident memory (``ru_maxrss``) is that job's
-alone; a watcher kills a job whose memory passes the limit and reports it. The reference column
-('bare') is the cost of the N×N similarity products alone (4096² tiles into one buffer, nothing
-else): the floor of a search that does not exploit the symmetry of self-retrieval (dmlkit
-computes half of them).
+like CUB (few, large classes: 100 classes of N/100 items). Every measurement runs in its own
+process, so each peak resident memory (``ru_maxrss``) is that job's alone; a watcher kills a
+job whose memory passes the limit and reports it. The reference column ('bare') is the cost
+of the N×N similarity products alone (4096² tiles into one buffer, nothing else): the floor of
+a search that does not exploit the symmetry of self-retrieval (dmlkit computes half of them).
 
 Usage: python benchmarks/evaluation.py [--sizes 10000 60000 120000] [--repeats 1]
 Writes benchmarks/results/evaluation_{cpu,cuda}.{md,json}.

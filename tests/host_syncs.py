@@ -1,9 +1,19 @@
-"""Counting the operations that force a device→host synchronisation, by dispatch, on the CPU.
+"""Counting, by dispatch on the CPU, the operations that make a CUDA run wait for the device.
 
 On a GPU each of these stalls the stream until the device catches up: the host needs a value
-(``item``), a size that depends on the data (``nonzero``, boolean-mask indexing, ``unique``…) or
-a yes/no (``equal``, ``is_nonzero``). The CPU has no stream, but the same operations reach the
-dispatcher there, so counting them on the CPU tells what a CUDA run would wait for.
+(``item``), a size that depends on the data (``nonzero``, boolean-mask indexing, ``unique``,
+``bincount``…), a yes/no (``equal``, ``is_nonzero``), or a Python value is copied to the device
+(``torch.tensor``/``new_tensor``/``as_tensor``, seen as ``lift_fresh``). The CPU has no stream,
+but these operations reach the dispatcher there too, so counting them on the CPU finds the
+waits that a CUDA run's code path shares with the CPU's.
+
+It cannot see everything a CUDA run would wait for: kernels that synchronise inside a CUDA-only
+implementation, pinned-memory and allocator behaviour, or code that takes another branch on a
+CUDA tensor. On a real GPU, ``torch.cuda.set_sync_debug_mode("error")`` is the check.
+
+Assigning a Python scalar by indexing (``t[i] = v``) reaches ``lift_fresh`` on the CPU too,
+though on CUDA PyTorch passes such a value as a kernel argument: the counter counts it, and the
+library writes ``fill_``, ``scatter_`` or ``masked_fill_`` there instead.
 
 ``Tensor.tolist`` and ``Tensor.numpy`` bypass the dispatcher on a CPU tensor (on CUDA they copy
 to the host, which waits): the counter wraps them while it is active and counts every call.
@@ -30,6 +40,12 @@ _ALWAYS_SYNC = {
     aten.unique_consecutive.default: "unique",
     aten.equal.default: "equal",
     aten.is_nonzero.default: "is_nonzero",
+    # CUDA's bincount reads the input's min and max to the host whatever its minlength.
+    aten.bincount.default: "bincount",
+    # A tensor built from a Python value (torch.tensor, new_tensor, as_tensor) is made on the
+    # host and copied to the device, which blocks the stream; torch.full/new_full do not.
+    aten.lift_fresh.default: "host→device copy",
+    aten.lift_fresh_copy.default: "host→device copy",
 }
 
 
@@ -48,8 +64,6 @@ def sync_reason(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str
         return "boolean-mask indexing" if indexing else "boolean-mask assignment"
     if packet is aten.repeat_interleave and kwargs.get("output_size") is None:
         return "repeat_interleave without output_size"
-    if packet is aten.bincount and not kwargs.get("minlength") and len(args) < 3:
-        return "bincount without minlength"
     return None
 
 
@@ -83,15 +97,17 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def __enter__(self) -> HostSyncCounter:
+        # The mode first: if entering it raises, torch.Tensor is left unpatched.
+        entered = super().__enter__()
         self._originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
         for name, original in self._originals.items():
             setattr(torch.Tensor, name, self._counting(name, original))
-        return super().__enter__()
+        return entered
 
     def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
         for name, original in self._originals.items():
             setattr(torch.Tensor, name, original)
+        super().__exit__(*exc)
 
     def _counting(self, name: str, original: Any) -> Any:
         def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

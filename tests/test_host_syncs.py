@@ -8,6 +8,8 @@ except where a tensor's shape depends on the data (:data:`SHAPE_READS`).
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -55,8 +57,17 @@ def test_the_counter_sees_syncing_operations() -> None:
         (x > 2).nonzero()
         x[x > 2]
         float(x.sum())
+        torch.bincount(x.long(), minlength=8)  # CUDA reads the min and max whatever minlength
+        x.new_tensor(2.0)
         x.cumsum(0)  # no sync
-    assert syncs.reasons == {"nonzero": 1, "boolean-mask indexing": 1, "item": 1}
+        x.new_full((), 2.0)  # no sync
+    assert syncs.reasons == {
+        "nonzero": 1,
+        "boolean-mask indexing": 1,
+        "item": 1,
+        "bincount": 1,
+        "host→device copy": 1,
+    }
 
 
 @pytest.mark.parametrize("cls", ALL_LOSSES, ids=lambda c: c.__name__)
@@ -131,10 +142,22 @@ def test_out_of_range_inputs_raise_from_the_one_read() -> None:
     arcface = dl.ArcFaceLoss(num_classes=N_CLASSES, embedding_size=DIM)
     with HostSyncCounter() as syncs, pytest.raises(ValueError, match=r"labels holds 12"):
         arcface(embeddings, labels + 1)
+    # The one read of every check (any failed?), then, only because one failed, which one
+    # (argmax) and its message's look-up of the first label out of range.
+    assert syncs.reasons == {"item": 3, "boolean-mask indexing": 1}, syncs
     mined = (torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([4, 99]))
-    with pytest.raises(ValueError, match=r"indices_tuple\[n\] has indices outside \[0, 48\)"):
+    with (
+        HostSyncCounter() as syncs,
+        pytest.raises(ValueError, match=r"indices_tuple\[n\] has indices outside \[0, 48\)"),
+    ):
         dl.TripletMarginLoss()(embeddings, labels, mined)
-    assert syncs.reasons["item"] >= 1  # the failed check is read, then explained
+    # The one read, which check failed, and the message's min and max.
+    assert syncs.reasons == {"item": 4}, syncs
+    valid = (*mined[:2], torch.tensor([4, 9]))
+    with HostSyncCounter() as syncs:
+        arcface(embeddings, labels)
+        dl.TripletMarginLoss()(embeddings, labels, valid)
+    assert syncs.reasons == {"item": 2}, syncs  # valid inputs: the one read of each call
 
 
 def test_set_finite_checks_holds_until_set_back() -> None:
@@ -147,3 +170,29 @@ def test_set_finite_checks_holds_until_set_back() -> None:
     finally:
         dmlkit.set_finite_checks(True)
     assert finite_checks_enabled()
+
+
+def test_finite_checks_turned_off_in_one_thread_stay_on_in_another() -> None:
+    off, done = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def turn_off_and_hold() -> None:
+        with dmlkit.finite_checks(False):
+            off.set()
+            done.wait()
+
+    def read() -> None:
+        seen.append(finite_checks_enabled())
+
+    holder = threading.Thread(target=turn_off_and_hold)
+    holder.start()
+    try:
+        assert off.wait(timeout=10)
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join()
+        assert finite_checks_enabled()
+    finally:
+        done.set()
+        holder.join()
+    assert seen == [True]

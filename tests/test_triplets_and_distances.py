@@ -14,6 +14,7 @@ import torch
 import dmlkit.distances as dd
 import dmlkit.functional as F
 import dmlkit.losses as dl
+import dmlkit.miners as dm
 from conftest import assert_close
 
 
@@ -229,3 +230,21 @@ def test_pair_indices_take_gathers_and_differentiates_twice() -> None:
     assert_close(grad, expected)
     (second,) = torch.autograd.grad(grad.sum(), mat)
     assert second[2, 1].item() == 4.0 and second[0, 0].item() == 0.0
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_mined_triplet_loss_backward_twice_with_retained_graph(swap: bool) -> None:
+    # The listed triplets' backward must leave its saved tensors as they were.
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(24, 8, generator=generator, dtype=torch.float64)
+    embeddings.requires_grad_()
+    labels = torch.arange(6).repeat_interleave(4)
+    mined = dm.TripletMarginMiner(margin=0.5)(embeddings, labels)
+    assert mined[0].numel() > 0
+    loss = dl.TripletMarginLoss(margin=0.5, swap=swap)(embeddings, labels, mined)
+    loss.backward(retain_graph=True)
+    assert embeddings.grad is not None
+    once = embeddings.grad.clone()
+    assert once.abs().sum() > 0
+    loss.backward()
+    assert_close(embeddings.grad, 2 * once, 1e-12)

@@ -364,11 +364,10 @@ class ASMSMiner(BaseMiner):
     def tolerances(self, sim: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         """The tolerances for this batch, static for ASMS, left on the device to be read once
         with the mined sizes: the six values of :func:`.mining.adaptive_tolerance_values`."""
-        return torch.tensor(
-            [self.gamma_pos, self.gamma_neg, math.nan, 0.0, 0.0, 0.0],
-            dtype=torch.float64,
-            device=sim.device,
-        )
+        # Filled on the device: a tensor built from a Python list is copied host→device, which
+        # blocks the stream.
+        static = (self.gamma_pos, self.gamma_neg, math.nan, 0.0, 0.0, 0.0)
+        return torch.stack([sim.new_full((), v, dtype=torch.float64) for v in static])
 
     def mine(self, sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[IndicesTuple, MiningStats]:
         if self.exclude_self_by_value:
@@ -646,7 +645,9 @@ class HDCMiner(BaseMiner):
             return pos_positions, neg_positions
         a1, p, a2, n = (t.to(pos.device) for t in self._external)
         n_rows, width = pos.shape
-        highest = torch.stack([t.max() if t.numel() else t.new_tensor(-1) for t in (a1, a2, p, n)])
+        highest = torch.stack(
+            [t.max() if t.numel() else t.new_full((), -1) for t in (a1, a2, p, n)]
+        )
         # Looked up clamped, so that the range is checked from the same read as the sizes.
         flat_pos = a1.clamp(max=n_rows - 1) * width + p.clamp(max=width - 1)
         flat_neg = a2.clamp(max=n_rows - 1) * width + n.clamp(max=width - 1)

@@ -15,6 +15,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import Literal
 
@@ -25,30 +26,40 @@ from torch import Tensor
 IndicesTuple = tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-_finite_checks = True
+# A context variable, not a module global: a setting made in one thread (or asyncio task)
+# leaves the checks of the others as they were.
+_FINITE_CHECKS: ContextVar[bool] = ContextVar("finite_checks", default=True)
 
 
 def set_finite_checks(enabled: bool) -> None:
-    """Turns the input checks that read tensor values on or off, for every later call.
+    """Turns the input checks that read tensor values on or off, for every later call in the
+    current thread (or asyncio task); other threads keep their own setting, on by default.
 
-    The checks are: embeddings free of NaN and ±Inf, class labels inside the class range, and
-    mined indices (``indices_tuple``, ``anchor_in_ref``) inside the batch. With them on (the
-    default), each loss or miner call reads them from the device once; on a GPU that read
-    makes the host wait for the device at every call. A training loop can turn them off for
-    speed and check its loss for NaN where it reads it anyway (at its logging steps); invalid
-    inputs then give a NaN loss, an indexing error or, on a GPU, a device-side assertion, not
-    this module's ``ValueError``. Checks of shapes, dtypes and sizes always run.
+    The checks it turns off:
+
+    - embeddings (and reference embeddings) free of NaN and ±Inf;
+    - class labels inside ``[0, num_classes)`` for the losses with per-class parameters;
+    - mined indices (``indices_tuple``) and ``anchor_in_ref`` inside the batch;
+    - :class:`~dmlkit.losses.HistogramLoss`'s check that the similarities it bins lie in
+      [-1, 1] (where its distance does not guarantee it).
+
+    With them on (the default), each loss or miner call reads them from the device once; on a
+    GPU that read makes the host wait for the device at every call. A training loop can turn
+    them off for speed and check its loss for NaN where it reads it anyway (at its logging
+    steps); invalid inputs then give a NaN loss, an indexing error, a meaningless HistogramLoss
+    or, on a GPU, a device-side assertion, not this module's ``ValueError``. Checks of shapes,
+    dtypes and sizes always run.
 
     Args:
         enabled: Whether the checks run.
     """
-    global _finite_checks
-    _finite_checks = bool(enabled)
+    _FINITE_CHECKS.set(bool(enabled))
 
 
 def finite_checks_enabled() -> bool:
-    """Whether the input checks that read tensor values run (see :func:`set_finite_checks`)."""
-    return _finite_checks
+    """Whether the input checks that read tensor values run in the current thread (see
+    :func:`set_finite_checks`)."""
+    return _FINITE_CHECKS.get()
 
 
 @contextmanager
@@ -64,12 +75,11 @@ def finite_checks(enabled: bool) -> Iterator[None]:
     Args:
         enabled: Whether the checks run within the block.
     """
-    previous = _finite_checks
-    set_finite_checks(enabled)
+    token = _FINITE_CHECKS.set(bool(enabled))
     try:
         yield
     finally:
-        set_finite_checks(previous)
+        _FINITE_CHECKS.reset(token)
 
 
 class ValueChecks:
@@ -92,7 +102,7 @@ class ValueChecks:
             message: Builds the error message; called only for a failed check, so it may read
                 values freely.
         """
-        if _finite_checks:
+        if _FINITE_CHECKS.get():
             self._failed.append(failed())
             self._messages.append(message)
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .masks import index_counts
 from .reduction import Reducer
 
 
@@ -199,7 +200,7 @@ def sub_center_outliers(
     rows = torch.arange(len(labels), device=labels.device)
     own = cosine.view(-1, num_classes, sub_centers)[rows, labels]
     nearest = own.argmax(dim=1)
-    votes = torch.bincount(labels * sub_centers + nearest, minlength=num_classes * sub_centers)
+    votes = index_counts(labels * sub_centers + nearest, num_classes * sub_centers)
     votes = votes.view(num_classes, sub_centers)
     dominant = votes.argmax(dim=1)
     to_dominant = own.gather(1, dominant[labels].unsqueeze(1)).squeeze(1)
@@ -250,7 +251,7 @@ def p2sgrad_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, reducer: Re
         # unit vectors' cosines pass ±1 by rounding only.
         targets = cosine.gather(1, labels.unsqueeze(1))
         total = cosine.square().sum() - 2 * targets.sum() + labels.numel()
-        return reducer.finish(total, torch.tensor(float(cosine.numel()), device=cosine.device))
+        return reducer.finish(total, torch.full((), float(cosine.numel()), device=cosine.device))
     one_hot = F.one_hot(labels, weight.shape[1]).to(cosine.dtype)
     return reducer((cosine.clamp(-1, 1) - one_hot).square())
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .logsumexp import masked_logsumexp
-from .masks import PairIndices, PairWeights, side_groups
+from .masks import PairIndices, PairWeights, index_counts, side_groups
 from .reduction import ElementwiseTerm, Reducer, reduce_elementwise_terms, row_blocks
 
 
@@ -452,9 +452,9 @@ def _ddtas_sides(
     """
     with torch.no_grad():
         group = side_groups(anchors, is_pos)
-        sizes = torch.bincount(group, minlength=2 * n_anchors).view(n_anchors, 2)
+        sizes = index_counts(group, 2 * n_anchors).view(n_anchors, 2)
         side_weight = _side_weights(sizes, pos_scale, neg_scale, values)
-        slope = torch.where(is_pos, values.new_tensor(-pos_scale), values.new_tensor(neg_scale))
+        slope = torch.where(is_pos, values.new_full((), -pos_scale), values.new_full((), neg_scale))
     return group, sizes, side_weight, slope
 
 
@@ -515,8 +515,10 @@ def _soft_contrastive_combine(
 def _side_weights(sizes: Tensor, pos_scale: float, neg_scale: float, like: Tensor) -> Tensor:
     """(N, 2) side scales 2/β and 2/α, zeroed for anchors lacking a side (they are skipped)."""
     counted = (sizes > 0).all(1, keepdim=True)
-    # Constants in the values' dtype (a float32 0.05 is off by 1.5e-8 in float64).
-    return counted * like.new_tensor([2.0 / pos_scale, 2.0 / neg_scale])
+    # Constants in the values' dtype (a float32 0.05 is off by 1.5e-8 in float64), filled on
+    # the device (a tensor built from a Python list is a blocking host→device copy).
+    scales = (like.new_full((), 2.0 / pos_scale), like.new_full((), 2.0 / neg_scale))
+    return counted * torch.stack(scales)
 
 
 def _soft_contrastive_dense(

@@ -266,6 +266,19 @@ def side_groups(anchors: Tensor, is_pos: Tensor) -> Tensor:
     return (2 * anchors).add_(~is_pos)
 
 
+def index_counts(index: Tensor, size: int) -> Tensor:
+    """(size,) int64 number of occurrences of each value of ``index``, as
+    ``torch.bincount(index, minlength=size)`` but without its host read: CUDA's bincount reads
+    the input's min and max to the host whatever ``minlength``.
+
+    Args:
+        index: Integer indices, all in [0, size).
+        size: Length of the result.
+    """
+    ones = torch.ones_like(index, dtype=torch.long)
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, ones)
+
+
 def pairs_per_anchor(anchors: Tensor, is_pos: Tensor, n_anchors: int) -> tuple[Tensor, Tensor]:
     """(n_anchors,) numbers of positive and of negative pairs of each anchor.
 
@@ -274,7 +287,7 @@ def pairs_per_anchor(anchors: Tensor, is_pos: Tensor, n_anchors: int) -> tuple[T
         is_pos: (K,) bool, True for positive pairs.
         n_anchors: Number of anchors.
     """
-    counts = torch.bincount(side_groups(anchors, is_pos), minlength=2 * n_anchors)
+    counts = index_counts(side_groups(anchors, is_pos), 2 * n_anchors)
     return counts[0::2], counts[1::2]
 
 
@@ -357,7 +370,7 @@ def tuple_element_weights(indices_tuple: Sequence[Tensor] | None, n: int, like: 
     """
     if indices_tuple is None or all(t.numel() == 0 for t in indices_tuple):
         return like.new_ones(n)
-    counts = torch.bincount(torch.cat(list(indices_tuple)), minlength=n).to(like.dtype)
+    counts = index_counts(torch.cat(list(indices_tuple)), n).to(like.dtype)
     return counts / counts.max()
 
 
@@ -400,7 +413,7 @@ def first_two_per_label(labels: Tensor) -> tuple[Tensor, Tensor]:
     # A label's first item has a second when the next item in label order is no label's first.
     first_of_two = starts.clone()
     first_of_two[:-1] &= ~starts[1:]
-    first_of_two[-1:] = False
+    first_of_two[-1:].fill_(False)
     # The one host read: how many labels have two items, the size of the result.
     first = torch.nonzero(first_of_two).squeeze(1)
     return order[first], order[first + 1]

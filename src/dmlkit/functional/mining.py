@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .masks import index_counts
 from .pairwise import squared_euclidean_distance_matrix
 from .triplets import DEFAULT_CHUNK_ELEMENTS, list_selected_triplets
 
@@ -476,7 +477,7 @@ def _histogram_bins(
     above = (values >= flat[at + 1]).logical_and_(bins < num_bins - 1)
     bins.sub_(below.long()).add_(above.long())
     magnitude = torch.maximum(low.abs(), high.abs())
-    ulp = torch.nextafter(magnitude, magnitude.new_tensor(math.inf)) - magnitude
+    ulp = torch.nextafter(magnitude, magnitude.new_full((), math.inf)) - magnitude
     inexact = (span > 0) & (4 * ulp >= step) | (num_bins * torch.finfo(values.dtype).eps > 0.25)
     return edges, bins, inexact
 
@@ -541,7 +542,7 @@ def uniform_histogram_pairs(
     n_keys = n_sides * num_bins
 
     def filled_bins(keys: Tensor) -> tuple[Tensor, Tensor]:
-        counts = torch.bincount(keys, minlength=n_keys + num_bins)[:n_keys]
+        counts = index_counts(keys, n_keys + num_bins)[:n_keys]
         return counts, counts.view(n_sides, num_bins) > 0
 
     counts, filled = filled_bins(keys)

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from ..validation import IndicesTuple
 from .classification import weighted_cross_entropy
 from .logsumexp import masked_logsumexp
-from .masks import tuple_element_weights
+from .masks import index_counts, tuple_element_weights
 from .reduction import Reducer, row_blocks
 
 
@@ -134,9 +134,7 @@ def _column_exponents(
     z = torch.mul(x[rows], scale).add_(offset)
     if row_offsets is not None:
         z.add_(row_offsets[rows].unsqueeze(1))
-    block_rows = torch.arange(z.shape[0], device=z.device)
-    z[block_rows, own[rows]] = float("-inf")
-    return z
+    return z.scatter_(1, own[rows].unsqueeze(1), float("-inf"))
 
 
 class _ColumnLog1pSumExp(torch.autograd.Function):
@@ -231,7 +229,7 @@ def proxy_anchor_loss(
         pos_logits = pos_logits + offsets
     pos_terms = _log1p_sum_exp_by_class(pos_logits, labels, num_classes)
     neg_terms = column_log1p_sum_exp(mat, scale, margin * scale, offsets, labels)
-    with_pos = torch.bincount(labels, minlength=num_classes).count_nonzero()
+    with_pos = index_counts(labels, num_classes).count_nonzero()
     return reducer(pos_terms, divisor=with_pos) + reducer(neg_terms, divisor=num_classes)
 
 

@@ -328,7 +328,8 @@ class Reducer(BaseReducer):
         with torch.no_grad():
             w = self.effective_weights(losses, weights)
         if w is None:
-            total, count = losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)
+            total = losses.sum()
+            count = torch.full((), float(losses.numel()), device=losses.device)
         else:
             # Multiplying by the weights is one fast pass; losses are finite everywhere by
             # construction, so unselected entries contribute exact zeros.
@@ -470,7 +471,10 @@ class DivisorReducer(Reducer):
                 "(ProxyAnchorLoss and MarginLoss do); use another reducer, e.g. SumReducer() "
                 "or MeanReducer()"
             )
-        n = torch.as_tensor(divisor, dtype=total.dtype, device=total.device)
+        if isinstance(divisor, Tensor):
+            n = divisor.to(dtype=total.dtype, device=total.device)
+        else:
+            n = total.new_full((), divisor)
         return torch.where(n > 0, total / torch.where(n > 0, n, 1.0), total * 0.0)
 
 

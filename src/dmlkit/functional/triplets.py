@@ -201,14 +201,15 @@ class _ListedTriplets(torch.autograd.Function):
     def backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
         ap, an, pn, anchor_share, slope = ctx.saved_tensors
         shape, swap_shape = ctx.shapes
-        coef = slope.mul_(grad_losses)
+        # Out of place: the saved tensors serve again in a second backward (retain_graph=True).
+        coef = slope * grad_losses
         grad = coef.new_zeros(shape)
         grad.view(-1).index_add_(0, ap, coef)
         swap_grad = None
         if pn is not None:
             swap_grad = coef.new_zeros(swap_shape)
             swap_grad.view(-1).index_add_(0, pn, coef * (anchor_share - 1.0))
-            coef = anchor_share.mul_(coef)
+            coef = anchor_share * coef
         grad.view(-1).index_add_(0, an, coef, alpha=-1.0)
         return grad, swap_grad, None, None, None, None, None
 
