@@ -15,6 +15,7 @@ import torch
 
 import dmlkit
 import dmlkit.losses as dl
+import dmlkit.miners as dm
 from components import ALL_LOSSES, ALL_MINERS, make
 from dmlkit.validation import finite_checks_enabled
 from host_syncs import HostSyncCounter
@@ -94,6 +95,32 @@ def test_a_loss_given_mined_tuples_reads_nothing(cls: type) -> None:
         with HostSyncCounter() as syncs:
             _loss_for(mined)(embeddings, labels, mined).backward()
     assert syncs.total == 0, syncs
+
+
+MINED_SHAPE_READS: dict[str, str] = {
+    "NPairsLoss": "the number of distinct anchor labels of the mined pairs is the size of the "
+    "(P, P) matrix",
+    "SmoothAPLoss": "the class size is the width of the (B, K, N) blocks, as without tuples",
+}
+"""The losses that, given mined tuples, read one value because a tensor's shape depends on it."""
+
+
+@pytest.mark.parametrize("kind", ["pairs", "triplets"])
+@pytest.mark.parametrize("cls", ALL_LOSSES, ids=lambda c: c.__name__)
+def test_every_loss_given_mined_tuples_reads_nothing(
+    cls: type[dl.BaseMetricLossFunction], kind: str
+) -> None:
+    if not cls.supports_indices_tuple:
+        pytest.skip(f"{cls.__name__} takes no indices_tuple")
+    embeddings, labels = _batch()
+    miner = dm.PairMarginMiner() if kind == "pairs" else dm.TripletMarginMiner(margin=0.5)
+    with dmlkit.finite_checks(False):
+        mined = miner(embeddings, labels)
+        assert mined[0].numel() > 0
+        loss = make(cls, embedding_size=DIM)
+        with HostSyncCounter() as syncs:
+            loss(embeddings, labels, mined).backward()
+    assert syncs.total == (cls.__name__ in MINED_SHAPE_READS), syncs
 
 
 MINER_SHAPE_READS: dict[str, str] = {

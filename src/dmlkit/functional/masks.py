@@ -389,11 +389,21 @@ def first_pair_per_label(
     """
     if anchors.numel() == 0:
         return anchors, positives
-    _, group = torch.unique(labels[anchors], return_inverse=True)
-    order = torch.arange(anchors.numel(), device=anchors.device)
-    first = torch.full((int(group.max()) + 1,), anchors.numel(), device=anchors.device)
-    first = first.scatter_reduce(0, group, order, reduce="amin")
+    order, starts = _label_runs(labels[anchors])
+    # The one host read: the number of distinct anchor labels, the size of the result. A
+    # stable sort puts each label's first pair in the given order at the start of its run.
+    first = order[torch.nonzero(starts).squeeze(1)]
     return anchors[first], positives[first]
+
+
+def _label_runs(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The stable order that sorts ``labels`` and, in that order, where each label's run of
+    items starts (bool), without ``torch.unique``'s host read."""
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    return order, starts
 
 
 def first_two_per_label(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -406,10 +416,7 @@ def first_two_per_label(labels: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         (anchors, positives) index tensors.
     """
-    order = torch.argsort(labels, stable=True)
-    sorted_labels = labels[order]
-    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
-    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    order, starts = _label_runs(labels)
     # A label's first item has a second when the next item in label order is no label's first.
     first_of_two = starts.clone()
     first_of_two[:-1] &= ~starts[1:]
