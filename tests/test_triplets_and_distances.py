@@ -248,3 +248,25 @@ def test_mined_triplet_loss_backward_twice_with_retained_graph(swap: bool) -> No
     assert once.abs().sum() > 0
     loss.backward()
     assert_close(embeddings.grad, 2 * once, 1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 10**9])
+def test_blockwise_mined_triplets_equal_pml_for_any_block_size(chunk: int) -> None:
+    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+    generator = torch.Generator().manual_seed(1)
+    embeddings = torch.randn(60, 8, generator=generator)
+    labels = torch.randint(0, 6, (60,), generator=generator)
+    pairs = [
+        (dm.AngularMiner(angle=20, chunk_elements=chunk), pml_miners.AngularMiner(angle=20)),
+    ] + [
+        (
+            dm.TripletMarginMiner(margin=0.2, type_of_triplets=kind, chunk_elements=chunk),
+            pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets=kind),
+        )
+        for kind in ("all", "hard", "semihard", "easy")
+    ]
+    for ours, theirs in pairs:
+        mined, expected = ours(embeddings, labels), theirs(embeddings, labels)
+        assert mined[0].numel() > 0
+        for got, want in zip(mined, expected, strict=True):
+            assert torch.equal(got, want)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .masks import index_counts
 from .pairwise import squared_euclidean_distance_matrix
-from .triplets import DEFAULT_CHUNK_ELEMENTS, list_selected_triplets
+from .triplets import DEFAULT_CHUNK_ELEMENTS, list_triplets_blockwise
 
 NegativeRule = Literal["code", "figure"]
 EasyHardStrategy = Literal["hard", "semihard", "easy", "all"]
@@ -284,8 +284,8 @@ def angular_triplets(
     embeddings as given.
 
     Works in blocks of positive pairs against every reference, so temporaries stay bounded
-    by ``chunk_elements``; the selection is kept as one byte per candidate (positive pair ×
-    reference) and listed at once, as :func:`.triplets.mine_triplets` does.
+    by ``chunk_elements``, and lists them with one host read
+    (:func:`.triplets.list_triplets_blockwise`).
 
     Args:
         query: (N, D) anchor embeddings.
@@ -302,15 +302,15 @@ def angular_triplets(
     if anchors.numel() == 0 or ref.shape[0] == 0:
         return _empty_indices(query.device, 3)  # type: ignore[return-value]
     ap = (query[anchors] - ref[positives]).norm(dim=1)
-    step = max(1, chunk_elements // ref.shape[0])
-    selected = torch.empty(anchors.numel(), ref.shape[0], dtype=torch.bool, device=query.device)
-    for start in range(0, anchors.numel(), step):
-        a, p = anchors[start : start + step], positives[start : start + step]
-        centres = (query[a] + ref[p]) / 2
+
+    def select(block: slice) -> Tensor:
+        a = anchors[block]
+        centres = (query[a] + ref[positives[block]]) / 2
         nc = squared_euclidean_distance_matrix(centres, ref).sqrt_()
-        angles = torch.atan(ap[start : start + step, None] / nc.mul_(2))
-        torch.gt(angles, angle, out=selected[start : start + step]).logical_and_(neg[a] > 0)
-    return list_selected_triplets(selected, anchors, positives)
+        angles = torch.atan(ap[block, None] / nc.mul_(2))
+        return (angles > angle).logical_and_(neg[a] > 0)
+
+    return list_triplets_blockwise(select, anchors, positives, ref.shape[0], chunk_elements)
 
 
 def _extreme_per_row(
