@@ -71,9 +71,11 @@ DISTANCES = Registry("distance", BaseDistance)
 
 @DISTANCES.register()
 class LpDistance(BaseDistance):
-    """Minkowski distance ``‖x − y‖_p`` (p = 2: Euclidean, via one matrix product).
+    r"""Minkowski distance ``‖x − y‖_p`` (p = 2: Euclidean, via one matrix product).
 
-    With ``power=2`` and p = 2 the squared Euclidean distance is computed directly.
+    For (by default L2-normalised) embeddings $x, y \in \mathbb{R}^D$, each entry is
+    $\left(\sum_{i=1}^{D} |x_i - y_i|^p\right)^{\text{power}/p}$. With ``power=2`` and p = 2 the
+    squared Euclidean distance is computed directly.
     """
 
     def compute_mat(self, query: Tensor, ref: Tensor | None) -> Tensor:

@@ -303,7 +303,9 @@ class ManifoldLoss(BaseMetricLossFunction):
             labels: (N,) meta-classes in [0, K), or None.
             indices_tuple: (N,) meta-classes in [0, K) (PML's way to give them), or None; a
                 tuple of pairs or triplets is refused.
-            ref_emb, ref_labels, anchor_in_ref: Not supported.
+            ref_emb: Not supported.
+            ref_labels: Not supported.
+            anchor_in_ref: Not supported.
         """
         name = type(self).__name__
         if ref_emb is not None:

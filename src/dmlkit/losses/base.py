@@ -211,8 +211,12 @@ class ClassParametersLoss(WeightRegularizedLoss):
         num_classes: C; labels must lie in [0, C).
         embedding_size: D.
         centers_per_class: K, the parameter's columns (or rows) per class.
-        distance, reducer, embedding_regularizer, embedding_reg_weight, weight_regularizer,
-            weight_reg_weight: As :class:`WeightRegularizedLoss`.
+        distance: As :class:`WeightRegularizedLoss`.
+        reducer: As :class:`WeightRegularizedLoss`.
+        embedding_regularizer: As :class:`WeightRegularizedLoss`.
+        embedding_reg_weight: As :class:`WeightRegularizedLoss`.
+        weight_regularizer: As :class:`WeightRegularizedLoss`.
+        weight_reg_weight: As :class:`WeightRegularizedLoss`.
         weight_init_func: Initialises the parameter in place (outside autograd); None for
             ``default_init``.
         default_init: The loss's default initialisation (PML's).
