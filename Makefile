@@ -6,6 +6,8 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
+# Material for MkDocs prints a banner about its successor on every build.
+export NO_MKDOCS_2_WARNING := 1
 # The real data (Omniglot, the CUB subset, MobileNetV2 weights) beside the repository unless set.
 export DMLKIT_DATA ?= $(abspath ../shared/data)
 
