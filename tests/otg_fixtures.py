@@ -8,10 +8,12 @@ from torch import Tensor, nn
 
 from dmlkit.functional.masks import PairIndices
 from dmlkit.miners import ATASMSMiner
+from run_helpers import DIGITS_RUN
 
 F64 = torch.float64
 
 SOFT_CONTRASTIVE_RUN = [
+    *DIGITS_RUN,
     "train.epochs=2",
     "sampler.classes_per_batch=5",
     "sampler.samples_per_class=6",

@@ -13,6 +13,7 @@ pl = pytest.importorskip("pytorch_metric_learning.losses")
 pm = pytest.importorskip("pytorch_metric_learning.miners")
 
 from conftest import assert_close  # noqa: E402
+from run_helpers import DIGITS_RUN  # noqa: E402
 
 D, MEMORY = 8, 40
 
@@ -129,6 +130,7 @@ def test_a_loss_without_a_reference_set_is_refused() -> None:
 
 
 MEMORY_RUN = [
+    *DIGITS_RUN,
     "data.name=user_parts:shifted_digits",
     "train.epochs=1",
     "train.max_steps=8",

@@ -20,6 +20,7 @@ from dmlkit.ddtas import DDTAS, OTGSettings
 from dmlkit.evaluation.knn import TorchKNN
 from dmlkit.models.inference import embed_dataset
 from dmlkit.training import Trainer, load_config
+from run_helpers import DIGITS_RUN
 
 _NAMED = os.environ.get("DMLKIT_TEST_DEVICE")
 DEVICE = torch.device(_NAMED or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,6 +97,7 @@ def test_knn_gives_the_cpu_neighbours() -> None:
 
 def test_training_steps_with_mixed_precision_and_bf16_embedding(tmp_path: Path) -> None:
     overrides = [
+        *DIGITS_RUN,
         f"train.device={DEVICE.type}",
         "train.amp=true",
         "train.max_steps=3",

@@ -12,9 +12,11 @@ import torch
 
 from dmlkit.cli import main
 from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
+from run_helpers import DIGITS_RUN
 
 TESTS = Path(__file__).parent
 RUN = [
+    *DIGITS_RUN,
     "data.name=user_parts:shifted_digits",
     "train.epochs=1",
     "train.max_steps=24",

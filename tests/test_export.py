@@ -31,6 +31,7 @@ from dmlkit.training import Config, Trainer, load_config, split_dataset
 from dmlkit.training.builders import build_embedding_model
 from dmlkit.training.inference import load_trained_model
 from real_data import REAL_DATA
+from run_helpers import DIGITS_RUN
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -176,6 +177,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, Path]:
     config = load_config(
         None,
         [
+            *DIGITS_RUN,
             "train.max_steps=2",
             "sampler.classes_per_batch=5",
             "sampler.samples_per_class=4",
@@ -227,7 +229,7 @@ def test_export_from_trainer(trained: tuple[Trainer, Path], tmp_path: Path) -> N
 
 def test_normalisation_is_in_the_graph(tmp_path: Path) -> None:
     """A model that does not normalise its own output still exports unit-length embeddings."""
-    config = load_config(None, ["model.normalize=false"])
+    config = load_config(None, [*DIGITS_RUN, "model.normalize=false"])
     model = _model(config, 1)
     inputs = torch.rand(4, 1, 8, 8)
     assert not torch.allclose(model(inputs).norm(dim=1), torch.ones(4))
@@ -243,7 +245,7 @@ def test_normalisation_is_in_the_graph(tmp_path: Path) -> None:
 
 @pytest.fixture()
 def small() -> tuple[EmbeddingModel, Config]:
-    config = load_config(None, [])
+    config = load_config(None, DIGITS_RUN)
     return _model(config, 1), config
 
 
@@ -275,7 +277,7 @@ def test_not_a_dmlkit_checkpoint(tmp_path: Path) -> None:
 
 
 def test_unknown_input_size(tmp_path: Path) -> None:
-    config = load_config(None, [])
+    config = load_config(None, DIGITS_RUN)
     model = _model(config, 1)
     with pytest.raises(ValueError, match="input_size"):
         export_model(model, "torchscript", tmp_path / "m.pt")

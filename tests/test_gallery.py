@@ -21,9 +21,11 @@ from dmlkit.gallery import Gallery
 from dmlkit.training import Trainer, load_config
 from dmlkit.training.checkpoint import load_checkpoint, save_atomic
 from real_data import REAL_DATA
+from run_helpers import DIGITS_RUN
 
 OMNIGLOT = REAL_DATA / "omniglot" / "images_evaluation.npz"
 FAST = [
+    *DIGITS_RUN,
     "train.epochs=3",
     "train.max_steps=2",
     "sampler.classes_per_batch=5",

@@ -20,9 +20,10 @@ from dmlkit.miners import TripletMarginMiner
 from dmlkit.samplers import HardClassSampler, PKSampler, TripletBatchSampler
 from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
 from dmlkit.viz import plot_training_log
-from run_helpers import StopTrainingError, stop_at
+from run_helpers import DIGITS_RUN, StopTrainingError, stop_at
 
 FAST = [
+    *DIGITS_RUN,
     "train.epochs=3",
     "sampler.classes_per_batch=3",
     "sampler.samples_per_class=6",

@@ -44,7 +44,7 @@ from dmlkit.protocol import study as study_module
 from dmlkit.protocol.config import PRESETS_DIR
 from dmlkit.protocol.study import base_seed, requeue_interrupted
 from dmlkit.training import ConfigError, Trainer, build_run_data, load_config
-from run_helpers import StopTrainingError, log_without_timing, stop_at
+from run_helpers import DIGITS_RUN, StopTrainingError, log_without_timing, stop_at
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = "contrastive"
@@ -87,7 +87,7 @@ def test_cv_folds_split_the_training_digits_class_disjointly(folds: int) -> None
     validated: list[set[int]] = []
     for fold in range(folds):
         config = load_config(
-            None, [f"data.cv_folds={folds}", f"data.cv_fold={fold}", "data.cv_seed=3"]
+            None, [*DIGITS_RUN, f"data.cv_folds={folds}", f"data.cv_fold={fold}", "data.cv_seed=3"]
         )
         run = build_run_data(config.data, seed=0)
         assert run.val is not None
@@ -145,7 +145,8 @@ def test_cv_settings_are_config_errors() -> None:
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, overrides)
-    too_many = load_config(None, ["data.cv_folds=6"])  # 5 training digits make at most 5 folds
+    # 5 training digits make at most 5 folds.
+    too_many = load_config(None, [*DIGITS_RUN, "data.cv_folds=6"])
     with pytest.raises(ConfigError, match=r"exceeds the number of classes \(5\)"):
         build_run_data(too_many.data)
 

@@ -16,9 +16,11 @@ from dmlkit.miners import MINERS
 from dmlkit.reducers import ThresholdReducer
 from dmlkit.registry import Registry, Spec
 from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
+from run_helpers import DIGITS_RUN
 from user_parts import CentroidLoss, HardestPairMiner, SeenLabels
 
 FAST = [
+    *DIGITS_RUN,
     "train.epochs=1",
     "train.max_steps=4",
     "sampler.classes_per_batch=5",

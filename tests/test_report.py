@@ -32,10 +32,12 @@ from dmlkit.training import (
 )
 from dmlkit.viz import retrieval_lists, worst_queries
 from dmlkit.viz.report import ReportOptions, render_html, report_kind, write_report
+from run_helpers import DIGITS_RUN
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Digits 0-4 train, 5-9 test (8×8 images): a run of two epochs takes about a second.
 RUN = [
+    *DIGITS_RUN,
     "train.epochs=2",
     "logging.progress=false",
     "logging.log_every=1",
@@ -309,7 +311,7 @@ def test_bench_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_sweep_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    overrides = ["train.max_steps=4", "logging.progress=false", "logging.log_every=1"]
+    overrides = [*DIGITS_RUN, "train.max_steps=4", "logging.progress=false", "logging.log_every=1"]
     sets = [arg for override in overrides for arg in ("--set", override)]
     args = ["sweep", "--param", "loss.options.base", "--values", "0.4,0.6", "--out", str(tmp_path)]
     assert main([*args, *sets]) == 0

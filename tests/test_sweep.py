@@ -41,7 +41,7 @@ from dmlkit.protocol.stats import confidence_interval
 from dmlkit.protocol.sweep_values import value_folder, value_text
 from dmlkit.training import Config, ConfigError, Trainer, load_config
 from dmlkit.viz.sweep import plot_sweep
-from run_helpers import StopTrainingError, log_without_timing, stop_at
+from run_helpers import DIGITS_RUN, StopTrainingError, log_without_timing, stop_at
 
 KEY = "loss.options.margin"
 MARGINS = [0.2, 0.5]
@@ -49,6 +49,7 @@ METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 # About a second per run on one core: 6 steps on digits, validated on 2 of the 5 training digits.
 TINY = [
+    *DIGITS_RUN,
     "train.max_steps=6",
     "train.device=cpu",
     "logging.log_every=1",

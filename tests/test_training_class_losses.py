@@ -13,11 +13,12 @@ import torch
 
 from dmlkit.cli import main
 from dmlkit.training import Trainer, load_config
-from run_helpers import StopTrainingError, stop_at
+from run_helpers import DIGITS_RUN, StopTrainingError, stop_at
 
 # Digits 0-4 with labels shifted to 100-104: the losses can only index their per-class
 # parameters through the trainer's mapping to 0..4.
 FAST = [
+    *DIGITS_RUN,
     "data.name=user_parts:shifted_digits",
     "train.epochs=1",
     "train.max_steps=6",

@@ -5,7 +5,7 @@ array that can be read without decoding any image. This package imports nothing 
 dmlkit, so any part of the library can build on it.
 """
 
-from .arrays import digits, omniglot
+from .arrays import digits, omniglot, omniglot28
 from .benchmarks import cars196, cub100_subset, cub200, stanford_online_products
 from .datasets import (
     ArrayDataset,
@@ -75,6 +75,7 @@ __all__ = [
     "extract_archive",
     "image_folder",
     "omniglot",
+    "omniglot28",
     "pil_to_tensor",
     "read_image",
     "stanford_online_products",

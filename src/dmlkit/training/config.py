@@ -59,7 +59,8 @@ class DataConfig:
     """Which dataset, and how it is split into training, validation and test classes.
 
     Attributes:
-        name: A registered dataset (``digits``, ``omniglot``, ``cub200``, ``cars196``, ``sop``,
+        name: A registered dataset (``omniglot28``, the default: Omniglot at 28 × 28, embedded
+            in the package; ``digits``, ``omniglot``, ``cub200``, ``cars196``, ``sop``,
             ``cub100_subset``, ``folder``, ``csv``; see :data:`dmlkit.training.DATASETS`) or a
             loader's import path ``"package.module:load"``.
         options: Further keyword arguments of the dataset's loader (a user's loader).
@@ -85,7 +86,7 @@ class DataConfig:
         transform: Image preprocessing for image-file datasets.
     """
 
-    name: str = "digits"
+    name: str = "omniglot28"
     options: dict[str, Any] = field(default_factory=dict)
     root: str | None = None
     data_dir: str | None = None
@@ -184,7 +185,8 @@ class ObjectiveConfig:
 class SamplerConfig:
     """The P×K batch sampler (see :class:`dmlkit.samplers.PKSampler`).
 
-    The defaults suit the built-in digits set, which has 5 training classes.
+    The defaults suit the default dataset, the embedded Omniglot (964 training characters of 20
+    drawings each): an epoch deals each character's drawings into 5 groups of 4, 150 batches.
 
     Attributes:
         classes_per_batch: P, the classes in each batch.
@@ -205,8 +207,8 @@ class SamplerConfig:
         triplets_per_anchor: Triplets mined per anchor.
     """
 
-    classes_per_batch: int = 5
-    samples_per_class: int = 8
+    classes_per_batch: int = 32
+    samples_per_class: int = 4
     too_few: Literal["replace", "drop"] = "replace"
     groups_per_class: Literal["one", "all"] = "all"
     mode: Literal["pk", "hard_classes", "offline_triplets"] = "pk"
@@ -238,7 +240,7 @@ class OptimizerConfig:
     """
 
     name: str = "adam"
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
     backbone_lr: float | None = None
@@ -287,7 +289,7 @@ class TrainConfig:
             embeddings, naming the first bad batch, at one synchronisation per call.
     """
 
-    epochs: int = 10
+    epochs: int = 2
     max_steps: int | None = None
     device: str = "auto"
     amp: bool = False

@@ -23,8 +23,34 @@ DATASETS = Registry("dataset")
 # What a run gives a loader, by parameter name.
 DATASET_RUN_VALUES = ("split", "transform", "root", "data_dir", "download", "test_root", "on_error")
 
+# Array datasets whose items hold the ink as 1 where their image files show dark ink on paper.
+INK_DATASETS = frozenset({"omniglot", "omniglot28"})
+
 Split = Literal["train", "test"]
 ErrorPolicy = Literal["raise", "skip"]
+
+# What the classes of a built-in dataset are: (noun, training classes, test classes).
+_OMNIGLOT_CLASSES = ("characters", "background alphabets", "evaluation alphabets")
+CLASS_KINDS = {
+    "digits": ("digits", "0–4", "5–9"),
+    "omniglot": _OMNIGLOT_CLASSES,
+    "omniglot28": _OMNIGLOT_CLASSES,
+}
+
+
+def describe_classes(name: str, split: Split, count: int) -> str:
+    """How a run's output names its classes, e.g. ``659 unseen characters (evaluation
+    alphabets)``.
+
+    Args:
+        name: The run's ``data.name``.
+        split: ``"train"`` or ``"test"`` (the test classes are the unseen ones).
+        count: How many classes the split has.
+    """
+    noun, train_part, test_part = CLASS_KINDS.get(name, ("classes", "", ""))
+    where = train_part if split == "train" else test_part
+    unseen = " unseen" if split == "test" else ""
+    return f"{count}{unseen} {noun}" + (f" ({where})" if where else "")
 
 
 def real_data_dir(configured: str | None = None) -> Path:
@@ -65,6 +91,13 @@ def _half(dataset: LabelledDataset, split: Split) -> LabelledDataset:
 def digits(split: Split) -> LabelledDataset:
     """scikit-learn's 8×8 digits: 0–4 train, 5–9 test."""
     return data.digits(split)
+
+
+@DATASETS.register("omniglot28")
+def omniglot28(split: Split) -> LabelledDataset:
+    """Omniglot at 28 × 28, embedded in the package: the 964 characters of the background
+    alphabets train, the 659 of the evaluation alphabets test."""
+    return data.omniglot28(split)
 
 
 @DATASETS.register("omniglot")
