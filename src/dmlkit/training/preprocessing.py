@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..data import ToTensor, eval_transform
 from .config import Config
-from .datasets import DATASETS
+from .datasets import DATASETS, INK_DATASETS
 from .run_data import split_dataset
 
 
@@ -44,8 +44,7 @@ def evaluation_preprocessing(config: Config, in_channels: int) -> dict[str, Any]
         "kind": "array",
         "mode": "L" if in_channels == 1 else "RGB",
         "size": shape,
-        # Omniglot's arrays hold the ink as 1; its image files, dark ink on white paper.
-        "invert": config.data.name == "omniglot",
+        "invert": config.data.name in INK_DATASETS,
     }
 
 
