@@ -1,10 +1,14 @@
-"""Helpers shared by the tests that train: the digits run they start from, and for those that
-interrupt and resume runs, a stop-at-step callback and a timing-free log reader."""
+"""Helpers shared by the tests that train: the digits run they start from, a folder of images,
+and for those that interrupt and resume runs, a stop-at-step callback and a timing-free log
+reader."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from dmlkit.training import TrainState
 
@@ -37,3 +41,15 @@ DIGITS_RUN = [
 ]
 """The former built-in default, scikit-learn's digits (0-4 train, 5-9 test): the tests that train
 for seconds start from it and override what they test."""
+
+
+def write_image_folder(root: Path, classes: int, per_class: int, height: int, width: int) -> Path:
+    """``classes`` folders of ``per_class`` random RGB PNGs, each class with its own mean colour
+    (so a network can learn them), seeded; returns ``root``."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir()
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (height, width, 3)) // 2 + 16 * c
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class_{c}" / f"{i}.png")
+    return root

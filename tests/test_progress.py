@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dmlkit.cli import main
 from dmlkit.data import ArrayDataset
 from dmlkit.models.inference import embed_dataset
 from dmlkit.progress import progress_bar, quiet
 from dmlkit.training import Trainer, load_config
+from run_helpers import write_image_folder
 
 
 def bar_of(unit: str, description: str, err: str) -> re.Match[str] | None:
@@ -35,14 +35,7 @@ def assert_no_bar(err: str) -> None:
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 classes × 5 random 32×32 RGB images, each class with its own mean colour."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c in range(6):
-        (root / f"class_{c}").mkdir()
-        for i in range(5):
-            pixels = rng.integers(0, 255, (32, 32, 3)) // 2 + 16 * c
-            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class_{c}" / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"), 6, 5, 32, 32)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dmlkit.cli import main
 from dmlkit.training import (
@@ -30,7 +29,13 @@ from dmlkit.training import (
 )
 from host_syncs import HostSyncCounter
 from real_data import REAL_DATA
-from run_helpers import DIGITS_RUN, StopTrainingError, log_without_timing, stop_at
+from run_helpers import (
+    DIGITS_RUN,
+    StopTrainingError,
+    log_without_timing,
+    stop_at,
+    write_image_folder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,14 +64,7 @@ def _same_state(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 classes × 6 random 40×32 RGB images; each class has its own mean colour."""
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for c in range(8):
-        (root / f"class_{c}").mkdir()
-        for i in range(6):
-            pixels = rng.integers(0, 255, (32, 40, 3)) // 2 + 16 * c
-            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class_{c}" / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("folder"), 8, 6, 32, 40)
 
 
 def _folder_config(root: Path, *overrides: str) -> Config:
