@@ -34,7 +34,7 @@ lint: setup
 
 # UMAP's first fit costs about 40 s of numba JIT in every process: its tests run apart, in one.
 test: lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q -m "not umap"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not umap"
 
 test-umap: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m umap

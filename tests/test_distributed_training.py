@@ -14,6 +14,10 @@ from dmlkit.cli import main
 from dmlkit.training import ConfigError, Trainer, load_checkpoint, load_config
 from run_helpers import DIGITS_RUN
 
+# Multi-process runs one at a time, in one test worker: two launches at once on two cores have
+# made a rank abort at start-up under load.
+pytestmark = pytest.mark.xdist_group("multi_process")
+
 TESTS = Path(__file__).parent
 RUN = [
     *DIGITS_RUN,

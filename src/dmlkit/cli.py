@@ -63,7 +63,11 @@ def _launch_processes(args: argparse.Namespace, argv: Sequence[str]) -> int:
     at = next(i for i, arg in enumerate(rest) if arg.startswith("--nproc"))  # or a prefix of it
     del rest[at : at + (1 if "=" in rest[at] else 2)]
     try:
-        torchrun.main(["--nproc-per-node", str(args.nproc_per_node), "-m", "dmlkit", *rest])
+        # --standalone: a rendezvous on a free port for each launch, so two launches on one
+        # machine (or a relaunch while a killed run's sockets close) never share the default one.
+        torchrun.main(
+            ["--standalone", "--nproc-per-node", str(args.nproc_per_node), "-m", "dmlkit", *rest]
+        )
     except ChildFailedError as error:
         # torchrun stops every process when one fails; the failed one printed its error.
         failed = ", ".join(f"rank {rank}" for rank in sorted(error.failures))
